@@ -1,0 +1,172 @@
+"""The wire protocol between the pool (parent) and a coglet runner (child).
+
+Defined once, here, and imported by both sides. Standard library only: this module runs
+under the model's interpreter (CPython 3.9+).
+
+A runner owns a private working directory. Every file the other side reads is written to a
+temporary name in the same directory (``.tmp-*``, matching no pattern below) and then
+``os.replace``d into place, so a reader never sees a half-written file. Signals carry no
+payload: they only say "something changed, rescan".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import tempfile
+from typing import Any, Optional
+
+__all__ = [
+    "CANCEL_PREFIX",
+    "CONFIG_FILE",
+    "EXIT_BAD_CONFIG",
+    "EXIT_OK",
+    "EXIT_PARENT_DIED",
+    "EXIT_SETUP_FAILED",
+    "ID_PATTERN",
+    "OPENAPI_FILE",
+    "PATH_MARKER",
+    "REQUEST_RE",
+    "RESPONSE_RE",
+    "SAFETY_RESCAN_S",
+    "SETUP_RESULT_FILE",
+    "SIG_CANCEL",
+    "SIG_BUSY",
+    "SIG_OUTPUT",
+    "SIG_READY",
+    "SIG_RESCAN",
+    "STATUS_CANCELED",
+    "STATUS_FAILED",
+    "STATUS_PROCESSING",
+    "STATUS_STARTING",
+    "STATUS_SUCCEEDED",
+    "STOP_FILE",
+    "TERMINAL_STATUSES",
+    "TMP_PREFIX",
+    "cancel_name",
+    "is_valid_id",
+    "read_json",
+    "request_name",
+    "response_name",
+    "write_atomic",
+    "write_json_atomic",
+]
+
+# --- prediction ids --------------------------------------------------------------------------
+# An id becomes part of a file name on the runner side, so this rule is a security boundary:
+# no "..", no slash, no control character, bounded length.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+
+
+def is_valid_id(prediction_id: object) -> bool:
+    """True when ``prediction_id`` is a string that is safe to use in a protocol file name."""
+    return isinstance(prediction_id, str) and _ID_RE.match(prediction_id) is not None
+
+
+# --- files -------------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"  # pool -> runner, before spawn
+OPENAPI_FILE = "openapi.json"  # runner -> pool, before setup()
+SETUP_RESULT_FILE = "setup_result.json"  # runner -> pool, after setup()
+STOP_FILE = "stop"  # pool -> runner: finish or cancel work, flush, exit 0
+TMP_PREFIX = ".tmp-"  # temporary names; match no pattern below
+
+REQUEST_PREFIX = "request-"
+CANCEL_PREFIX = "cancel-"
+RESPONSE_PREFIX = "response-"
+
+REQUEST_RE = re.compile(rf"^request-(?P<id>{ID_PATTERN})\.json$")
+# The id may itself contain "-" and digits; the epoch is the digits after the last "-".
+RESPONSE_RE = re.compile(rf"^response-(?P<id>{ID_PATTERN})-(?P<epoch>[0-9]+)\.json$")
+CANCEL_RE = re.compile(rf"^cancel-(?P<id>{ID_PATTERN})$")
+
+
+def request_name(prediction_id: str) -> str:
+    """File name of one prediction request: ``{"id", "input", "context"?, "stream"}``."""
+    return f"{REQUEST_PREFIX}{prediction_id}.json"
+
+
+def cancel_name(prediction_id: str) -> str:
+    """File name (empty file) that asks the runner to cancel one prediction."""
+    return f"{CANCEL_PREFIX}{prediction_id}"
+
+
+def response_name(prediction_id: str, epoch: int) -> str:
+    """File name of update number ``epoch`` (0, 1, 2, ...) of one prediction."""
+    return f"{RESPONSE_PREFIX}{prediction_id}-{epoch}.json"
+
+
+# Response files are *deltas*, applied strictly in epoch order by the reader:
+#   "status":        one of the status words below (always present)
+#   "output_append": list of items to append to the output list (iterators, streamed)
+#   "output":        the whole output (non-iterator predictors), set once
+#   "logs_append":   text to append to the prediction's logs
+#   "metrics":       dict merged into the prediction's metrics
+#   "error":         error message (with status "failed")
+# Epoch 0 carries status "processing" and marks the start. The last epoch carries a terminal
+# status. A runner-side output ``Path`` is encoded as {PATH_MARKER: "/absolute/path"}; the pool
+# turns it into a data: URI or an uploaded URL.
+PATH_MARKER = "__cog_path__"
+
+# --- status words ------------------------------------------------------------------------------
+STATUS_STARTING = "starting"
+STATUS_PROCESSING = "processing"
+STATUS_SUCCEEDED = "succeeded"
+STATUS_FAILED = "failed"
+STATUS_CANCELED = "canceled"
+TERMINAL_STATUSES = frozenset({STATUS_SUCCEEDED, STATUS_FAILED, STATUS_CANCELED})
+
+# --- signals -----------------------------------------------------------------------------------
+# runner -> pool
+SIG_READY = signal.SIGUSR1  # a slot is free (a hint; admission uses the pool's own accounting)
+SIG_BUSY = signal.SIGUSR2  # all slots taken (a hint)
+SIG_OUTPUT = signal.SIGHUP  # new response files: rescan
+# pool -> runner
+SIG_RESCAN = signal.SIGHUP  # new request/cancel/stop files: rescan (only after setup_result)
+SIG_CANCEL = signal.SIGUSR1  # a cancel-<id> file was written: cancel (sync: raise in predict)
+
+# Both sides rescan at least this often, so a coalesced or lost signal costs at most this long.
+SAFETY_RESCAN_S = 1.0
+
+# --- runner exit codes -------------------------------------------------------------------------
+EXIT_OK = 0  # stopped on request
+EXIT_BAD_CONFIG = 2  # config.json missing or malformed: a pool bug, do not restart-loop
+EXIT_SETUP_FAILED = 3  # the model's definition or setup() failed: do not restart-loop
+EXIT_PARENT_DIED = 4  # the pool went away; the runner left on its own
+
+
+# --- atomic files ------------------------------------------------------------------------------
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either nothing or all of it.
+
+    The temporary file lives in the same directory: ``os.replace`` is atomic only within
+    one filesystem.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Serialise ``obj`` as compact JSON and write it atomically to ``path``."""
+    write_atomic(path, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def read_json(path: str) -> Optional[Any]:
+    """Read a JSON protocol file; None when it does not exist (yet, or any more)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
