@@ -4,13 +4,28 @@ Precedence: defaults < YAML file < ``COG_POOL_*`` environment < CLI flags. Every
 ``config/pool.yaml`` maps to one field here; an unknown key, a wrong type or an impossible
 value raises :class:`pool.errors.ConfigError` naming the key.
 
-(The loader is filled in by the supervision work; the shape below is the contract the
-HTTP API and the queue consumers rely on.)
+The loader also reads the model's ``cog.yaml`` (``predict``, ``concurrency.max``) and fills
+``model.predict`` and ``runners.max_concurrency`` with the effective values, resolves
+``runners.gpus: auto`` through ``nvidia-smi -L`` and makes ``model.path`` absolute, so code
+that receives a loaded :class:`PoolConfig` never has to look anything up again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pool.errors import ConfigError
 
 __all__ = [
     "AmqpConfig",
@@ -23,6 +38,10 @@ __all__ = [
     "RunnersConfig",
     "ShutdownConfig",
     "WebhooksConfig",
+    "detect_gpus",
+    "env_var_name",
+    "load_config",
+    "project_root",
 ]
 
 
@@ -131,3 +150,390 @@ class PoolConfig:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     state_dir: str | None = None  # None: /dev/shm/cog-pool-<pid> when /dev/shm exists, else tmp
     log_level: str = "info"
+
+
+# --- loading -----------------------------------------------------------------------------------
+ENV_PREFIX = "COG_POOL_"
+# Environment variables with the prefix that are not config keys (the CLI reads this one).
+ENV_NOT_KEYS = frozenset({"COG_POOL_CONFIG"})
+DEFAULT_MODEL_PATH = ModelConfig.path
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def project_root() -> str:
+    """The directory holding ``pool/``, ``examples/`` and ``config/`` (a clone, or editable)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env_var_name(key: str) -> str:
+    """``http.port`` -> ``COG_POOL_HTTP_PORT``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the config tree with its field type (nested sections flattened)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_types(typing.cast(type, tp), key + "."))
+        else:
+            out[key] = tp
+    return out
+
+
+_KEYS: dict[str, Any] = _leaf_types(PoolConfig)
+_ENV_KEYS: dict[str, str] = {env_var_name(k): k for k in _KEYS}
+
+
+class _Value(typing.NamedTuple):
+    raw: Any
+    source: str  # where it came from, for error messages
+    from_text: bool  # an environment string (or a CLI string) to parse by the field's type
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return "a list of strings"
+    if origin is dict:
+        return "a mapping of strings"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(key: str, value: _Value, tp: Any) -> Any:
+    """Turn one raw value into the field's type, or raise ConfigError naming the key."""
+    inner, optional = _unwrap_optional(tp)
+    raw = value.raw
+    if raw is None or (value.from_text and raw == "" and optional):
+        if optional:
+            return None
+        raise ConfigError(key, f"must be {_type_name(inner)}, not null ({value.source})")
+    try:
+        return _coerce_inner(inner, raw, value.from_text)
+    except (TypeError, ValueError) as e:
+        shown = repr(raw) if len(repr(raw)) < 80 else repr(raw)[:77] + "..."
+        raise ConfigError(key, f"must be {_type_name(inner)}, got {shown} ({value.source})") from e
+
+
+def _coerce_inner(tp: Any, raw: Any, from_text: bool) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_text and isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise TypeError
+    if tp is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_text and isinstance(raw, str):
+            return int(raw.strip())
+        raise TypeError
+    if tp is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_text and isinstance(raw, str):
+            return float(raw.strip())
+        raise TypeError
+    if tp is str:
+        if isinstance(raw, str):
+            return raw
+        raise TypeError
+    if origin is tuple:
+        return _coerce_str_list(raw)
+    if origin is dict:
+        return _coerce_str_map(raw, from_text)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _coerce_str_list(raw: Any) -> tuple[str, ...]:
+    # "0,1" (environment, CLI) and [0, 1] (YAML) both mean GPUs 0 and 1.
+    if isinstance(raw, str):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return (str(raw),)
+    if isinstance(raw, (list, tuple)) and all(
+        isinstance(x, (str, int)) and not isinstance(x, bool) for x in raw
+    ):
+        return tuple(str(x).strip() for x in raw)
+    raise TypeError
+
+
+def _coerce_str_map(raw: Any, from_text: bool) -> dict[str, str]:
+    if from_text and isinstance(raw, str):
+        raw = json.loads(raw) if raw.strip() else {}
+    if not isinstance(raw, Mapping):
+        raise TypeError
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or isinstance(v, (Mapping, list)) or v is None:
+            raise TypeError
+        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+def _flatten_yaml(data: Any, where: str, prefix: str = "") -> dict[str, _Value]:
+    """YAML mapping -> {dotted key: value}; unknown keys and non-mapping sections fail."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "(top level)", f"must be a mapping ({where})")
+    out: dict[str, _Value] = {}
+    for name, sub in data.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str):
+            raise ConfigError(key, f"keys must be strings ({where})")
+        if key in _KEYS:
+            out[key] = _Value(sub, where, False)
+        elif any(k.startswith(key + ".") for k in _KEYS):
+            out.update(_flatten_yaml({} if sub is None else sub, where, key + "."))
+        else:
+            raise ConfigError(key, f"unknown key ({where}); known keys here: {_siblings(prefix)}")
+    return out
+
+
+def _siblings(prefix: str) -> str:
+    names = {k[len(prefix) :].split(".")[0] for k in _KEYS if k.startswith(prefix)}
+    return ", ".join(sorted(names))
+
+
+def _read_yaml(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(path, f"{what} not found") from None
+    except OSError as e:
+        raise ConfigError(path, f"cannot read {what}: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(path, f"malformed YAML in {what}{at}: {problem}") from None
+
+
+def _collect(
+    path: str | None, env: Mapping[str, str], overrides: Mapping[str, Any]
+) -> dict[str, _Value]:
+    """Merge the sources in precedence order: YAML < environment < overrides."""
+    values: dict[str, _Value] = {}
+    if path is not None:
+        data = _read_yaml(path, "pool config")
+        if data is not None:
+            values.update(_flatten_yaml(data, f"in {path}"))
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
+            continue
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            raise ConfigError(name, "unknown environment variable (no such config key)")
+        values[key] = _Value(text, f"from environment variable {name}", True)
+    for key, raw in overrides.items():
+        if raw is None:  # an option the CLI did not get
+            continue
+        if key not in _KEYS:
+            raise ConfigError(key, "unknown key (from a command-line override)")
+        values[key] = _Value(raw, "from the command line", isinstance(raw, str))
+    return values
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values, key + ".")
+        elif key in values:
+            kwargs[f.name] = values[key]
+    return cls(**kwargs)
+
+
+# (dotted key, check, what the value must be); None values skip the check.
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("http.port", lambda v: 0 <= v <= 65535, "between 0 and 65535 (0: any free port)"),
+    ("http.max_body_bytes", lambda v: v > 0, "> 0"),
+    ("http.queue_limit", lambda v: v >= 0, ">= 0"),
+    ("http.retry_after_s", lambda v: v >= 0, ">= 0"),
+    ("http.recent_ttl_s", lambda v: v >= 0, ">= 0"),
+    ("http.recent_max", lambda v: v >= 0, ">= 0"),
+    ("runners.per_gpu", lambda v: v >= 1, ">= 1"),
+    ("runners.count", lambda v: v >= 1, ">= 1"),
+    ("runners.max_concurrency", lambda v: v >= 1, ">= 1"),
+    ("runners.setup_timeout_s", lambda v: v > 0, "> 0"),
+    ("runners.predict_timeout_s", lambda v: v > 0, "> 0"),
+    ("runners.cancel_grace_s", lambda v: v >= 0, ">= 0"),
+    ("runners.max_restarts", lambda v: v >= 0, ">= 0"),
+    ("runners.restart_window_s", lambda v: v > 0, "> 0"),
+    ("runners.backoff_initial_s", lambda v: v >= 0, ">= 0"),
+    ("runners.backoff_max_s", lambda v: v >= 0, ">= 0"),
+    ("runners.stop_grace_s", lambda v: v >= 0, ">= 0"),
+    ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
+    ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
+    ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),
+    ("webhooks.retry_initial_s", lambda v: v >= 0, ">= 0"),
+    ("webhooks.retry_max_s", lambda v: v >= 0, ">= 0"),
+    ("files.download_timeout_s", lambda v: v > 0, "> 0"),
+    ("files.max_download_bytes", lambda v: v > 0, "> 0"),
+    ("queues.redis.block_ms", lambda v: v >= 0, ">= 0"),
+    ("queues.redis.claim_idle_s", lambda v: v > 0, "> 0"),
+    ("queues.redis.max_deliveries", lambda v: v >= 1, ">= 1"),
+    ("queues.redis.result_ttl_s", lambda v: v > 0, "> 0"),
+    ("queues.redis.max_message_bytes", lambda v: v > 0, "> 0"),
+    ("queues.amqp.max_deliveries", lambda v: v >= 1, ">= 1"),
+    ("queues.amqp.max_message_bytes", lambda v: v > 0, "> 0"),
+    ("shutdown.grace_s", lambda v: v >= 0, ">= 0"),
+    ("log_level", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
+    (
+        "queues.redis.url",
+        lambda v: v.startswith(("redis://", "rediss://", "unix://")),
+        "a redis:// URL",
+    ),
+    ("queues.amqp.url", lambda v: v.startswith(("amqp://", "amqps://")), "an amqp:// URL"),
+    ("files.upload_url", lambda v: v.startswith(("http://", "https://")), "an http(s) URL"),
+]
+
+
+def _check_rules(flat: dict[str, Any], sources: dict[str, _Value]) -> None:
+    for key, ok, must in _RULES:
+        v = flat.get(key)
+        if v is None:
+            continue
+        if isinstance(v, float) and v != v:  # NaN passes no comparison honestly
+            ok_ = False
+        else:
+            ok_ = ok(v)
+        if not ok_:
+            where = f" ({sources[key].source})" if key in sources else ""
+            raise ConfigError(key, f"must be {must}, got {v!r}{where}")
+    _check_backoff(flat)
+    _check_gpus(flat.get("runners.gpus"))
+    if "CUDA_VISIBLE_DEVICES" in (flat.get("runners.env") or {}):
+        raise ConfigError(
+            "runners.env",
+            "must not set CUDA_VISIBLE_DEVICES: each runner gets its own from runners.gpus",
+        )
+
+
+def _check_backoff(flat: dict[str, Any]) -> None:
+    initial = flat.get("runners.backoff_initial_s", RunnersConfig.backoff_initial_s)
+    most = flat.get("runners.backoff_max_s", RunnersConfig.backoff_max_s)
+    if most < initial:
+        raise ConfigError(
+            "runners.backoff_max_s", f"must be >= runners.backoff_initial_s ({initial})"
+        )
+
+
+def _check_gpus(gpus: tuple[str, ...] | None) -> None:
+    if gpus is None:
+        return
+    if gpus == ("auto",):
+        return
+    for g in gpus:
+        if not g or any(c.isspace() for c in g) or g == "auto":
+            raise ConfigError("runners.gpus", f"invalid GPU id {g!r}: use ids like 0,1 or 'auto'")
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(
+            "runners.gpus", f"lists a GPU twice ({','.join(gpus)}): use runners.per_gpu instead"
+        )
+
+
+def detect_gpus(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    """GPU indices from ``nvidia-smi -L`` (None when nvidia-smi is absent or sees no GPU)."""
+    exe = shutil.which("nvidia-smi", path=env.get("PATH", os.defpath))
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError("runners.gpus", f"auto: running {exe} -L failed: {e}") from None
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        raise ConfigError(
+            "runners.gpus",
+            f"auto: {exe} -L exited with {done.returncode}: {detail[0]} "
+            "(list the GPUs explicitly, or remove runners.gpus for CPU-only runners)",
+        )
+    count = sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
+    return tuple(str(i) for i in range(count)) or None
+
+
+def _read_cog_yaml(model_dir: str, predict: str | None) -> tuple[str, int | None]:
+    """(predict ref, concurrency.max or None) from ``<model_dir>/cog.yaml``."""
+    path = os.path.join(model_dir, "cog.yaml")
+    if not os.path.exists(path) and predict is not None:
+        return predict, None  # model.predict given: a cog.yaml is optional
+    if not os.path.exists(path):
+        raise ConfigError(
+            path,
+            "cog.yaml not found: the model directory (model.path) needs a cog.yaml with "
+            'predict: "predict.py:Predictor", or set model.predict',
+        )
+    data = _read_yaml(path, "cog.yaml")
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, "cog.yaml must be a mapping with a `predict` key")
+    ref = predict if predict is not None else data.get("predict")
+    if not isinstance(ref, str) or ":" not in ref:
+        raise ConfigError(
+            path, f'predict must be "file.py:Name" (got {data.get("predict")!r}) in cog.yaml'
+        )
+    concurrency = data.get("concurrency") or {}
+    if not isinstance(concurrency, Mapping):
+        raise ConfigError(path, "concurrency must be a mapping like {max: 4} in cog.yaml")
+    most = concurrency.get("max")
+    if most is not None and (not isinstance(most, int) or isinstance(most, bool) or most < 1):
+        raise ConfigError(path, f"concurrency.max must be an integer >= 1 (got {most!r})")
+    return ref, most
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> PoolConfig:
+    """Load, merge, check and resolve the configuration (defaults < YAML < env < overrides).
+
+    ``overrides`` take dotted keys (``{"http.port": 5001}``); a None value means "not given".
+    Raises :class:`ConfigError` naming the key (and the file or variable it came from).
+    """
+    env = os.environ if env is None else env
+    sources = _collect(path, env, overrides or {})
+    flat = {key: _coerce(key, value, _KEYS[key]) for key, value in sources.items()}
+    _check_rules(flat, sources)
+    if flat.get("runners.gpus") == ("auto",):
+        flat["runners.gpus"] = detect_gpus(env)
+    flat["model.path"] = _model_dir(flat.get("model.path"))
+    model_dir = flat["model.path"]
+    if not os.path.isdir(model_dir):
+        raise ConfigError("model.path", f"model directory {model_dir} does not exist")
+    ref, most = _read_cog_yaml(model_dir, flat.get("model.predict"))
+    flat["model.predict"] = ref
+    if flat.get("runners.max_concurrency") is None:
+        flat["runners.max_concurrency"] = most or 1
+    if flat.get("state_dir") is not None:
+        flat["state_dir"] = os.path.abspath(flat["state_dir"])
+    return typing.cast(PoolConfig, _build(PoolConfig, flat))
+
+
+def _model_dir(given: str | None) -> str:
+    # The default names the bundled example, so it is found from any working directory;
+    # a path the operator gives is relative to where they run the command.
+    if given is None:
+        return os.path.join(project_root(), DEFAULT_MODEL_PATH)
+    return os.path.abspath(os.path.expanduser(given))
