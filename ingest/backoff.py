@@ -1,0 +1,55 @@
+"""Reconnect forever with capped exponential backoff and jitter (tenacity)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
+
+__all__ = ["retry_forever"]
+
+T = TypeVar("T")
+
+
+async def retry_forever(
+    op: Callable[[], Awaitable[T]],
+    *,
+    errors: tuple[type[BaseException], ...],
+    on_error: Callable[[BaseException], None],
+    initial_s: float = 0.1,
+    max_s: float = 5.0,
+) -> T:
+    """Run ``op`` until it succeeds; after each broker error call ``on_error`` and wait.
+
+    Only ``errors`` are retried (a broker going away); anything else is a bug and propagates.
+    Cancellation propagates at once, so the owner of the task can always stop it.
+    """
+
+    def before_sleep(state: RetryCallState) -> None:
+        if state.outcome is not None and (exc := state.outcome.exception()) is not None:
+            on_error(exc)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_exponential_jitter(initial=initial_s, max=max_s),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return await retrying(op)
+
+
+def log_retry(log: logging.Logger, event: str, **fields: object) -> Callable[[BaseException], None]:
+    """An ``on_error`` that logs one ``event key=value`` line per failed attempt."""
+    extra = " ".join(f"{k}={v}" for k, v in fields.items())
+
+    def on_error(exc: BaseException) -> None:
+        log.warning("%s %s error=%r", event, extra, str(exc) or type(exc).__name__)
+
+    return on_error

@@ -1,0 +1,71 @@
+"""Turning a queue message into a :class:`PredictionRequest`, or into a dead-letter reason.
+
+Both consumers accept the same body as ``POST /predictions``. Anything that can never become
+a prediction is *poison*: it goes to the dead letters with the reason, it is never retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+from ingest import names
+from pool.errors import InvalidRequest
+from pool.prediction import PredictionRequest
+
+__all__ = ["Poison", "parse_request"]
+
+
+class Poison(Exception):
+    """The message can never run; ``reason`` says why (it travels with the dead letter)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_request(
+    raw: bytes | str | None, *, max_bytes: int, fallback_id: str
+) -> PredictionRequest:
+    """Parse one message body; raise :class:`Poison` naming what is wrong.
+
+    ``fallback_id`` (derived from the broker's stable message id) becomes the prediction id
+    when the body has none, so a redelivery of the same message keeps its id.
+    """
+    if raw is None:
+        raise Poison(f"{names.REASON_MISSING_VALUE}: the entry has no {names.FIELD_VALUE!r} field")
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > max_bytes:
+        raise Poison(f"{names.REASON_TOO_LARGE}: {size} bytes > max_message_bytes={max_bytes}")
+    try:
+        body: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Poison(f"{names.REASON_INVALID_JSON}: {e}") from None
+    if isinstance(body, dict) and "input" not in body:
+        raise Poison(f"{names.REASON_INVALID_REQUEST}: missing required field 'input'")
+    try:
+        request = PredictionRequest.from_body(body)
+    except InvalidRequest as e:
+        raise Poison(f"{names.REASON_INVALID_REQUEST}: {e}") from None
+    if request.id is None:
+        request = dataclasses.replace(request, id=names.safe_id(fallback_id))
+    return request
+
+
+_RUNNER_DIED = re.compile(r"^runner \d+\b.*\bdied\b")
+
+
+def runner_died(prediction: Any) -> bool:
+    """True when the prediction failed because its runner process died under it.
+
+    Such a failure says nothing about the message (the GPU may have had a hiccup), so the
+    consumers hand the message back for another delivery instead of publishing the failure,
+    and dead-letter it only after ``max_deliveries``. The manager fails these predictions with
+    ``runner N (...) died: ...`` (DESIGN §3); ``runner_died`` on the prediction wins if set.
+    """
+    flag = getattr(prediction, "runner_died", None)
+    if flag is not None:
+        return bool(flag)
+    return prediction.status == "failed" and bool(_RUNNER_DIED.match(prediction.error or ""))
