@@ -1,0 +1,410 @@
+"""File inputs and outputs: URLs and ``data:`` URIs in, ``data:`` URIs or uploads out.
+
+Inputs: a ``Path``/``File`` input (schema ``format: uri``, also as array items) may be an
+``http(s)://`` URL, downloaded with a timeout and a size cap, or a ``data:`` URI, decoded. Each
+becomes a file in its own fresh directory under ``dest_dir``, named from a sanitised last URL
+segment (never the URL path itself, so no traversal). Like Cog, nothing else is accepted: a
+plain path would let a client read any file the pool can read.
+
+A download that fails raises :class:`FileFetchError` naming the input, the URL and the HTTP
+status; the manager fails the prediction with that message. A value that is not a URL at all
+raises :class:`pool.errors.InvalidInput` (HTTP 422).
+
+Outputs: ``{PATH_MARKER: path}`` anywhere in the output becomes ``data:<mime>;base64,...``, or,
+with ``files.upload_url``, is PUT to ``<upload_url>/<file name>`` and replaced by the response's
+``Location`` header, else by the PUT URL without its query string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import mimetypes
+import os
+import re
+import tempfile
+import urllib.parse
+from collections.abc import Coroutine
+from typing import Any
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from coglet import protocol
+from pool.config import FilesConfig
+from pool.errors import InvalidInput, PoolError
+
+__all__ = [
+    "FileFetchError",
+    "FileUploadError",
+    "data_uri_for_file",
+    "decode_data_uri",
+    "encode_outputs",
+    "file_input_fields",
+    "prepare_inputs",
+    "safe_file_name",
+    "upload_file",
+]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 16
+_NAME_MAX = 100
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_UPLOAD_ATTEMPTS = 3
+
+
+class FileFetchError(PoolError):
+    """An input file could not be fetched; the message names the input, URL and status."""
+
+    def __init__(self, field: str, url: str, reason: str, *, status: int | None = None) -> None:
+        super().__init__(f"failed to fetch input {field!r} from {_redact(url)}: {reason}")
+        self.field = field
+        self.url = url
+        self.status = status
+
+
+class FileUploadError(PoolError):
+    """An output file could not be uploaded to ``files.upload_url``."""
+
+
+class _RetryableUpload(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _redact(url: str) -> str:
+    """A URL for messages: no credentials, no query (signed URLs carry secrets there)."""
+    if url.startswith("data:"):
+        return url[:32] + "..." if len(url) > 32 else url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# --- the schema ------------------------------------------------------------------------------
+def file_input_fields(schema: dict[str, Any]) -> dict[str, bool]:
+    """Names of the schema's Path/File inputs -> True when the input is a list of them."""
+    try:
+        props = schema["components"]["schemas"]["Input"]["properties"]
+    except (KeyError, TypeError):
+        return {}
+    fields: dict[str, bool] = {}
+    for name, prop in props.items():
+        if not isinstance(prop, dict):
+            continue
+        if prop.get("format") == "uri":
+            fields[name] = False
+        elif prop.get("type") == "array" and isinstance(prop.get("items"), dict):
+            if prop["items"].get("format") == "uri":
+                fields[name] = True
+    return fields
+
+
+def safe_file_name(candidate: str, *, mime_type: str | None = None) -> str:
+    """A file name made only of ``[A-Za-z0-9._-]``, never hidden, never ``..``, bounded."""
+    base = candidate.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_CHARS.sub("_", base).lstrip(".")
+    if not name.strip("_"):
+        name = "file"
+    if "." not in name and mime_type:
+        ext = mimetypes.guess_extension(mime_type.split(";")[0].strip()) or ""
+        name += ext
+    if len(name) > _NAME_MAX:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[: _NAME_MAX - len(ext) - 1] + dot + ext) if dot and len(ext) < 16 else name
+        name = name[:_NAME_MAX]
+    return name
+
+
+# --- inputs ----------------------------------------------------------------------------------
+async def prepare_inputs(
+    schema: dict[str, Any],
+    values: dict[str, Any],
+    dest_dir: str,
+    config: FilesConfig,
+    *,
+    session: aiohttp.ClientSession | None = None,
+) -> dict[str, Any]:
+    """Return ``values`` with every Path/File URL replaced by a local file path.
+
+    Raises :class:`InvalidInput` for a value that is neither an http(s) URL nor a ``data:``
+    URI (or a malformed ``data:`` URI), :class:`FileFetchError` when a download fails.
+    """
+    fields = file_input_fields(schema)
+    jobs: list[tuple[str, int | None, str]] = []  # (field, index in list or None, url)
+    for name, is_list in fields.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        items = value if is_list and isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            _check_file_value(name, item)
+            jobs.append((name, i if is_list and isinstance(value, list) else None, item))
+    if not jobs:
+        return values
+    os.makedirs(dest_dir, exist_ok=True)
+    own_session = session is None
+    client = session or aiohttp.ClientSession()
+    try:
+        paths = await _gather_all(
+            [_fetch_one(client, name, url, dest_dir, config) for name, _, url in jobs]
+        )
+    finally:
+        if own_session:
+            await client.close()
+    result = dict(values)
+    for (name, index, _url), path in zip(jobs, paths, strict=True):
+        if index is None:
+            result[name] = path
+        else:
+            if result[name] is values[name]:
+                result[name] = list(values[name])
+            result[name][index] = path
+    return result
+
+
+def _check_file_value(field: str, value: Any) -> None:
+    if isinstance(value, str) and value.startswith(("http://", "https://", "data:")):
+        return
+    shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
+    raise InvalidInput(
+        [
+            {
+                "loc": ["body", "input", field],
+                "msg": f"invalid input value: {field}={shown!r} is not an http(s) URL or a "
+                "data: URI",
+                "type": "value_error.url",
+            }
+        ]
+    )
+
+
+async def _gather_all(jobs: list[Coroutine[Any, Any, str]]) -> list[str]:
+    """Run all jobs at once; on the first failure cancel the rest and re-raise it."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _fetch_one(
+    session: aiohttp.ClientSession, field: str, url: str, dest_dir: str, config: FilesConfig
+) -> str:
+    directory = tempfile.mkdtemp(prefix="input-", dir=dest_dir)
+    if url.startswith("data:"):
+        mime_type, data = decode_data_uri(field, url)
+        if len(data) > config.max_download_bytes:
+            raise FileFetchError(
+                field, url, f"larger than files.max_download_bytes={config.max_download_bytes}"
+            )
+        path = os.path.join(directory, safe_file_name("", mime_type=mime_type))
+        await asyncio.to_thread(_write_file, path, data)
+        return path
+    return await _download(session, field, url, directory, config)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def decode_data_uri(field: str, uri: str) -> tuple[str, bytes]:
+    """(mime type, bytes) of a ``data:`` URI, base64 or percent-encoded (RFC 2397)."""
+    header, comma, payload = uri[len("data:") :].partition(",")
+    if not comma:
+        raise _bad_data_uri(field, "no ',' separates the header from the data")
+    params = [p.strip() for p in header.split(";")]
+    mime_type = params[0] or "text/plain"
+    raw = urllib.parse.unquote_to_bytes(payload)
+    if "base64" in (p.lower() for p in params[1:]):
+        try:
+            compact = re.sub(rb"\s+", b"", raw)
+            return mime_type, base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise _bad_data_uri(field, f"invalid base64: {e}") from None
+    return mime_type, raw
+
+
+def _bad_data_uri(field: str, why: str) -> InvalidInput:
+    return InvalidInput(
+        [
+            {
+                "loc": ["body", "input", field],
+                "msg": f"invalid input value: {field} is not a valid data: URI ({why})",
+                "type": "value_error.data_uri",
+            }
+        ]
+    )
+
+
+async def _download(
+    session: aiohttp.ClientSession, field: str, url: str, directory: str, config: FilesConfig
+) -> str:
+    timeout = aiohttp.ClientTimeout(total=config.download_timeout_s)
+    name = safe_file_name(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    try:
+        async with session.get(url, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise FileFetchError(
+                    field,
+                    url,
+                    f"HTTP {resp.status} {resp.reason or ''}".strip(),
+                    status=resp.status,
+                )
+            if resp.content_length is not None and resp.content_length > config.max_download_bytes:
+                raise _too_large(field, url, config, resp.status)
+            if "." not in name:
+                name = safe_file_name(name, mime_type=resp.content_type)
+            path = os.path.join(directory, name)
+            await _stream_to_file(resp, path, field, url, config)
+    except FileFetchError:
+        raise
+    except TimeoutError:
+        raise FileFetchError(field, url, f"timed out after {config.download_timeout_s}s") from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise FileFetchError(field, url, f"{type(e).__name__}: {e}") from None
+    log.info("input_downloaded field=%s url=%s", field, _redact(url))
+    return path
+
+
+async def _stream_to_file(
+    resp: aiohttp.ClientResponse, path: str, field: str, url: str, config: FilesConfig
+) -> None:
+    size = 0
+    with open(path, "wb") as f:  # noqa: ASYNC230 -- chunks are small; the network dominates
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > config.max_download_bytes:
+                raise _too_large(field, url, config, resp.status)
+            f.write(chunk)
+
+
+def _too_large(field: str, url: str, config: FilesConfig, status: int) -> FileFetchError:
+    return FileFetchError(
+        field,
+        url,
+        f"larger than files.max_download_bytes={config.max_download_bytes}",
+        status=status,
+    )
+
+
+# --- outputs ---------------------------------------------------------------------------------
+async def encode_outputs(
+    output: Any, config: FilesConfig, *, session: aiohttp.ClientSession | None = None
+) -> Any:
+    """Replace every ``{PATH_MARKER: path}`` in ``output`` by a data: URI or an uploaded URL."""
+    if not _has_path(output):
+        return output
+    own_session = session is None and config.upload_url is not None
+    client = session if session is not None else None
+    if own_session:
+        client = aiohttp.ClientSession()
+    try:
+        return await _encode(output, config, client)
+    finally:
+        if own_session and client is not None:
+            await client.close()
+
+
+def _is_path_marker(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) == 1
+        and isinstance(value.get(protocol.PATH_MARKER), str)
+    )
+
+
+def _has_path(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if _is_path_marker(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+async def _encode(value: Any, config: FilesConfig, session: aiohttp.ClientSession | None) -> Any:
+    if _is_path_marker(value):
+        path = value[protocol.PATH_MARKER]
+        if config.upload_url is not None and session is not None:
+            return await upload_file(session, path, config.upload_url)
+        return await asyncio.to_thread(data_uri_for_file, path)
+    if isinstance(value, list):
+        return [await _encode(v, config, session) for v in value]
+    if isinstance(value, dict):
+        return {k: await _encode(v, config, session) for k, v in value.items()}
+    return value
+
+
+def _mime_type(path: str) -> str:
+    return mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
+def data_uri_for_file(path: str) -> str:
+    """``data:<mime>;base64,<content>`` of one output file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise FileUploadError(f"output file {path} cannot be read: {e}") from None
+    return f"data:{_mime_type(path)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+async def upload_file(session: aiohttp.ClientSession, path: str, upload_url: str) -> str:
+    """PUT one output file to ``<upload_url>/<name>``; return where it now lives."""
+    name = safe_file_name(os.path.basename(path))
+    url = upload_url.rstrip("/") + "/" + urllib.parse.quote(name)
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(_UPLOAD_ATTEMPTS),
+        wait=wait_exponential_jitter(initial=0.1, max=2.0),
+        retry=retry_if_exception_type((aiohttp.ClientError, TimeoutError, _RetryableUpload)),
+        reraise=True,
+    )
+    try:
+        location: str = await retrying(_put_file, session, path, url)
+    except (aiohttp.ClientError, TimeoutError, _RetryableUpload, OSError) as e:
+        raise FileUploadError(
+            f"failed to upload output file {name} to {_redact(url)}: {e}"
+        ) from None
+    log.info("output_uploaded file=%s url=%s", name, _redact(location))
+    return location
+
+
+async def _put_file(session: aiohttp.ClientSession, path: str, url: str) -> str:
+    data = await asyncio.to_thread(_read_file, path)
+    async with session.put(url, data=data, headers={"Content-Type": _mime_type(path)}) as resp:
+        await resp.read()
+        if resp.status in (429, 500, 502, 503, 504):
+            raise _RetryableUpload(resp.status)
+        if resp.status >= 400:
+            raise FileUploadError(
+                f"failed to upload output file to {_redact(url)}: HTTP {resp.status}"
+            )
+        location = resp.headers.get("Location")
+    if location:
+        return urllib.parse.urljoin(url, location)
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(query="", fragment=""))
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
