@@ -34,7 +34,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from coglet import protocol
@@ -375,7 +376,7 @@ async def upload_file(session: aiohttp.ClientSession, path: str, upload_url: str
     url = upload_url.rstrip("/") + "/" + urllib.parse.quote(name)
     retrying = AsyncRetrying(
         stop=stop_after_attempt(_UPLOAD_ATTEMPTS),
-        wait=wait_exponential_jitter(initial=0.1, max=2.0),
+        wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
         retry=retry_if_exception_type((aiohttp.ClientError, TimeoutError, _RetryableUpload)),
         reraise=True,
     )

@@ -22,7 +22,8 @@ from tenacity import (
     RetryError,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from coglet import protocol
@@ -210,9 +211,12 @@ class WebhookSender:
     async def _post_terminal(self, watch: _Watch, payload: dict[str, Any]) -> None:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, self.config.max_attempts)),
-            wait=wait_exponential_jitter(
-                initial=self.config.retry_initial_s, max=self.config.retry_max_s
-            ),
+            # exponential from retry_initial_s, capped, plus jitter so receivers that come
+            # back are not hit by every pool at once
+            wait=wait_exponential(
+                multiplier=self.config.retry_initial_s, max=self.config.retry_max_s
+            )
+            + wait_random(0, self.config.retry_initial_s),
             retry=retry_if_exception_type((aiohttp.ClientError, TimeoutError, _RetryableResponse)),
             before_sleep=lambda rs: log.info(
                 "webhook_retry prediction=%s attempt=%d error=%r",
