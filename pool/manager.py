@@ -1,0 +1,299 @@
+"""PoolManager: the pool's public API, used by the HTTP API (``pool/api.py``) and ``ingest/``.
+
+It ties the supervisor (runner processes), the router (queue and slots), input validation,
+file inputs and outputs, webhooks and metrics together, and owns the shutdown sequence of
+DESIGN §7: stop intake, let in-flight work finish within the grace, cancel the rest, stop
+the runners in steps, leave no child behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from coglet.validation import InputValidationError, validate_input
+from pool import files
+from pool.config import PoolConfig
+from pool.errors import InvalidInput, NotReady, ShuttingDown
+from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
+from pool.prediction import EVENT_COMPLETED, Prediction, PredictionRequest
+from pool.router import Router
+from pool.runner import BUSY, READY, RUNNER_STATES
+from pool.supervisor import Supervisor
+from pool.webhooks import WebhookSender
+
+__all__ = ["PoolManager"]
+
+log = logging.getLogger("pool.manager")
+
+CancelForwarder = Callable[[str], Awaitable[None]]
+
+
+def _default_state_dir() -> str:
+    # Working dirs hold only small protocol files: a tmpfs makes every write cheap.
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix=f"cog-pool-{os.getpid()}-", dir=base)
+
+
+class PoolManager:
+    """Runs a pool of runners for one model and routes predictions to them."""
+
+    def __init__(self, config: PoolConfig, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._own_state_dir = config.state_dir is None
+        self.state_dir = config.state_dir or _default_state_dir()
+        os.makedirs(self.state_dir, exist_ok=True)
+        # Input files stay on disk (they may be large); protocol files go to the state dir.
+        self._own_inputs_dir = config.state_dir is None
+        self.inputs_dir = (
+            os.path.join(self.state_dir, "inputs")
+            if config.state_dir
+            else tempfile.mkdtemp(prefix=f"cog-pool-inputs-{os.getpid()}-")
+        )
+        self._supervisor = Supervisor(
+            config,
+            self.state_dir,
+            on_tick=self._on_tick,
+            encode_output=self._encode_output,
+            metrics=metrics,
+        )
+        self._router = Router(config.http, self._supervisor.runners)
+        self._webhooks = WebhookSender(config.webhooks, metrics=metrics)
+        self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._cancel_forwarders: list[CancelForwarder] = []
+        self._preparing: dict[str, Prediction] = {}  # accepted, file inputs downloading
+        self._shutting_down = False
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._ready_once = False
+        if metrics is not None:
+            metrics.add_collector(self._samples)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Spawn the runners (they set up in parallel); returns at once."""
+        if self._started:
+            return
+        self._started = True
+        log.info(
+            "pool_starting runners=%d model=%s state_dir=%s",
+            len(self._supervisor.runners),
+            self.config.model.path,
+            self.state_dir,
+        )
+        await self._supervisor.start()
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Drain (DESIGN §7). Concurrent and repeated calls share one shutdown."""
+        if self._shutdown_task is None:
+            grace = self.config.shutdown.grace_s if grace_s is None else grace_s
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(grace))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, grace_s: float) -> None:
+        self._shutting_down = True
+        log.info("shutdown_begin grace_s=%s in_flight=%d", grace_s, len(self._router.active))
+        self._router.notify()  # queue consumers waiting for a slot look again, and stop
+        await self._wait_finished(grace_s)
+        left = [p for p in self._router.active.values() if not p.done]
+        if left:
+            log.info("shutdown_step step=cancel predictions=%d", len(left))
+            self._router.cancel_queued()
+            for prediction in left:
+                self._router.cancel(prediction.id)
+            await self._wait_finished(self.config.runners.cancel_grace_s)
+        if self._started:
+            await self._supervisor.stop()
+        for prediction in list(self._router.active.values()):
+            prediction.fail("the pool shut down before the prediction finished")
+        await self._webhooks.close(self.config.webhooks.timeout_s)
+        self._remove_dirs()
+        log.info("shutdown_complete")
+
+    async def _wait_finished(self, timeout_s: float) -> None:
+        pending = [p for p in self._router.active.values() if not p.done]
+        if not pending or timeout_s <= 0:
+            return
+        waits = [asyncio.ensure_future(p.wait()) for p in pending]
+        _, still = await asyncio.wait(waits, timeout=timeout_s)
+        for fut in still:
+            fut.cancel()
+        await asyncio.gather(*still, return_exceptions=True)
+
+    def _remove_dirs(self) -> None:
+        if self._own_inputs_dir:
+            shutil.rmtree(self.inputs_dir, ignore_errors=True)
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            return
+        for runner in self._supervisor.runners:
+            shutil.rmtree(runner.working_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(self.state_dir, "inputs"), ignore_errors=True)
+
+    # --- views ---------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._supervisor.status()
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        return self._supervisor.schema()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    @property
+    def runners(self) -> list[dict[str, Any]]:
+        return self._supervisor.runners_info()
+
+    def health(self) -> dict[str, Any]:
+        """The /health-check body (queue consumers add theirs through health sources)."""
+        body: dict[str, Any] = {
+            "status": self.status,
+            "setup": self._supervisor.setup_info(),
+            "runners": self._supervisor.runners_info(),
+            "concurrency": {
+                "max": sum(r.capacity for r in self._supervisor.runners),
+                "current": self._router.in_flight,
+            },
+        }
+        for name, fn in self._health_sources.items():
+            try:
+                body[name] = fn()
+            except Exception as e:  # one broken source must not break the health check
+                body[name] = {"error": str(e)}
+        return body
+
+    def get(self, prediction_id: str) -> Prediction | None:
+        """A prediction in flight (or downloading its inputs) or recently finished."""
+        return self._preparing.get(prediction_id) or self._router.get(prediction_id)
+
+    def free_slots(self) -> int:
+        if self._shutting_down:
+            return 0
+        return self._router.free_slots()
+
+    async def wait_for_free_slot(self) -> None:
+        """Return when ``free_slots() > 0``; raises ShuttingDown once the pool drains."""
+        while self.free_slots() <= 0:
+            if self._shutting_down:
+                raise ShuttingDown("the pool is shutting down")
+            await self._router.wait_for_free_slot()
+            if self._shutting_down:
+                raise ShuttingDown("the pool is shutting down")
+
+    def add_health_source(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        self._health_sources[name] = fn
+
+    def add_cancel_forwarder(self, fn: CancelForwarder) -> None:
+        self._cancel_forwarders.append(fn)
+
+    # --- predictions ---------------------------------------------------------------------------
+    async def submit(self, request: PredictionRequest, *, source: str = "http") -> Prediction:
+        """Validate, prepare and queue one prediction; returns at once (await ``.wait()``)."""
+        if self._shutting_down:
+            raise ShuttingDown("the pool is shutting down; retry on another instance")
+        if request.id is not None:
+            known = self.get(request.id)
+            if known is not None:
+                return known
+        schema = self._require_ready()
+        _validate(schema, request.input)
+        self._router.admit()
+        prediction = Prediction(request, source=source)
+        self._preparing[prediction.id] = prediction
+        dest = os.path.join(self.inputs_dir, prediction.id)
+        try:
+            runner_input = await files.prepare_inputs(
+                schema, request.input, dest, self.config.files
+            )
+            if self._shutting_down:
+                raise ShuttingDown("the pool is shutting down; retry on another instance")
+            prediction.add_listener(self._on_event)
+            self._router.enqueue(prediction, runner_input)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        finally:
+            self._preparing.pop(prediction.id, None)
+        self._webhooks.watch(prediction)
+        log.info("prediction_accepted prediction=%s source=%s", prediction.id, source)
+        return prediction
+
+    def _require_ready(self) -> dict[str, Any]:
+        schema = self.schema
+        if not self._ready_once or schema is None:
+            raise NotReady(f"the model is not ready (status {self.status}); retry shortly")
+        if not self._supervisor.can_ever_serve():
+            raise NotReady(f"no runner can serve (status {self.status}); see /health-check")
+        return schema
+
+    async def cancel(self, prediction_id: str) -> bool:
+        """Cancel a queued or running prediction; False when this pool does not hold it."""
+        if self._router.cancel(prediction_id):
+            return True
+        if self.get(prediction_id) is not None:
+            return False  # finished here already
+        for forward in list(self._cancel_forwarders):
+            try:
+                await forward(prediction_id)
+            except Exception as e:  # a broker hiccup must not fail the local cancel call
+                log.warning("cancel_forward_failed prediction=%s error=%s", prediction_id, e)
+        return False
+
+    def _on_event(self, prediction: Prediction, event: str) -> None:
+        if event != EVENT_COMPLETED:
+            return
+        queue_wait_s = self._router.queue_wait_s.get(prediction.id)
+        self._router.record_finished(prediction)
+        shutil.rmtree(os.path.join(self.inputs_dir, prediction.id), ignore_errors=True)
+        if self.metrics is not None:
+            self.metrics.prediction_finished(
+                status=prediction.status,
+                source=prediction.source,
+                queue_wait_s=queue_wait_s,
+                predict_time_s=prediction.metrics.get("predict_time"),
+            )
+        log.info(
+            "prediction_finished prediction=%s status=%s runner=%s source=%s",
+            prediction.id,
+            prediction.status,
+            prediction.runner_index,
+            prediction.source,
+        )
+
+    async def _encode_output(self, output: Any) -> Any:
+        return await files.encode_outputs(output, self.config.files)
+
+    def _on_tick(self) -> None:
+        if not self._ready_once and self.status in (READY, BUSY):
+            self._ready_once = True
+            log.info("pool_ready runners=%d", len(self._supervisor.runners))
+        self._router.dispatch()
+
+    def _samples(self) -> Iterable[Sample]:
+        counts = dict.fromkeys(RUNNER_STATES, 0)
+        for runner in self._supervisor.runners:
+            counts[runner.state] += 1
+        for state, n in counts.items():
+            yield Sample(GAUGE_RUNNERS, n, {"state": state})
+        yield Sample(GAUGE_IN_FLIGHT, self._router.in_flight)
+        yield Sample(GAUGE_QUEUE_DEPTH, self._router.queued)
+
+
+def _validate(schema: dict[str, Any], raw: dict[str, Any]) -> None:
+    try:
+        validate_input(schema, raw)
+    except InputValidationError as e:
+        detail = []
+        for err in e.errors:
+            loc = ["body", "input", err.get("field")]
+            detail.append({"loc": loc, "msg": err.get("msg"), "type": err.get("type")})
+        raise InvalidInput(detail) from None
