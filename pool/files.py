@@ -27,6 +27,7 @@ import re
 import tempfile
 import urllib.parse
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -143,36 +144,50 @@ async def prepare_inputs(
     URI (or a malformed ``data:`` URI), :class:`FileFetchError` when a download fails.
     """
     fields = file_input_fields(schema)
-    jobs: list[tuple[str, int | None, str]] = []  # (field, index in list or None, url)
+    jobs: list[_Job] = []
     for name, is_list in fields.items():
         value = values.get(name)
         if value is None:
             continue
-        items = value if is_list and isinstance(value, list) else [value]
-        for i, item in enumerate(items):
-            _check_file_value(name, item)
-            jobs.append((name, i if is_list and isinstance(value, list) else None, item))
+        if is_list and isinstance(value, list):
+            jobs.extend(_job(name, i, item) for i, item in enumerate(value))
+        else:
+            jobs.append(_job(name, None, value))
     if not jobs:
         return values
     os.makedirs(dest_dir, exist_ok=True)
     own_session = session is None
     client = session or aiohttp.ClientSession()
     try:
-        paths = await _gather_all(
-            [_fetch_one(client, name, url, dest_dir, config) for name, _, url in jobs]
-        )
+        paths = await _gather_all([_fetch_one(client, job, dest_dir, config) for job in jobs])
     finally:
         if own_session:
             await client.close()
     result = dict(values)
-    for (name, index, _url), path in zip(jobs, paths, strict=True):
-        if index is None:
-            result[name] = path
+    for job, path in zip(jobs, paths, strict=True):
+        if job.index is None:
+            result[job.field] = path
         else:
-            if result[name] is values[name]:
-                result[name] = list(values[name])
-            result[name][index] = path
+            if result[job.field] is values[job.field]:
+                result[job.field] = list(values[job.field])
+            result[job.field][job.index] = path
     return result
+
+
+@dataclass(frozen=True)
+class _Job:
+    field: str
+    index: int | None  # position in a list input, None for a single file
+    url: str
+    data: tuple[str, bytes] | None = None  # (mime type, bytes) of a data: URI, decoded
+
+
+def _job(field: str, index: int | None, value: Any) -> _Job:
+    """Check one value and decode data: URIs now, so a bad value fails before any download."""
+    _check_file_value(field, value)
+    if value.startswith("data:"):
+        return _Job(field, index, value, decode_data_uri(field, value))
+    return _Job(field, index, value)
 
 
 def _check_file_value(field: str, value: Any) -> None:
@@ -204,19 +219,18 @@ async def _gather_all(jobs: list[Coroutine[Any, Any, str]]) -> list[str]:
 
 
 async def _fetch_one(
-    session: aiohttp.ClientSession, field: str, url: str, dest_dir: str, config: FilesConfig
+    session: aiohttp.ClientSession, job: _Job, dest_dir: str, config: FilesConfig
 ) -> str:
+    # A fresh directory per file keeps the (sanitised) original name without collisions.
     directory = tempfile.mkdtemp(prefix="input-", dir=dest_dir)
-    if url.startswith("data:"):
-        mime_type, data = decode_data_uri(field, url)
-        if len(data) > config.max_download_bytes:
-            raise FileFetchError(
-                field, url, f"larger than files.max_download_bytes={config.max_download_bytes}"
-            )
-        path = os.path.join(directory, safe_file_name("", mime_type=mime_type))
-        await asyncio.to_thread(_write_file, path, data)
-        return path
-    return await _download(session, field, url, directory, config)
+    if job.data is None:
+        return await _download(session, job.field, job.url, directory, config)
+    mime_type, data = job.data
+    if len(data) > config.max_download_bytes:
+        raise _too_large(job.field, job.url, config, None)
+    path = os.path.join(directory, safe_file_name("", mime_type=mime_type))
+    await asyncio.to_thread(_write_file, path, data)
+    return path
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -295,7 +309,7 @@ async def _stream_to_file(
             f.write(chunk)
 
 
-def _too_large(field: str, url: str, config: FilesConfig, status: int) -> FileFetchError:
+def _too_large(field: str, url: str, config: FilesConfig, status: int | None) -> FileFetchError:
     return FileFetchError(
         field,
         url,
