@@ -1,0 +1,30 @@
+"""The Cog SDK: what a model's ``predict.py`` imports.
+
+Standard library only; runs under the model's own interpreter (CPython 3.9-3.13).
+"""
+
+from __future__ import annotations
+
+from cog.exceptions import CancelationException
+from cog.input import Input
+from cog.model import BaseModel
+from cog.predictor import BasePredictor, BaseRunner
+from cog.scope import Scope, current_scope, emit_metric, use_scope
+from cog.types import AsyncConcatenateIterator, ConcatenateIterator, File, Path, Secret
+
+__all__ = [
+    "AsyncConcatenateIterator",
+    "BaseModel",
+    "BasePredictor",
+    "BaseRunner",
+    "CancelationException",
+    "ConcatenateIterator",
+    "File",
+    "Input",
+    "Path",
+    "Scope",
+    "Secret",
+    "current_scope",
+    "emit_metric",
+    "use_scope",
+]

@@ -1,0 +1,295 @@
+"""Cog's type model: a Python annotation resolved into what the schema, the validator and the
+coercion of inputs need to know about it.
+
+Standard library only (the model's interpreter, CPython 3.9+).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import enum
+import io
+import os
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from cog.model import BaseModel
+from cog.types import AsyncConcatenateIterator, ConcatenateIterator, File, Path, Secret
+
+__all__ = [
+    "ITER_CONCATENATE",
+    "ITER_PLAIN",
+    "CogType",
+    "InputSpec",
+    "OutputType",
+    "resolve_output",
+    "resolve_type",
+    "type_name",
+]
+
+# kinds
+STR, INT, FLOAT, BOOL = "str", "int", "float", "bool"
+PATH, FILE, SECRET = "path", "file", "secret"
+LIST, OPTIONAL, OBJECT, DICT, ANY = "list", "optional", "object", "dict", "any"
+PRIMITIVE_KINDS = frozenset({STR, INT, FLOAT, BOOL, PATH, FILE, SECRET})
+
+ITER_PLAIN = "iterator"
+ITER_CONCATENATE = "concatenate"
+
+_EXACT = {str: STR, int: INT, float: FLOAT, bool: BOOL}
+
+if sys.version_info >= (3, 10):
+    import types as _pytypes
+
+    _UNION_ORIGINS: Tuple[Any, ...] = (typing.Union, _pytypes.UnionType)
+else:  # pragma: no cover - exercised under 3.9 by the subprocess test
+    _UNION_ORIGINS = (typing.Union,)
+
+
+@dataclass(frozen=True)
+class CogType:
+    """One resolved annotation.
+
+    ``kind`` is a primitive kind, or ``list``/``optional``/``dict`` (with ``item``), or
+    ``object`` (with ``fields``), or ``any``. ``py`` is the annotation's own class where it
+    matters for coercion (an Enum, a Path subclass, a dataclass, a TypedDict).
+    """
+
+    kind: str
+    py: Any = None
+    item: Optional[CogType] = None
+    fields: Tuple[Tuple[str, CogType], ...] = ()
+    required: Tuple[str, ...] = ()
+    enum_values: Optional[Tuple[Any, ...]] = None
+
+    @property
+    def element(self) -> CogType:
+        """The type under Optional and List (what constraints apply to)."""
+        t = self
+        while t.kind in (OPTIONAL, LIST) and t.item is not None:
+            t = t.item
+        return t
+
+    @property
+    def is_optional(self) -> bool:
+        return self.kind == OPTIONAL
+
+    @property
+    def is_list(self) -> bool:
+        t = self.item if self.kind == OPTIONAL and self.item is not None else self
+        return t.kind == LIST
+
+    def field_map(self) -> Dict[str, CogType]:
+        return dict(self.fields)
+
+    def name(self) -> str:
+        """Python-ish spelling for messages: ``str``, ``Optional[str]``, ``List[int]``."""
+        if self.kind == OPTIONAL and self.item is not None:
+            return f"Optional[{self.item.name()}]"
+        if self.kind == LIST and self.item is not None:
+            return f"List[{self.item.name()}]"
+        if self.kind == DICT and self.item is not None:
+            return f"Dict[str, {self.item.name()}]"
+        if self.py is not None:
+            return type_name(self.py)
+        return {PATH: "Path", FILE: "File", SECRET: "Secret", ANY: "Any"}.get(self.kind, self.kind)
+
+
+@dataclass(frozen=True)
+class OutputType:
+    """The resolved return annotation of predict()."""
+
+    type: CogType
+    iterator: Optional[str] = None  # None, ITER_PLAIN or ITER_CONCATENATE
+    is_async_iterator: bool = False
+
+
+def type_name(tp: Any) -> str:
+    """``datetime`` for a class, ``List[int]``-ish text for anything else."""
+    name = getattr(tp, "__name__", None)
+    if isinstance(name, str) and typing.get_origin(tp) is None:
+        return name
+    text = str(tp)
+    return text[len("typing.") :] if text.startswith("typing.") else text
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in _UNION_ORIGINS
+
+
+def _is_typeddict(tp: Any) -> bool:
+    is_typeddict = getattr(typing, "is_typeddict", None)
+    if is_typeddict is not None:
+        return bool(is_typeddict(tp))
+    # Python 3.9 has no typing.is_typeddict; TypedDict classes are dicts with these markers.
+    return (
+        isinstance(tp, type)
+        and issubclass(tp, dict)
+        and hasattr(tp, "__total__")
+        and hasattr(tp, "__annotations__")
+    )
+
+
+def _is_list(tp: Any) -> bool:
+    return tp is list or tp is typing.List or typing.get_origin(tp) is list
+
+
+def _is_dict(tp: Any) -> bool:
+    return tp is dict or tp is typing.Dict or typing.get_origin(tp) is dict
+
+
+def resolve_type(tp: Any) -> CogType:
+    """Resolve one annotation; ``ValueError`` with Cog's wording when it is not supported."""
+    if tp is typing.Any:
+        return CogType(ANY)
+    if _is_union(tp):
+        return _resolve_union(tp)
+    if _is_list(tp):
+        return _resolve_list(tp)
+    if _is_dict(tp):
+        return _resolve_dict(tp)
+    if isinstance(tp, type):
+        return _resolve_class(tp)
+    raise ValueError(f"unsupported Cog type {type_name(tp)}")
+
+
+def _resolve_union(tp: Any) -> CogType:
+    args = typing.get_args(tp)
+    non_none = [a for a in args if a is not type(None)]
+    if len(args) != 2 or len(non_none) != 1:
+        raise ValueError(f"unsupported union type {type_name(tp)}")
+    return CogType(OPTIONAL, item=resolve_type(non_none[0]))
+
+
+def _resolve_list(tp: Any) -> CogType:
+    args = typing.get_args(tp)
+    if not args:
+        return CogType(LIST, item=CogType(ANY))
+    elem = args[0]
+    if _is_list(elem):
+        raise ValueError("List cannot have nested type list")
+    if _is_union(elem):
+        raise ValueError("List cannot have nested type Union")
+    return CogType(LIST, item=resolve_type(elem))
+
+
+def _resolve_dict(tp: Any) -> CogType:
+    args = typing.get_args(tp)
+    if not args:
+        return CogType(DICT, item=CogType(ANY))
+    if args[0] is not str:
+        raise ValueError(f"unsupported Cog type {type_name(tp)}: dict keys must be str")
+    return CogType(DICT, item=resolve_type(args[1]))
+
+
+def _resolve_class(tp: type) -> CogType:
+    if tp in _EXACT:
+        return CogType(_EXACT[tp])
+    if issubclass(tp, enum.Enum):
+        return _resolve_enum(tp)
+    if issubclass(tp, Secret):
+        return CogType(SECRET, py=tp)
+    if issubclass(tp, File) or tp is io.IOBase:
+        return CogType(FILE, py=tp)
+    if tp is os.PathLike or issubclass(tp, os.PathLike):
+        return CogType(PATH, py=tp)
+    if _is_typeddict(tp):
+        hints = typing.get_type_hints(tp)
+        required = getattr(tp, "__required_keys__", frozenset(hints))
+        return _object(tp, hints, [n for n in hints if n in required])
+    if dataclasses.is_dataclass(tp) or issubclass(tp, BaseModel):
+        return _resolve_dataclass(tp)
+    raise ValueError(f"unsupported Cog type {type_name(tp)}")
+
+
+def _resolve_enum(tp: type) -> CogType:
+    values = tuple(member.value for member in typing.cast(Any, tp))
+    if issubclass(tp, str):
+        return CogType(STR, py=tp, enum_values=values)
+    if issubclass(tp, int) and not issubclass(tp, bool):
+        return CogType(INT, py=tp, enum_values=values)
+    used_as = type(values[0]).__name__ if values else "str"
+    raise ValueError(f"enum {tp.__name__} is used as {used_as} but does not extend it")
+
+
+def _resolve_dataclass(tp: type) -> CogType:
+    hints = typing.get_type_hints(tp)
+    required = []
+    for field in dataclasses.fields(tp):
+        no_default = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        if no_default and not _is_union(hints.get(field.name)):
+            required.append(field.name)
+    names = [f.name for f in dataclasses.fields(tp)]
+    return _object(tp, {n: hints[n] for n in names if n in hints}, required)
+
+
+def _object(tp: type, hints: Dict[str, Any], required: Any) -> CogType:
+    fields = []
+    for name, hint in hints.items():
+        try:
+            fields.append((name, resolve_type(hint)))
+        except ValueError as e:
+            raise ValueError(f"{type_name(tp)}.{name}: {e}") from None
+    return CogType(OBJECT, py=tp, fields=tuple(fields), required=tuple(required))
+
+
+# --- outputs -----------------------------------------------------------------------------------
+_SYNC_ITER_ORIGINS = (collections.abc.Iterator, collections.abc.Generator)
+_ASYNC_ITER_ORIGINS = (collections.abc.AsyncIterator, collections.abc.AsyncGenerator)
+_CONCAT = (ConcatenateIterator, AsyncConcatenateIterator)
+
+
+def resolve_output(tp: Any) -> OutputType:
+    """Resolve predict()'s return annotation; ``ValueError`` with Cog's wording."""
+    origin = typing.get_origin(tp)
+    bare = tp if origin is None else origin
+    if bare in _CONCAT:
+        elem = _iterator_element(tp)
+        if elem.kind != STR or elem.py is not None:
+            raise ValueError(f"{type_name(bare)} must have str element")
+        return OutputType(elem, ITER_CONCATENATE, bare is AsyncConcatenateIterator)
+    if bare in _SYNC_ITER_ORIGINS or bare in _ASYNC_ITER_ORIGINS:
+        elem = _iterator_element(tp)
+        return OutputType(elem, ITER_PLAIN, bare in _ASYNC_ITER_ORIGINS)
+    t = resolve_type(tp)
+    if t.kind == OPTIONAL:
+        raise ValueError("output must not be Optional")
+    return OutputType(t)
+
+
+def _iterator_element(tp: Any) -> CogType:
+    args = typing.get_args(tp)
+    if not args:
+        raise ValueError("iterator type must have a type argument")
+    elem = resolve_type(args[0])
+    if elem.kind in (OPTIONAL, LIST):
+        raise ValueError("iterator element type must not be Optional or List")
+    return elem
+
+
+# Re-exported for coercion helpers: the concrete class a Path input becomes by default.
+DEFAULT_PATH_CLASS = Path
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One predict() parameter after inspection (what ``Input(...)`` said, checked)."""
+
+    name: str
+    order: int
+    type: CogType
+    default: Any  # cog.input.MISSING when there is none
+    default_factory: Optional[Any] = None
+    description: Optional[str] = None
+    ge: Optional[Any] = None
+    le: Optional[Any] = None
+    min_length: Optional[int] = None
+    max_length: Optional[int] = None
+    regex: Optional[str] = None
+    choices: Optional[Tuple[Any, ...]] = None  # plain str/int values (Enum members unwrapped)
+    deprecated: Optional[bool] = None
