@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -602,10 +603,10 @@ def _python_version(python: Path) -> str | None:
 class BenchConfig:
     targets: tuple[str, ...] = ("cog", "cog-pool")
     scenarios: frozenset[int] = frozenset({1, 2, 3, 4})
-    sequential_requests: int = 500
-    warmup: int = 50
+    sequential_requests: int = 2000
+    warmup: int = 100
     clients: int = 8
-    predictions_per_client: int = 50
+    predictions_per_client: int = 250
     runner_counts: tuple[int, ...] = (1, 2, 4)
     sleep_ms: int = 100
     makespan_repeats: int = 3
@@ -628,44 +629,57 @@ def _spec(target: str, runners: int) -> ServerSpec:
     return pool_server_spec(port=free_port(), runners=runners)
 
 
-async def bench_target(target: str, cfg: BenchConfig) -> TargetResults:
-    """Run the configured scenarios against one runtime, one fresh server per measurement."""
-    results = TargetResults()
-    if 4 in cfg.scenarios:
-        counts = cfg.ready_runner_counts if target == "cog-pool" else (1,)
-        for runners in counts:
-            results.ready[runners] = [
-                await _measure_ready(target, runners, cfg) for _ in range(cfg.ready_repeats)
-            ]
-    if cfg.scenarios & {1, 2}:
-        async with Server(_spec(target, 1)) as server:
-            await server.wait_ready(cfg.ready_timeout_s)
-            url = server.spec.base_url
+async def bench_ready(cfg: BenchConfig, results: Mapping[str, TargetResults]) -> None:
+    """Scenario 4; the runtimes take turns so that background load hits both alike."""
+    for _ in range(cfg.ready_repeats):
+        for target, res in results.items():
+            counts = cfg.ready_runner_counts if target == "cog-pool" else (1,)
+            for runners in counts:
+                ready = await _measure_ready(target, runners, cfg)
+                res.ready.setdefault(runners, []).append(ready)
+
+
+async def bench_one_runner(cfg: BenchConfig, results: Mapping[str, TargetResults]) -> None:
+    """Scenarios 1 and 2 on one runner; both servers stay up so the runs sit back to back."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        for target in results:
+            servers[target] = await stack.enter_async_context(Server(_spec(target, 1)))
+            await servers[target].wait_ready(cfg.ready_timeout_s)
+        for target, res in results.items():
             if 1 in cfg.scenarios:
-                results.sequential = await run_sequential(
-                    url, requests=cfg.sequential_requests, warmup=cfg.warmup
+                log("scenario_started", scenario=1, target=target)
+                res.sequential = await run_sequential(
+                    servers[target].spec.base_url,
+                    requests=cfg.sequential_requests,
+                    warmup=cfg.warmup,
                 )
+        for target, res in results.items():
             if 2 in cfg.scenarios:
-                results.concurrent = await run_concurrent(
-                    url,
+                log("scenario_started", scenario=2, target=target)
+                res.concurrent = await run_concurrent(
+                    servers[target].spec.base_url,
                     clients=cfg.clients,
                     predictions_per_client=cfg.predictions_per_client,
                     warmup=cfg.warmup,
                 )
-    if 3 in cfg.scenarios and target == "cog-pool":  # Cog serves one runner only
-        for runners in cfg.runner_counts:
-            async with Server(_spec(target, runners)) as server:
-                await server.wait_ready(cfg.ready_timeout_s)
-                results.makespan[runners] = [
-                    await run_makespan(
-                        server.spec.base_url,
-                        runners=runners,
-                        requests=10 * runners,
-                        sleep_ms=cfg.sleep_ms,
-                    )
-                    for _ in range(cfg.makespan_repeats)
-                ]
-    return results
+
+
+async def bench_scale_out(cfg: BenchConfig, res: TargetResults) -> None:
+    """Scenario 3 (cog-pool only: Cog serves one runner per process)."""
+    for runners in cfg.runner_counts:
+        log("scenario_started", scenario=3, target="cog-pool", runners=runners)
+        async with Server(_spec("cog-pool", runners)) as server:
+            await server.wait_ready(cfg.ready_timeout_s)
+            res.makespan[runners] = [
+                await run_makespan(
+                    server.spec.base_url,
+                    runners=runners,
+                    requests=10 * runners,
+                    sleep_ms=cfg.sleep_ms,
+                )
+                for _ in range(cfg.makespan_repeats)
+            ]
 
 
 async def _measure_ready(target: str, runners: int, cfg: BenchConfig) -> ReadyResult:
@@ -876,7 +890,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     parser.add_argument("--only", choices=["cog", "cog-pool"], help="benchmark one runtime")
     parser.add_argument("--scenarios", default="1,2,3,4", help="comma list of 1..4")
     parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
-    parser.add_argument("--requests", type=int, help="scenario 1 requests (default 500)")
+    parser.add_argument("--requests", type=int, help="scenario 1 requests (default 2000)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, help="scenario 2 predictions per client")
     parser.add_argument("--runner-counts", default="1,2,4", help="scenario 3 runner counts")
@@ -889,10 +903,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     cfg = BenchConfig(
         targets=(args.only,) if args.only else ("cog", "cog-pool"),
         scenarios=frozenset(int(s) for s in args.scenarios.split(",") if s.strip()),
-        sequential_requests=args.requests or (30 if quick else 500),
-        warmup=5 if quick else 50,
+        sequential_requests=args.requests or (30 if quick else 2000),
+        warmup=5 if quick else 100,
         clients=args.clients,
-        predictions_per_client=args.per_client or (5 if quick else 50),
+        predictions_per_client=args.per_client or (5 if quick else 250),
         runner_counts=tuple(int(n) for n in args.runner_counts.split(",") if n.strip()),
         makespan_repeats=repeats,
         ready_repeats=repeats,
@@ -903,10 +917,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
 async def run_bench(cfg: BenchConfig) -> dict[str, TargetResults]:
     if "cog" in cfg.targets:
         ensure_cog_venv()
-    results: dict[str, TargetResults] = {}
-    for target in cfg.targets:
-        log("bench_target_started", target=target)
-        results[target] = await bench_target(target, cfg)
+    results = {target: TargetResults() for target in cfg.targets}
+    if 4 in cfg.scenarios:
+        log("scenario_started", scenario=4)
+        await bench_ready(cfg, results)
+    if cfg.scenarios & {1, 2}:
+        await bench_one_runner(cfg, results)
+    if 3 in cfg.scenarios and "cog-pool" in results:
+        await bench_scale_out(cfg, results["cog-pool"])
     return results
 
 
