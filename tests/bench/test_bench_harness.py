@@ -265,9 +265,9 @@ async def test_tiny_run_against_cog(harness: ModuleType) -> None:
     async with harness.Server(spec) as server:
         ready = await server.wait_ready(timeout_s=60)
         result = await harness.run_sequential(spec.base_url, requests=5, warmup=1)
-        makespan = await harness.run_makespan(
-            spec.base_url, runners=1, requests=1, sleep_ms=10, warmup=0
+        shared = await harness.run_concurrent(
+            spec.base_url, clients=2, predictions_per_client=2, warmup=0
         )
     assert ready.ready_s > 0
     assert (result.failed, result.stats.n) == (0, 5)
-    assert makespan.succeeded == 1
+    assert (shared.succeeded, shared.failed, shared.gave_up) == (4, 0, 0)
