@@ -23,10 +23,12 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import io
 import json
 import math
 import os
 import platform
+import pstats
 import signal
 import socket
 import subprocess
@@ -180,13 +182,22 @@ def cog_server_spec(*, port: int, model_dir: Path = MODEL_DIR, venv: Path = COG_
 
 
 def pool_server_spec(
-    *, port: int, runners: int = 1, model_dir: Path = MODEL_DIR, python: str = sys.executable
+    *,
+    port: int,
+    runners: int = 1,
+    model_dir: Path = MODEL_DIR,
+    python: str = sys.executable,
+    profile_to: Path | None = None,
 ) -> ServerSpec:
-    """cog-pool (``python -m pool serve``) for the predictor in model_dir with N CPU runners."""
+    """cog-pool (``python -m pool serve``) for the predictor in model_dir with N CPU runners.
+
+    profile_to: run the pool process under cProfile, written there when the pool exits.
+    """
     env = _clean_env()
     env["PYTHONPATH"] = str(REPO_ROOT)  # `pool`, `coglet` and our `cog` from this checkout
+    profiler = ("-m", "cProfile", "-o", str(profile_to)) if profile_to else ()
     argv = (
-        python, "-m", "pool", "serve", str(model_dir),
+        python, *profiler, "-m", "pool", "serve", str(model_dir),
         "--port", str(port), "--runners", str(runners),
     )  # fmt: skip
     return ServerSpec("cog-pool", argv, env, REPO_ROOT, port, runners)
@@ -322,6 +333,7 @@ class Outcome:
     succeeded: bool  # 200 and prediction status "succeeded"
     latency_s: float
     error: str | None
+    predict_time_s: float | None = None  # the server's metrics.predict_time
 
 
 async def predict(
@@ -335,11 +347,18 @@ async def predict(
     try:
         body = json.loads(raw)
     except ValueError:
+        body = None
+    if not isinstance(body, dict):
         body = {}
-    status = body.get("status") if isinstance(body, dict) else None
-    succeeded = resp.status == 200 and status == "succeeded"
+    succeeded = resp.status == 200 and body.get("status") == "succeeded"
     error = None if succeeded else f"HTTP {resp.status}: {raw[:200].decode(errors='replace')}"
-    return Outcome(resp.status, succeeded, latency_s, error)
+    return Outcome(resp.status, succeeded, latency_s, error, _predict_time(body))
+
+
+def _predict_time(body: Mapping[str, Any]) -> float | None:
+    metrics = body.get("metrics")
+    value = metrics.get("predict_time") if isinstance(metrics, dict) else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -390,6 +409,7 @@ class SequentialResult:
     rejected: int
     failed: int
     first_error: str | None
+    predict_time: LatencyStats | None = None  # server-reported; latency - this = overhead
 
 
 async def run_sequential(
@@ -399,6 +419,7 @@ async def run_sequential(
     inputs = inputs or {}
     latencies: list[float] = []
     client_latencies: list[float] = []
+    predict_times: list[float] = []
     failures: list[str] = []
     rejected = 0
     async with _session(1) as session:
@@ -409,6 +430,8 @@ async def run_sequential(
             if attempts.final.succeeded:
                 latencies.append(attempts.final.latency_s)
                 client_latencies.append(attempts.client_latency_s)
+                if attempts.final.predict_time_s is not None:
+                    predict_times.append(attempts.final.predict_time_s)
             else:
                 failures.append(attempts.final.error or "")
     return SequentialResult(
@@ -417,6 +440,7 @@ async def run_sequential(
         rejected=rejected,
         failed=len(failures),
         first_error=failures[0] if failures else None,
+        predict_time=latency_stats(predict_times) if predict_times else None,
     )
 
 
@@ -682,6 +706,27 @@ async def bench_scale_out(cfg: BenchConfig, res: TargetResults) -> None:
             ]
 
 
+async def profile_pool(cfg: BenchConfig, *, top: int = 30) -> str:
+    """Scenario 1 against a cog-pool whose manager runs under cProfile; the top functions."""
+    profile_path = WORK_DIR / "pool.prof"
+    profile_path.unlink(missing_ok=True)
+    spec = pool_server_spec(port=free_port(), profile_to=profile_path)
+    async with Server(spec) as server:
+        await server.wait_ready(cfg.ready_timeout_s)
+        log("scenario_started", scenario=1, target="cog-pool", profile=profile_path)
+        result = await run_sequential(
+            spec.base_url, requests=cfg.sequential_requests, warmup=cfg.warmup
+        )
+    if not profile_path.exists():
+        raise ServerError(f"no profile at {profile_path}: did the pool exit cleanly on SIGTERM?")
+    out = io.StringIO()
+    stats = pstats.Stats(str(profile_path), stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    p50 = _ms(_q(result.stats, "p50"))
+    return f"cog-pool sequential p50 under cProfile: {p50} ms\n{out.getvalue()}"
+
+
 async def _measure_ready(target: str, runners: int, cfg: BenchConfig) -> ReadyResult:
     async with Server(_spec(target, runners)) as server:
         return await server.wait_ready(cfg.ready_timeout_s)
@@ -749,8 +794,8 @@ def _render_sequential(
         f"after {cfg.warmup} warm-up, one keep-alive connection)",
         "",
         "| runtime | p50 ms | p90 ms | p99 ms | mean ms | p50 / Cog | p99 / Cog | 409s | "
-        "client p50 / p99 ms | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "client p50 / p99 ms | predict_time p50 ms | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cog_seq = cog.sequential if cog else None
     cog_stats = cog_seq.stats if cog_seq else None
@@ -764,7 +809,8 @@ def _render_sequential(
             f"{_ms(_q(st, 'p99'))} | {_ms(_q(st, 'mean'))} | "
             f"{_ratio(_q(st, 'p50'), _q(cog_stats, 'p50'))} | "
             f"{_ratio(_q(st, 'p99'), _q(cog_stats, 'p99'))} | {seq.rejected} | "
-            f"{_ms(_q(cl, 'p50'))} / {_ms(_q(cl, 'p99'))} | {seq.failed} |"
+            f"{_ms(_q(cl, 'p50'))} / {_ms(_q(cl, 'p99'))} | "
+            f"{_ms(_q(seq.predict_time, 'p50'))} | {seq.failed} |"
         )
     ok = None
     pool_stats = pool.sequential.stats if pool and pool.sequential else None
@@ -773,7 +819,8 @@ def _render_sequential(
     lines += [
         "",
         "Latency columns are accepted requests (the server's own path); a 409 is retried at "
-        "once and counted, and the client columns include those retries.",
+        "once and counted, and the client columns include those retries. predict_time is "
+        "the server's own `metrics.predict_time`; latency minus it is the runtime's overhead.",
         "",
         f"Target: p50 latency ratio <= 1.0 — {_verdict(ok)}.",
         "",
@@ -896,6 +943,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     parser.add_argument("--runner-counts", default="1,2,4", help="scenario 3 runner counts")
     parser.add_argument("--repeats", type=int, help="scenarios 3 and 4 repeats (default 3)")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: scenario 1 against cog-pool under cProfile; print the top functions",
+    )
     parser.add_argument("--json", type=Path, default=WORK_DIR / "last-results.json")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -930,6 +982,11 @@ async def run_bench(cfg: BenchConfig) -> dict[str, TargetResults]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_args(argv)
+    if args.profile:
+        report = asyncio.run(profile_pool(cfg))
+        (WORK_DIR / "pool-profile.txt").write_text(report)
+        print(report)
+        return 0
     load_at_start = os.getloadavg()  # other work on the machine skews every figure
     results = asyncio.run(run_bench(cfg))
     machine = machine_info(load_at_start)
