@@ -196,7 +196,8 @@ def enum_components(inputs: Sequence[InputSpec]) -> Dict[str, Any]:
 def output_schema(output: OutputType) -> Dict[str, Any]:
     schema: Dict[str, Any] = {"title": "Output"}
     if output.iterator is None:
-        schema.update(json_type(output.type))
+        if output.type.kind != t.ANY:  # Cog leaves an ``Any`` output untyped
+            schema.update(json_type(output.type))
         return schema
     schema.update(
         {"type": "array", "items": json_type(output.type), "x-cog-array-type": "iterator"}

@@ -225,6 +225,8 @@ def _resolve_dataclass(tp: type) -> CogType:
         if no_default and not _is_union(hints.get(field.name)):
             required.append(field.name)
     names = [f.name for f in dataclasses.fields(tp)]
+    if issubclass(tp, BaseModel):
+        required = list(names)  # Cog lists every output field; Optional ones may be None
     return _object(tp, {n: hints[n] for n in names if n in hints}, required)
 
 
