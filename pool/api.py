@@ -1,0 +1,520 @@
+"""The Cog-compatible HTTP API (DESIGN §4), built by one typed factory.
+
+``create_app(config, manager)`` returns the aiohttp application; the CLI and the tests serve the
+same object. Domain errors from the manager are translated here, and only here, into status
+codes; every error answer, aiohttp's own included (404, 405, 413), has a JSON body.
+
+Lifecycle: by default the app's ``cleanup_ctx`` starts the manager when the server starts and
+shuts it down (DESIGN §7 drain) when the server is cleaned up. ``POST /shutdown`` stops intake at
+once (503) and sets the ``asyncio.Event`` stored under :data:`SHUTDOWN_KEY`; whoever serves the
+app (the CLI) awaits it and then cleans the runner up, which drains the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn, Protocol
+
+from aiohttp import web
+
+from pool.config import PoolConfig
+from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.files import FileFetchError
+from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pool.metrics import Metrics
+from pool.prediction import Prediction, PredictionRequest
+
+__all__ = [
+    "CONFIG_KEY",
+    "MANAGER_KEY",
+    "MAX_JSON_DEPTH",
+    "METRICS_KEY",
+    "SHUTDOWN_KEY",
+    "ManagerAPI",
+    "create_app",
+]
+
+log = logging.getLogger(__name__)
+
+# Deeper JSON than this is refused with 400: no Cog input type nests anywhere near it, and the
+# stdlib's recursive encoders/decoders would otherwise hit the interpreter's recursion limit.
+MAX_JSON_DEPTH = 64
+
+# aiohttp >= 3.9 does not cancel a handler when its client goes away unless the server was
+# built with handler_cancellation=True, so a waiting sync request also checks its connection.
+_DISCONNECT_CHECK_S = 1.0
+
+_PREFER_ASYNC = "respond-async"
+
+
+class ManagerAPI(Protocol):
+    """What the HTTP API uses of :class:`pool.manager.PoolManager`."""
+
+    status: str
+    schema: dict[str, Any] | None
+
+    async def start(self) -> None: ...
+    async def shutdown(self, grace_s: float | None = None) -> None: ...
+    def health(self) -> dict[str, Any]: ...
+    async def submit(self, request: PredictionRequest, *, source: str = "http") -> Prediction: ...
+    def get(self, prediction_id: str) -> Prediction | None: ...
+    async def cancel(self, prediction_id: str) -> bool: ...
+
+
+MANAGER_KEY = web.AppKey("manager", ManagerAPI)
+CONFIG_KEY = web.AppKey("config", PoolConfig)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+SHUTDOWN_KEY = web.AppKey("shutdown", asyncio.Event)
+
+
+def create_app(
+    config: PoolConfig,
+    manager: ManagerAPI,
+    *,
+    metrics: Metrics | None = None,
+    manage_lifecycle: bool = True,
+) -> web.Application:
+    """The HTTP application serving ``manager``.
+
+    ``metrics`` defaults to ``manager.metrics`` when the manager has one. With
+    ``manage_lifecycle`` the app starts the manager on server start-up and shuts it down on
+    clean-up; pass False when the caller drives ``start``/``shutdown`` itself.
+    """
+    app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=[_json_errors])
+    app[CONFIG_KEY] = config
+    app[MANAGER_KEY] = manager
+    found = metrics if metrics is not None else getattr(manager, "metrics", None)
+    app[METRICS_KEY] = found if isinstance(found, Metrics) else Metrics()
+    app[SHUTDOWN_KEY] = asyncio.Event()
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/health-check", health_check),
+            web.get("/openapi.json", openapi),
+            web.post("/predictions", create_prediction),
+            web.put("/predictions/{prediction_id}", put_prediction),
+            web.get("/predictions/{prediction_id}", get_prediction),
+            web.post("/predictions/{prediction_id}/cancel", cancel_prediction),
+            web.post("/shutdown", shutdown),
+            web.get("/metrics", metrics_page),
+        ]
+    )
+    if manage_lifecycle:
+        app.cleanup_ctx.append(_manager_lifecycle)
+    return app
+
+
+async def _manager_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    manager = app[MANAGER_KEY]
+    await manager.start()
+    log.info("http_manager_started")
+    yield
+    app[SHUTDOWN_KEY].set()
+    await manager.shutdown(app[CONFIG_KEY].shutdown.grace_s)
+    log.info("http_manager_stopped")
+
+
+# --- errors ----------------------------------------------------------------------------------
+def _error(status: int, detail: Any, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Give every error answer a JSON body, aiohttp's own (404, 405, 413) included."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        keep = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+        return _error(e.status, e.text or e.reason, headers=keep)
+    except Exception:
+        # Hostile input must never take the server down; the details go to the log only.
+        log.exception("http_internal_error method=%s path=%s", request.method, request.path)
+        return _error(500, "internal server error")
+
+
+def _retry_after(request: web.Request) -> dict[str, str]:
+    return {"Retry-After": str(request.app[CONFIG_KEY].http.retry_after_s)}
+
+
+def _translate(request: web.Request, exc: Exception) -> web.Response:
+    """Turn a manager error into its HTTP answer (DESIGN §4 Errors)."""
+    if isinstance(exc, InvalidRequest):  # InvalidInput included
+        return _error(422, exc.detail)
+    if isinstance(exc, PoolBusy):
+        return _error(409, f"{exc} (all runners are busy; retry later)")
+    if isinstance(exc, (PoolFull, ShuttingDown)):
+        return _error(503, str(exc) or type(exc).__name__, headers=_retry_after(request))
+    if isinstance(exc, NotReady):
+        return _error(503, str(exc) or "the model is not ready", headers=_retry_after(request))
+    raise exc
+
+
+# --- bodies ----------------------------------------------------------------------------------
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True when ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON."""
+    raw = await request.read()  # raises 413 past client_max_size
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise _bad_json(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _bad_json(f"malformed JSON body: {e}") from None
+    if _too_deep(body, MAX_JSON_DEPTH):
+        raise _bad_json(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def _bad_json(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"detail": message}), content_type="application/json")
+
+
+# --- routes ----------------------------------------------------------------------------------
+async def index(request: web.Request) -> web.Response:
+    """Discovery links, as Cog's root."""
+    return web.json_response(
+        {
+            "openapi_url": "/openapi.json",
+            "shutdown_url": "/shutdown",
+            "healthcheck_url": "/health-check",
+            "predictions_url": "/predictions",
+            "predictions_idempotent_url": "/predictions/{prediction_id}",
+            "predictions_cancel_url": "/predictions/{prediction_id}/cancel",
+            "metrics_url": "/metrics",
+        }
+    )
+
+
+async def health_check(request: web.Request) -> web.Response:
+    """Always 200: the pool's status, setup, runners, concurrency and queue consumers.
+
+    The manager's ``health()`` already carries each queue consumer's health source.
+    """
+    body = dict(request.app[MANAGER_KEY].health())
+    if request.app[SHUTDOWN_KEY].is_set():
+        body["shutting_down"] = True
+    return web.json_response(body)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The model's schema plus the API paths; 503 until a runner has reported it."""
+    schema = request.app[MANAGER_KEY].schema
+    if schema is None:
+        return _error(
+            503,
+            "the model's schema is not known yet (no runner has started)",
+            headers=_retry_after(request),
+        )
+    return web.json_response(openapi_document(schema))
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render().encode()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def shutdown(request: web.Request) -> web.Response:
+    """Stop taking predictions now; the server's owner drains and exits."""
+    event = request.app[SHUTDOWN_KEY]
+    if not event.is_set():
+        log.info("http_shutdown_requested")
+        event.set()
+    return web.json_response({})
+
+
+async def get_prediction(request: web.Request) -> web.Response:
+    prediction = request.app[MANAGER_KEY].get(request.match_info["prediction_id"])
+    if prediction is None:
+        return _error(404, "prediction not found")
+    return web.json_response(prediction.to_dict())
+
+
+async def cancel_prediction(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER_KEY]
+    prediction_id = request.match_info["prediction_id"]
+    if not await manager.cancel(prediction_id):
+        return _error(404, "prediction not found")
+    log.info("http_cancel prediction=%s", prediction_id)
+    prediction = manager.get(prediction_id)
+    return web.json_response(prediction.to_dict() if prediction is not None else {})
+
+
+async def create_prediction(request: web.Request) -> web.Response:
+    """POST /predictions: run one prediction, sync or (Prefer: respond-async) async."""
+    return await _create(request, path_id=None)
+
+
+async def put_prediction(request: web.Request) -> web.Response:
+    """PUT /predictions/{id}: idempotent create; a known id answers with its current state."""
+    return await _create(request, path_id=request.match_info["prediction_id"])
+
+
+async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
+    if request.app[SHUTDOWN_KEY].is_set():
+        return _error(503, "the pool is shutting down", headers=_retry_after(request))
+    body = await _read_json(request)
+    try:
+        pred_request = PredictionRequest.from_body(body, path_id=path_id)
+    except InvalidRequest as e:
+        return _error(422, e.detail)
+    respond_async = request.headers.get("Prefer") == _PREFER_ASYNC
+    manager = request.app[MANAGER_KEY]
+    existing = manager.get(pred_request.id) if pred_request.id else None
+    if existing is not None:
+        prediction = existing
+    else:
+        try:
+            prediction = await manager.submit(pred_request, source="http")
+        except FileFetchError as e:
+            prediction = _failed(pred_request, str(e))
+        except Exception as e:
+            return _translate(request, e)
+    log.info(
+        "http_prediction prediction=%s mode=%s known=%s",
+        prediction.id,
+        "async" if respond_async else "sync",
+        existing is not None,
+    )
+    if respond_async:
+        return web.json_response(prediction.to_dict(), status=202)
+    await _wait(request, manager, prediction, owned=existing is None)
+    return web.json_response(prediction.to_dict())
+
+
+def _failed(pred_request: PredictionRequest, error: str) -> Prediction:
+    """A prediction that failed before it could be queued (e.g. an input download)."""
+    prediction = Prediction(pred_request, source="http")
+    prediction.fail(error)
+    return prediction
+
+
+def _disconnected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _wait(
+    request: web.Request, manager: ManagerAPI, prediction: Prediction, *, owned: bool
+) -> None:
+    """Wait for the end; a client that goes away cancels the prediction it created."""
+    waiter = asyncio.ensure_future(prediction.wait())
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=_DISCONNECT_CHECK_S)
+            if not waiter.done() and _disconnected(request):
+                log.info("http_client_disconnected prediction=%s", prediction.id)
+                if owned:
+                    await manager.cancel(prediction.id)
+                return
+    except asyncio.CancelledError:
+        if owned and not prediction.done:
+            log.info("http_client_disconnected prediction=%s", prediction.id)
+            await manager.cancel(prediction.id)
+        raise
+    finally:
+        waiter.cancel()
+
+
+# --- OpenAPI ---------------------------------------------------------------------------------
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+_VALIDATION_ERROR = {
+    "422": {
+        "description": "Validation Error",
+        "content": _json_content(_ref("HTTPValidationError")),
+    }
+}
+
+_COMPONENTS: dict[str, Any] = {
+    "PredictionRequest": {
+        "title": "PredictionRequest",
+        "type": "object",
+        "properties": {
+            "id": {"title": "Id", "type": "string"},
+            "input": _ref("Input"),
+            "webhook": {"title": "Webhook", "type": "string", "format": "uri"},
+            "webhook_events_filter": {
+                "type": "array",
+                "items": _ref("WebhookEvent"),
+                "default": ["start", "output", "logs", "completed"],
+            },
+            "context": {
+                "title": "Context",
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+            },
+            "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
+        },
+    },
+    "PredictionResponse": {
+        "title": "PredictionResponse",
+        "type": "object",
+        "properties": {
+            "id": {"title": "Id", "type": "string"},
+            "status": _ref("Status"),
+            "input": _ref("Input"),
+            "output": _ref("Output"),
+            "logs": {"title": "Logs", "type": "string", "default": ""},
+            "error": {"title": "Error", "type": "string"},
+            "metrics": {"title": "Metrics", "type": "object"},
+            "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
+            "started_at": {"title": "Started At", "type": "string", "format": "date-time"},
+            "completed_at": {"title": "Completed At", "type": "string", "format": "date-time"},
+        },
+    },
+    "Status": {
+        "title": "Status",
+        "description": "An enumeration.",
+        "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
+        "type": "string",
+    },
+    "WebhookEvent": {
+        "title": "WebhookEvent",
+        "description": "An enumeration.",
+        "enum": ["start", "output", "logs", "completed"],
+        "type": "string",
+    },
+    "ValidationError": {
+        "title": "ValidationError",
+        "required": ["loc", "msg", "type"],
+        "type": "object",
+        "properties": {
+            "loc": {
+                "title": "Location",
+                "type": "array",
+                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            },
+            "msg": {"title": "Message", "type": "string"},
+            "type": {"title": "Error Type", "type": "string"},
+        },
+    },
+    "HTTPValidationError": {
+        "title": "HTTPValidationError",
+        "type": "object",
+        "properties": {
+            "detail": {"title": "Detail", "type": "array", "items": _ref("ValidationError")}
+        },
+    },
+}
+
+
+def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [
+        {"in": "header", "name": "prefer", "required": False, "schema": {"type": "string"}}
+    ]
+    if with_id:
+        params.insert(
+            0,
+            {
+                "in": "path",
+                "name": "prediction_id",
+                "required": True,
+                "schema": {"title": "Prediction ID", "type": "string"},
+            },
+        )
+    return {
+        "summary": summary,
+        "description": "Run a single prediction on the model",
+        "operationId": op_id,
+        "parameters": params,
+        "requestBody": {"content": _json_content(_ref("PredictionRequest"))},
+        "responses": {
+            "200": {
+                "description": "Successful Response",
+                "content": _json_content(_ref("PredictionResponse")),
+            },
+            **_VALIDATION_ERROR,
+        },
+    }
+
+
+def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "operationId": op_id,
+        "responses": {"200": {"description": "Successful Response", "content": _json_content({})}},
+    }
+    if with_id:
+        op["parameters"] = [
+            {
+                "in": "path",
+                "name": "prediction_id",
+                "required": True,
+                "schema": {"title": "Prediction ID", "type": "string"},
+            }
+        ]
+        op["responses"].update(_VALIDATION_ERROR)
+    return op
+
+
+def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (the runner's, components only) with Cog's API paths and shared components."""
+    doc = copy.deepcopy(schema)
+    doc.setdefault("openapi", "3.0.2")
+    doc.setdefault("info", {"title": "Cog", "version": "0.1.0"})
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name, component in _COMPONENTS.items():
+        components.setdefault(name, copy.deepcopy(component))
+    doc["paths"] = {
+        "/": {"get": _simple_op("Root", "root__get")},
+        "/health-check": {"get": _simple_op("Healthcheck", "healthcheck_health_check_get")},
+        "/predictions": {
+            "post": _prediction_op("Predict", "predict_predictions_post", with_id=False)
+        },
+        "/predictions/{prediction_id}": {
+            "put": _prediction_op(
+                "Predict Idempotent",
+                "predict_idempotent_predictions__prediction_id__put",
+                with_id=True,
+            ),
+            "get": _simple_op(
+                "Get Prediction", "get_prediction_predictions__prediction_id__get", with_id=True
+            ),
+        },
+        "/predictions/{prediction_id}/cancel": {
+            "post": _simple_op(
+                "Cancel", "cancel_predictions__prediction_id__cancel_post", with_id=True
+            )
+        },
+        "/shutdown": {"post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post")},
+        "/metrics": {"get": _simple_op("Metrics", "metrics_metrics_get")},
+    }
+    return doc
