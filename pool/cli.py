@@ -1,0 +1,153 @@
+"""The ``cog-pool`` command: ``serve`` a model, or print the effective ``config``.
+
+``cog-pool serve [MODEL_DIR]`` loads the configuration (defaults < ``--config`` YAML <
+``COG_POOL_*`` environment < flags), starts the runners, serves the HTTP API and the queue
+consumers that are configured, and on SIGTERM, SIGINT or ``POST /shutdown`` drains (DESIGN §7)
+and exits 0 with no child left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pool.config import PoolConfig, load_config
+from pool.errors import ConfigError
+
+__all__ = ["build_parser", "main", "serve"]
+
+log = logging.getLogger("pool.cli")
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cog-pool", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "serve a model over HTTP and the configured queues"),
+        ("config", "print the effective configuration as JSON and exit"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "model_dir",
+            nargs="?",
+            metavar="MODEL_DIR",
+            help="model directory with cog.yaml (default: model.path, else examples/hello)",
+        )
+        p.add_argument("--config", help="pool YAML file (default: $COG_POOL_CONFIG)")
+        p.add_argument("--host", help="http.host")
+        p.add_argument("--port", type=int, help="http.port (0: any free port)")
+        p.add_argument("--gpus", help='runners.gpus: "0,1" or "auto"')
+        p.add_argument("--runners", type=int, help="runners.count (CPU-only runners)")
+        p.add_argument("--per-gpu", type=int, help="runners.per_gpu")
+        p.add_argument("--python", help="model.python: the model environment's interpreter")
+        p.add_argument("--redis-url", help="queues.redis.url (enables the Redis consumer)")
+        p.add_argument("--amqp-url", help="queues.amqp.url (enables the AMQP consumer)")
+        p.add_argument("--state-dir", help="state_dir: runner working directories")
+        p.add_argument("--log-level", help="log_level: debug, info, warning, error")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model.path": args.model_dir,
+        "http.host": args.host,
+        "http.port": args.port,
+        "runners.gpus": args.gpus,
+        "runners.count": args.runners,
+        "runners.per_gpu": args.per_gpu,
+        "model.python": args.python,
+        "queues.redis.url": args.redis_url,
+        "queues.amqp.url": args.amqp_url,
+        "state_dir": args.state_dir,
+        "log_level": args.log_level,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_path = args.config or os.environ.get("COG_POOL_CONFIG") or None
+    try:
+        config = load_config(config_path, env=os.environ, overrides=_overrides(args))
+    except ConfigError as e:
+        print(f"cog-pool: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "config":
+        print(json.dumps(dataclasses.asdict(config), indent=2))
+        return 0
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(serve(config))
+
+
+async def serve(config: PoolConfig) -> int:
+    """Serve until SIGTERM, SIGINT or ``POST /shutdown``; then drain and return 0."""
+    from aiohttp import web
+
+    from pool.api import SHUTDOWN_KEY, create_app
+    from pool.manager import PoolManager
+    from pool.metrics import Metrics
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = Metrics()
+    manager = PoolManager(config, metrics=metrics)
+    app = create_app(config, manager, metrics=metrics)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()  # starts the manager (the app's cleanup_ctx)
+    consumers = None
+    try:
+        site = web.TCPSite(runner, config.http.host, config.http.port)
+        await site.start()
+        for addr in runner.addresses:
+            log.info("http_listening host=%s port=%s", addr[0], addr[1])
+        consumers = await _start_consumers(config, manager)
+        await _first(stop.wait(), app[SHUTDOWN_KEY].wait())
+        log.info("serve_stopping reason=%s", "signal" if stop.is_set() else "http")
+        app[SHUTDOWN_KEY].set()  # the HTTP API answers 503 from now on
+        grace_s = config.shutdown.grace_s
+        drains = [manager.shutdown(grace_s)]
+        if consumers is not None:
+            drains.append(consumers.stop(grace_s))
+        await asyncio.gather(*drains)
+    finally:
+        await runner.cleanup()  # the manager's shutdown again: shared, so a no-op by now
+    log.info("serve_exit code=0")
+    return 0
+
+
+async def _start_consumers(config: PoolConfig, manager: Any) -> Any:
+    """Start the queue consumers ``config.queues`` enables (``ingest.start_consumers``)."""
+    if not (config.queues.redis.url or config.queues.amqp.url):
+        return None
+    import ingest
+
+    start = getattr(ingest, "start_consumers", None)
+    if start is None:
+        log.error("queue_consumers_unavailable reason=no_ingest_start_consumers")
+        return None
+    return await start(config, manager)
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

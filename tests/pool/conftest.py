@@ -1,0 +1,10 @@
+"""The pool tests import the project from the checkout (it is not pip-installed into .venv)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

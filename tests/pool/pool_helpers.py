@@ -1,0 +1,88 @@
+"""Helpers for the pool's supervision tests: fixture models, configs, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from pool.config import PoolConfig, load_config
+from pool.manager import PoolManager
+
+MODELS = Path(__file__).resolve().parent.parent / "models" / "pool"
+PROJECT = Path(__file__).resolve().parent.parent.parent
+
+# Fast restarts and bounded graces keep the suite quick on a 2-core machine shared with others.
+FAST = {
+    "runners.backoff_initial_s": 0.05,
+    "runners.backoff_max_s": 0.5,
+    "runners.stop_grace_s": 5.0,
+    "runners.cancel_grace_s": 5.0,
+    "shutdown.grace_s": 10.0,
+}
+
+
+def make_config(tmp_path: Path, model: str = "worker", **overrides: Any) -> PoolConfig:
+    """A loaded config for a fixture model; keyword ``runners__count=3`` means runners.count."""
+    values: dict[str, Any] = {
+        "model.path": str(MODELS / model),
+        "state_dir": str(tmp_path / "state"),
+        **FAST,
+    }
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(None, env={}, overrides=values)
+
+
+async def wait_until(
+    cond: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll ``cond`` until it is truthy; fail after ``timeout_s`` (a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def runner_pids(manager: PoolManager) -> list[int]:
+    return [r["pid"] for r in manager.health()["runners"] if r["pid"] is not None]
+
+
+@contextlib.asynccontextmanager
+async def running_pool(
+    config: PoolConfig, *, ready: bool = True, grace_s: float = 10.0
+) -> AsyncIterator[PoolManager]:
+    """A started PoolManager (READY unless ``ready=False``); shut down and checked after."""
+    manager = PoolManager(config)
+    await manager.start()
+    seen: set[int] = set()
+    try:
+        if ready:
+            await wait_until(lambda: manager.status == "READY", timeout_s=60, what="pool READY")
+        seen.update(runner_pids(manager))
+        yield manager
+    finally:
+        seen.update(runner_pids(manager))
+        await manager.shutdown(grace_s)
+        left = [pid for pid in seen if pid_alive(pid)]
+        assert not left, f"runner processes left after shutdown: {left}"
+        assert not _exists(Path(manager.state_dir, "runner-0")), "runner dir left behind"
