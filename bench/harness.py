@@ -34,10 +34,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -63,6 +63,8 @@ __all__ = [
     "run_sequential",
 ]
 
+T = TypeVar("T")
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 MODEL_DIR = BENCH_DIR / "models" / "null"
@@ -79,6 +81,7 @@ SECTION_END = "<!-- bench/harness.py: end -->"
 PREDICT_TIMEOUT = aiohttp.ClientTimeout(total=120)
 HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5)
 READY_POLL_S = 0.005  # resolution of the time-to-READY figure
+DEFUNCT_GRACE_S = 10.0  # a pool DEFUNCT this long is taken as broken, not restarting
 
 
 def log(event: str, **fields: object) -> None:
@@ -247,6 +250,7 @@ class Server:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         log(
             "server_spawned",
@@ -261,17 +265,29 @@ class Server:
         deadline = time.perf_counter() + timeout_s
         ready_s: float | None = None
         url = f"{self.spec.base_url}/health-check"
+        defunct_since: float | None = None
+        body: dict[str, Any] | None = None
         async with aiohttp.ClientSession(timeout=HEALTH_TIMEOUT) as session:
             while time.perf_counter() < deadline:
                 self._check_alive()
                 body = await _get_json(session, url)
                 now = time.perf_counter() - self._spawned_at
-                if body is not None and body.get("status") == "READY":
+                status = body.get("status") if body else None
+                if status == "READY":
                     ready_s = now if ready_s is None else ready_s
-                    if _all_runners_ready(body, self.spec.runners):
+                    if _all_runners_ready(body or {}, self.spec.runners):
                         return ReadyResult(ready_s, now)
+                # SETUP_FAILED is final; DEFUNCT may pass while a runner restarts.
+                defunct_since = (defunct_since or now) if status == "DEFUNCT" else None
+                if status == "SETUP_FAILED" or (
+                    defunct_since is not None and now - defunct_since > DEFUNCT_GRACE_S
+                ):
+                    break
                 await asyncio.sleep(READY_POLL_S)
-        raise ServerError(f"{self.spec.name} not READY within {timeout_s} s\n{self.log_tail()}")
+        raise ServerError(
+            f"{self.spec.name} not READY within {timeout_s} s; last health: {body}\n"
+            f"{self.log_tail()}"
+        )
 
     async def stop(self, grace_s: float = 15.0) -> None:
         proc = self._proc
@@ -303,6 +319,17 @@ class Server:
                 f"{self.spec.name} exited with {self._proc.returncode} before READY\n"
                 f"{self.log_tail()}"
             )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the harness dies (Linux), so a killed run
+    leaves no server behind; the servers stop their own workers on SIGTERM."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _all_runners_ready(body: Mapping[str, Any], expected: int) -> bool:
@@ -980,15 +1007,34 @@ async def run_bench(cfg: BenchConfig) -> dict[str, TargetResults]:
     return results
 
 
+async def _cancel_on_sigterm(coro: Awaitable[T]) -> T:
+    """Run coro; SIGTERM cancels it, so every server is stopped on the way out."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except asyncio.CancelledError:
+        log("bench_cancelled", reason="SIGTERM")
+        return 128 + signal.SIGTERM
+
+
+def _main(argv: Sequence[str] | None) -> int:
     cfg, args = parse_args(argv)
     if args.profile:
-        report = asyncio.run(profile_pool(cfg))
+        report = asyncio.run(_cancel_on_sigterm(profile_pool(cfg)))
         (WORK_DIR / "pool-profile.txt").write_text(report)
         print(report)
         return 0
     load_at_start = os.getloadavg()  # other work on the machine skews every figure
-    results = asyncio.run(run_bench(cfg))
+    results = asyncio.run(_cancel_on_sigterm(run_bench(cfg)))
     machine = machine_info(load_at_start)
     section = render_results(results, machine, cfg)
     print(section)
