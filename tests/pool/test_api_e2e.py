@@ -1,0 +1,345 @@
+"""The HTTP API end to end: real socket, real PoolManager, real coglet runner processes.
+
+Each scenario serves a fixture model from tests/models/api with one CPU runner, the way the
+CLI serves it (web.AppRunner with aiohttp's default handler_cancellation=False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pool.api import create_app
+from pool.config import load_config
+from pool.manager import PoolManager
+from pool.metrics import Metrics
+
+MODELS = Path(__file__).resolve().parent.parent / "models" / "api"
+DEADLINE_S = 60.0  # runner start-up on a shared 2-core machine can be slow
+FAST = {
+    "runners.count": 1,
+    "runners.backoff_initial_s": 0.05,
+    "runners.backoff_max_s": 0.5,
+    "runners.cancel_grace_s": 5.0,
+    "shutdown.grace_s": 10.0,
+    "webhooks.retry_initial_s": 0.01,
+    "webhooks.retry_max_s": 0.05,
+    "webhooks.throttle_s": 0.2,
+}
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
+    """Poll ``check`` until truthy; fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+class Api:
+    def __init__(self, port: int, session: aiohttp.ClientSession, manager: PoolManager) -> None:
+        self.port = port
+        self.session = session
+        self.manager = manager
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.session.request(method, self.url(path), **kw) as resp:
+            text = await resp.text()
+            if resp.content_type == "application/json":
+                return resp.status, json.loads(text)
+            return resp.status, text
+
+    async def status_of(self, prediction_id: str) -> str:
+        status, body = await self.call("GET", f"/predictions/{prediction_id}")
+        assert status == 200, body
+        return str(body["status"])
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, model: str = "echo", **overrides: Any) -> AsyncIterator[Api]:
+    """Serve ``model``; yield once /health-check says READY; drain and stop after."""
+    values = {
+        "model.path": str(MODELS / model),
+        "state_dir": str(tmp_path / "state"),
+        **FAST,
+        **{k.replace("__", "."): v for k, v in overrides.items()},
+    }
+    config = load_config(None, env={}, overrides=values)
+    metrics = Metrics()
+    manager = PoolManager(config, metrics=metrics)
+    runner = web.AppRunner(create_app(config, manager, metrics=metrics))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        async with aiohttp.ClientSession() as session:
+            api = Api(runner.addresses[0][1], session, manager)
+            await wait_until(lambda: manager.status == "READY", "pool READY")
+            status, health = await api.call("GET", "/health-check")
+            assert status == 200 and health["status"] == "READY", health
+            yield api
+    finally:
+        await runner.cleanup()
+
+
+class Receiver:
+    """A local HTTP server: records webhooks, serves input files, takes uploads."""
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, list[dict[str, Any]]] = {}
+        self.hold = asyncio.Event()
+        self.files: dict[str, bytes] = {}
+        self.uploads: dict[str, bytes] = {}
+        self.port = 0
+        app = web.Application()
+        app.router.add_post("/hook/{name}", self.hook)
+        app.router.add_get("/files/{name}", self.file)
+        app.router.add_put("/upload/{name}", self.upload)
+        self.runner = web.AppRunner(app)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def hook(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.hooks.setdefault(name, []).append(await request.json())
+        if name == "slow":
+            await self.hold.wait()
+        return web.Response()
+
+    async def file(self, request: web.Request) -> web.Response:
+        data = self.files.get(request.match_info["name"])
+        if data is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=data)
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self.uploads[request.match_info["name"]] = await request.read()
+        return web.Response(status=201)
+
+    def terminal(self, name: str) -> list[dict[str, Any]]:
+        return [
+            h
+            for h in self.hooks.get(name, [])
+            if h["status"] in ("succeeded", "failed", "canceled")
+        ]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    await rec.runner.setup()
+    site = web.TCPSite(rec.runner, "127.0.0.1", 0)
+    await site.start()
+    rec.port = rec.runner.addresses[0][1]
+    yield rec
+    rec.hold.set()
+    await rec.runner.cleanup()
+
+
+def closed_port_url() -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}/hook"
+
+
+# --- scenarios -----------------------------------------------------------------------------------
+async def test_sync_prediction_schema_health_and_metrics(tmp_path: Path) -> None:
+    async with serving(tmp_path) as api:
+        status, body = await api.call("POST", "/predictions", json={"input": {"text": "world"}})
+        assert status == 200, body
+        assert body["status"] == "succeeded" and body["output"] == "hello world"
+        assert "echoing world" in body["logs"]
+        assert body["metrics"]["predict_time"] >= 0
+        status, again = await api.call("GET", f"/predictions/{body['id']}")
+        assert status == 200 and again["output"] == "hello world"
+
+        status, schema = await api.call("GET", "/openapi.json")
+        assert status == 200
+        assert set(schema["components"]["schemas"]["Input"]["properties"]) == {
+            "text",
+            "sleep_s",
+            "fail",
+        }
+        assert "/predictions" in schema["paths"]
+
+        status, health = await api.call("GET", "/health-check")
+        assert health["runners"][0]["status"] == "READY"
+
+        status, text = await api.call("GET", "/metrics")
+        assert status == 200
+        lines = text.splitlines()
+        assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1' in lines
+        assert 'cog_pool_runners{state="READY"} 1' in lines
+        assert "cog_pool_predict_seconds_count 1" in lines
+
+
+async def test_failed_prediction_answers_200_and_invalid_input_422(tmp_path: Path) -> None:
+    async with serving(tmp_path) as api:
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": {"text": "x", "fail": True}}
+        )
+        assert status == 200 and body["status"] == "failed"
+        assert "asked to fail on x" in body["error"]
+        status, body = await api.call("POST", "/predictions", json={"input": {"sleep_s": 1}})
+        assert status == 422
+        assert body["detail"][0]["loc"] == ["body", "input", "text"]
+        assert body["detail"][0]["msg"] == "missing required input field: text"
+        status, body = await api.call("POST", "/predictions", json={"input": {"text": ""}})
+        assert status == 422 and "len() >= 1" in body["detail"][0]["msg"]
+        status, text = await api.call("GET", "/metrics")
+        assert 'cog_pool_predictions_total{source="http",status="failed"} 1' in text
+
+
+async def test_async_prediction_with_webhooks_and_cancel(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    async with serving(tmp_path) as api:
+        # Steps: an async prediction that would run for minutes, with every webhook event.
+        status, body = await api.call(
+            "PUT",
+            "/predictions/long1",
+            json={"input": {"text": "x", "sleep_s": 300}, "webhook": receiver.url("/hook/all")},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202 and body["id"] == "long1"
+        await wait_until(lambda: receiver.hooks.get("all"), "the start webhook")
+        # The same PUT again is idempotent: the running prediction, not a second one.
+        status, again = await api.call(
+            "PUT",
+            "/predictions/long1",
+            json={"input": {"text": "x", "sleep_s": 300}},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202 and again["created_at"] == body["created_at"]
+        status, _ = await api.call("POST", "/predictions/long1/cancel")
+        assert status == 200
+        await wait_until(lambda: receiver.terminal("all"), "the terminal webhook")
+        # Result: start first, then exactly one terminal saying canceled.
+        hooks = receiver.hooks["all"]
+        assert hooks[0]["status"] == "processing"
+        assert [h["status"] for h in receiver.terminal("all")] == ["canceled"]
+        assert await api.status_of("long1") == "canceled"
+        status, _ = await api.call("POST", "/predictions/never-seen/cancel")
+        assert status == 404
+
+
+async def test_stream_webhooks_are_throttled_and_the_final_state_is_complete(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    async with serving(tmp_path, model="stream") as api:
+        status, body = await api.call(
+            "POST",
+            "/predictions",
+            json={
+                "input": {"n": 40, "pause_s": 0.02},
+                "webhook": receiver.url("/hook/stream"),
+                "webhook_events_filter": ["output", "completed"],
+            },
+        )
+        assert status == 200 and body["output"] == [f"t{i}" for i in range(40)]
+        await wait_until(lambda: receiver.terminal("stream"), "the terminal webhook")
+        hooks = receiver.hooks["stream"]
+        # 40 outputs over ~0.8 s with a 0.2 s throttle: far fewer webhooks than outputs.
+        assert len(hooks) < 40
+        assert len(receiver.terminal("stream")) == 1
+        assert hooks[-1]["output"] == body["output"]
+        lengths = [len(h["output"] or []) for h in hooks]
+        assert lengths == sorted(lengths)  # in order: each shows at least what came before
+
+
+async def test_dead_and_slow_webhooks_do_not_hold_the_runner(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    async with serving(tmp_path, webhooks__max_attempts=1000, webhooks__timeout_s=2.0) as api:
+        # Steps: one prediction whose webhook refuses connections (retried ~forever), one
+        # whose webhook never answers; then a plain sync prediction on the single runner.
+        for name, hook in (("dead", closed_port_url()), ("slow", receiver.url("/hook/slow"))):
+            status, body = await api.call(
+                "POST",
+                "/predictions",
+                json={"id": name, "input": {"text": name}, "webhook": hook},
+            )
+            assert status == 200 and body["status"] == "succeeded"
+        await wait_until(lambda: receiver.terminal("slow"), "the slow terminal webhook")
+        status, body = await api.call("POST", "/predictions", json={"input": {"text": "next"}})
+        # Result: it runs while both webhooks are still pending.
+        assert status == 200 and body["output"] == "hello next"
+        assert not receiver.hold.is_set()
+
+
+async def test_sync_client_disconnect_cancels_the_prediction(tmp_path: Path) -> None:
+    async with serving(tmp_path) as api:
+        request = asyncio.ensure_future(
+            api.call(
+                "POST", "/predictions", json={"id": "bye", "input": {"text": "x", "sleep_s": 300}}
+            )
+        )
+        await wait_until(lambda: api.manager.get("bye"), "the prediction to exist")
+        await wait_until(lambda: api.manager.get("bye").status == "processing", "it to run")
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        await wait_until(lambda: api.manager.get("bye").status == "canceled", "the cancel")
+        # The runner is free again.
+        status, body = await api.call("POST", "/predictions", json={"input": {"text": "y"}})
+        assert status == 200 and body["output"] == "hello y"
+
+
+async def test_file_inputs_from_urls_and_data_uris_output_as_data_uri(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.files["doc.txt"] = b"from a url"
+    data_uri = "data:text/plain," + urllib.parse.quote("from data")
+    b64_uri = "data:text/plain;base64," + base64.b64encode(b"b64 too").decode()
+    async with serving(tmp_path, model="files") as api:
+        status, body = await api.call(
+            "POST",
+            "/predictions",
+            json={"input": {"doc": receiver.url("/files/doc.txt"), "extra": [data_uri, b64_uri]}},
+        )
+        assert status == 200 and body["status"] == "succeeded", body
+        assert body["input"]["doc"] == receiver.url("/files/doc.txt")  # as the client sent it
+        prefix = "data:text/plain;base64,"
+        assert body["output"].startswith(prefix)
+        assert base64.b64decode(body["output"][len(prefix) :]) == b"FROM A URL|FROM DATA|B64 TOO"
+        assert "read doc.txt" in body["logs"]
+
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": {"doc": receiver.url("/files/missing.txt")}}
+        )
+        assert status == 200 and body["status"] == "failed"
+        assert "/files/missing.txt" in body["error"] and "404" in body["error"]
+
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": {"doc": "/etc/passwd"}}
+        )
+        assert status == 422 and body["detail"][0]["loc"] == ["body", "input", "doc"]
+
+
+async def test_path_output_is_uploaded(tmp_path: Path, receiver: Receiver) -> None:
+    async with serving(tmp_path, model="files", files__upload_url=receiver.url("/upload/")) as api:
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": {"doc": "data:,up%20load"}}
+        )
+        assert status == 200 and body["status"] == "succeeded", body
+        assert body["output"] == receiver.url("/upload/result.txt")
+        assert receiver.uploads["result.txt"] == b"UP LOAD"
