@@ -969,7 +969,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     parser.add_argument("--per-client", type=int, help="scenario 2 predictions per client")
     parser.add_argument("--runner-counts", default="1,2,4", help="scenario 3 runner counts")
     parser.add_argument("--repeats", type=int, help="scenarios 3 and 4 repeats (default 3)")
-    parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="update the results file")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="results file")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -1041,9 +1042,10 @@ def _main(argv: Sequence[str] | None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results_json(results, machine, cfg), indent=2) + "\n")
     if args.write:
-        existing = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else ""
-        RESULTS_PATH.write_text(replace_section(existing, section))
-        log("results_written", path=RESULTS_PATH)
+        path: Path = args.results
+        existing = path.read_text() if path.exists() else ""
+        path.write_text(replace_section(existing, section))
+        log("results_written", path=path)
     return 0
 
 

@@ -7,7 +7,13 @@ when busy), so the counting of rejections and failures is checked without timing
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,3 +277,78 @@ async def test_tiny_run_against_cog(harness: ModuleType) -> None:
     assert ready.ready_s > 0
     assert (result.failed, result.stats.n) == (0, 5)
     assert (shared.succeeded, shared.failed, shared.gave_up) == (4, 0, 0)
+
+
+async def test_tiny_run_against_cog_pool(harness: ModuleType) -> None:
+    spec = harness.pool_server_spec(port=harness.free_port(), runners=2)
+    server = harness.Server(spec)
+    async with server:
+        ready = await server.wait_ready(timeout_s=60)
+        sequential = await harness.run_sequential(spec.base_url, requests=5, warmup=1)
+        shared = await harness.run_concurrent(
+            spec.base_url, clients=4, predictions_per_client=2, warmup=0
+        )
+        makespan = await harness.run_makespan(
+            spec.base_url, runners=2, requests=4, sleep_ms=10, warmup=0
+        )
+    assert 0 < ready.ready_s <= ready.all_runners_ready_s
+    assert (sequential.failed, sequential.rejected, sequential.stats.n) == (0, 0, 5)
+    assert sequential.predict_time is not None  # the pool reports metrics.predict_time
+    assert (shared.succeeded, shared.rejected, shared.failed) == (8, 0, 0)  # it queues
+    assert makespan.succeeded == 4
+    assert server._proc.poll() is not None  # stopped, not left behind
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_quick_run_writes_its_section_and_json(harness: ModuleType, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Someone else's section\nkept\n")
+    raw = tmp_path / "raw.json"
+    argv = ["--quick", "--only", "cog-pool", "--scenarios", "1,3", "--runner-counts", "1"]
+    argv += ["--requests", "5", "--write", "--results", str(results), "--json", str(raw)]
+    assert harness.main(argv) == 0
+    text = results.read_text()
+    assert "Someone else's section\nkept" in text
+    assert "| cog-pool | " in text
+    assert "| 1 | 10 x 1 | 10 |" in text  # scenario 3: 10 predictions on 1 runner, all done
+    figures = json.loads(raw.read_text())
+    assert figures["results"]["cog-pool"]["sequential"]["stats"]["n"] == 5
+    assert figures["machine"]["nproc"] >= 1
+
+
+def test_sigterm_stops_the_harness_and_its_servers(tmp_path: Path) -> None:
+    harness_py = Path(__file__).resolve().parents[2] / "bench" / "harness.py"
+    argv = [sys.executable, str(harness_py), "--only", "cog-pool", "--scenarios", "3"]
+    argv += ["--json", str(tmp_path / "raw.json")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        server_pid = _first_server_pid(proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _wait_gone(server_pid, timeout_s=30)
+
+
+def _first_server_pid(proc: subprocess.Popen[str]) -> int:
+    assert proc.stderr is not None
+    for line in proc.stderr:  # ends at EOF if the harness exits first
+        match = re.match(r"server_spawned .*\bpid=(\d+)", line)
+        if match:
+            return int(match.group(1))
+    raise AssertionError("the harness exited before it spawned a server")
+
+
+def _wait_gone(pid: int, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"server pid {pid} still running {timeout_s} s after the harness")
