@@ -9,8 +9,15 @@ from typing import Any, Dict
 __all__ = ["BaseModel"]
 
 
-def _is_optional(annotation: Any) -> bool:
-    return type(None) in typing.get_args(annotation)
+def _is_optional(cls: type, field: dataclasses.Field) -> bool:
+    try:
+        hint = typing.get_type_hints(cls).get(field.name, field.type)
+    except Exception:  # an unresolvable string annotation: judge by its text
+        hint = field.type
+    if isinstance(hint, str):
+        text = hint.replace(" ", "")
+        return text.startswith(("Optional[", "typing.Optional[")) or "|None" in text
+    return type(None) in typing.get_args(hint)
 
 
 class BaseModel:
@@ -53,6 +60,6 @@ class BaseModel:
             return field.default
         if field.default_factory is not dataclasses.MISSING:
             return field.default_factory()
-        if _is_optional(field.type):
+        if _is_optional(type(self), field):
             return None
         raise TypeError(f"{type(self).__name__}() missing required field: {field.name!r}")

@@ -220,6 +220,11 @@ except InputValidationError as e:
 scope = cog.Scope()
 with cog.use_scope(scope):
     cog.current_scope().record_metric("m", 1)
+from typing import Optional
+class Result(cog.BaseModel):
+    path: cog.Path
+    note: Optional[str]
+model = p.encode_output(Result(path=cog.Path("/x")))
 print(json.dumps({
     "version": list(sys.version_info[:2]),
     "output": p.encode_output(out),
@@ -227,6 +232,7 @@ print(json.dumps({
     "secret": repr(kwargs["token"]),
     "color": kwargs["color"].value,
     "metrics": scope.metrics,
+    "model": model,
     "schema_keys": sorted(p.openapi_schema()["components"]["schemas"]),
 }))
 """
@@ -256,6 +262,7 @@ def test_loads_under_other_interpreters(version: str) -> None:
     assert report["secret"] == "Secret('**********')"
     assert report["color"] == "green"
     assert report["metrics"] == {"m": 1}
+    assert report["model"] == {"path": {protocol.PATH_MARKER: "/x"}, "note": None}
     assert "Input" in report["schema_keys"] and "color" in report["schema_keys"]
 
 

@@ -1,0 +1,197 @@
+"""The cog SDK that model code imports."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import pathlib
+import threading
+import typing
+from typing import Optional
+
+import pytest
+
+import cog
+from cog.input import MISSING, FieldInfo
+
+
+def test_public_names() -> None:
+    for name in (
+        "BasePredictor",
+        "BaseRunner",
+        "Input",
+        "Path",
+        "File",
+        "Secret",
+        "ConcatenateIterator",
+        "AsyncConcatenateIterator",
+        "BaseModel",
+        "current_scope",
+        "CancelationException",
+        "emit_metric",
+    ):
+        assert name in cog.__all__, name
+        assert hasattr(cog, name), name
+
+
+def test_secret_is_masked_everywhere_but_its_getter() -> None:
+    secret = cog.Secret("hunter2")
+    assert secret.get_secret_value() == "hunter2"
+    assert repr(secret) == "Secret('**********')"
+    assert str(secret) == "**********"
+    assert f"{secret}" == "**********"
+    assert "hunter2" not in repr([secret, {"k": secret}])
+    assert cog.Secret("hunter2") == secret and cog.Secret("other") != secret
+    assert cog.Secret(secret).get_secret_value() == "hunter2"
+    assert repr(cog.Secret("")) == "Secret('')"
+
+
+def test_path_is_a_posix_path() -> None:
+    p = cog.Path("/tmp/x.png")
+    assert isinstance(p, pathlib.PosixPath) and isinstance(p, cog.Path)
+    assert isinstance(p.parent, cog.Path)
+    assert cog.Path.validate("/a/b") == cog.Path("/a/b")
+    assert cog.Path.validate(pathlib.Path("/a")) == cog.Path("/a")
+    assert cog.Path.validate(p) is p
+    with pytest.raises(TypeError):
+        cog.Path.validate(3)
+
+
+def test_file_validate(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "f.bin").write_bytes(b"abc")
+    with cog.File.validate(str(tmp_path / "f.bin")) as f:
+        assert f.read() == b"abc"
+    with cog.File.validate(f"file://{tmp_path}/f.bin") as f:
+        assert f.read() == b"abc"
+    assert cog.File.validate("data:text/plain;base64,aGVsbG8=").read() == b"hello"
+    assert cog.File.validate("data:,a%20b").read() == b"a b"
+    buf = io.BytesIO(b"x")
+    assert cog.File.validate(buf) is buf
+
+
+def test_input_returns_field_info() -> None:
+    info = cog.Input(description="d", ge=1, le=2, choices=("a", "b"), deprecated=True)
+    assert isinstance(info, FieldInfo)
+    assert info.default is MISSING and info.description == "d"
+    assert info.choices == ["a", "b"]
+    assert cog.Input(default=None).default is None
+    assert cog.Input(5).default == 5
+
+
+class Item(cog.BaseModel):
+    name: str
+    score: float
+    note: Optional[str]
+    count: int = 0
+
+
+def test_base_model_is_a_dataclass() -> None:
+    item = Item(name="a", score=1.5)
+    assert (item.name, item.score, item.note, item.count) == ("a", 1.5, None, 0)
+    assert dataclasses.is_dataclass(item)
+    assert [f.name for f in dataclasses.fields(item)] == ["name", "score", "note", "count"]
+    assert Item("a", 1.5, "n", 2) == Item(name="a", score=1.5, note="n", count=2)
+    assert repr(item) == "Item(name='a', score=1.5, note=None, count=0)"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((), {"score": 1.0}, "Item() missing required field: 'name'"),
+        ((), {"name": "a", "score": 1.0, "bogus": 1}, "Item() got unexpected fields: bogus"),
+        (("a",), {"name": "b", "score": 1.0}, "Item() got multiple values for 'name'"),
+        (("a", 1.0, None, 1, 2), {}, "Item() takes 4 positional arguments but 5 were given"),
+    ],
+)
+def test_base_model_rejects_bad_arguments(args: tuple, kwargs: dict, message: str) -> None:
+    with pytest.raises(TypeError) as info:
+        Item(*args, **kwargs)
+    assert str(info.value) == message
+
+
+def test_base_model_subclass_inherits_fields() -> None:
+    class Child(Item):
+        extra: bool = False
+
+    child = Child(name="c", score=0.0, extra=True)
+    assert (child.name, child.extra, child.count) == ("c", True, 0)
+
+
+def test_concatenate_iterators_are_generic() -> None:
+    assert typing.get_origin(cog.ConcatenateIterator[str]) is cog.ConcatenateIterator
+    assert typing.get_args(cog.AsyncConcatenateIterator[str]) == (str,)
+
+
+def test_cancelation_is_not_an_exception() -> None:
+    assert issubclass(cog.CancelationException, BaseException)
+    assert not issubclass(cog.CancelationException, Exception)
+    with pytest.raises(cog.CancelationException):
+        try:
+            raise cog.CancelationException()
+        except Exception:  # a model's broad handler must not swallow a cancel
+            pytest.fail("caught by except Exception")
+
+
+def test_base_classes() -> None:
+    assert cog.BasePredictor().setup() is None
+    with pytest.raises(NotImplementedError):
+        cog.BasePredictor().predict()
+    with pytest.raises(NotImplementedError):
+        cog.BaseRunner().run()
+
+
+# --- scope ---------------------------------------------------------------------------------------
+def test_record_metric_modes() -> None:
+    scope = cog.Scope(context={"user": "u1"})
+    with cog.use_scope(scope):
+        current = cog.current_scope()
+        assert current is scope and current.context == {"user": "u1"}
+        current.record_metric("tokens", 3)
+        current.record_metric("tokens", 4, mode="incr")
+        current.record_metric("steps", "a", mode="append")
+        current.record_metric("steps", "b", mode="append")
+        cog.emit_metric("ratio", 0.5)
+    assert scope.metrics == {"tokens": 7, "steps": ["a", "b"], "ratio": 0.5}
+    assert cog.current_scope() is not scope
+    with pytest.raises(ValueError, match="metric mode must be one of"):
+        scope.record_metric("x", 1, mode="bogus")
+
+
+async def test_scopes_are_isolated_across_asyncio_tasks() -> None:
+    barrier = asyncio.Event()
+    started = 0
+
+    async def prediction(i: int) -> cog.Scope:
+        nonlocal started
+        scope = cog.Scope(context={"i": str(i)})
+        with cog.use_scope(scope):
+            started += 1
+            if started == 10:
+                barrier.set()
+            await barrier.wait()  # every task is inside its scope at the same time
+            cog.current_scope().record_metric("i", i)
+            assert cog.current_scope().context == {"i": str(i)}
+        return scope
+
+    scopes = await asyncio.wait_for(asyncio.gather(*(prediction(i) for i in range(10))), 30)
+    assert [s.metrics for s in scopes] == [{"i": i} for i in range(10)]
+
+
+def test_scopes_are_isolated_across_threads() -> None:
+    barrier = threading.Barrier(4, timeout=30)
+    results: dict[int, dict] = {}
+
+    def prediction(i: int) -> None:
+        scope = cog.Scope()
+        with cog.use_scope(scope):
+            barrier.wait()
+            cog.current_scope().record_metric("i", i)
+        results[i] = scope.metrics
+
+    threads = [threading.Thread(target=prediction, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {i: {"i": i} for i in range(4)}
