@@ -199,8 +199,6 @@ def _input_spec(order: int, param: Any, hints: Dict[str, Any]) -> InputSpec:
         ct = t.resolve_type(hints[name])
     except ValueError as e:
         raise PredictorError(f"invalid input field {name}: {e}") from None
-    if ct.element.kind == t.ANY:
-        raise PredictorError(f"invalid input field {name}: unsupported Cog type Any")
     info = param.default
     if info is inspect.Parameter.empty:
         info = FieldInfo()

@@ -57,7 +57,7 @@ def json_type(ct: CogType) -> Dict[str, Any]:
         return schema
     if ct.kind == t.OBJECT:
         return _object_schema(ct)
-    return {"type": "object"} if ct.kind == t.ANY else {}
+    return {}  # Any: an opaque JSON value, unchecked
 
 
 _PRIMITIVE_SCHEMAS: Dict[str, Dict[str, Any]] = {
@@ -196,8 +196,7 @@ def enum_components(inputs: Sequence[InputSpec]) -> Dict[str, Any]:
 def output_schema(output: OutputType) -> Dict[str, Any]:
     schema: Dict[str, Any] = {"title": "Output"}
     if output.iterator is None:
-        if output.type.kind != t.ANY:  # Cog leaves an ``Any`` output untyped
-            schema.update(json_type(output.type))
+        schema.update(json_type(output.type))
         return schema
     schema.update(
         {"type": "array", "items": json_type(output.type), "x-cog-array-type": "iterator"}

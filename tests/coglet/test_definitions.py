@@ -375,6 +375,7 @@ class Colors(str, Enum):
     ("secret_and_path_lists", predictor("ts: List[Secret], ps: List[Path]")),
     ("pep604_optional", predictor("s: str | None = None, xs: list[int] | None = None")),
     ("list_output", predictor("", "List[Path]")),
+    ("opaque_inputs", "from typing import Any\n" + predictor("xs: list, blob: dict, a: Any")),
 ]
 
 

@@ -191,6 +191,12 @@ def test_unknown_keys_dropped_with_warning() -> None:
     ]
 
 
+def test_untyped_property_accepts_anything() -> None:
+    schema = schema_with({"a": {"title": "A"}, "xs": {"type": "array", "items": {}}}, ["a"])
+    values, _ = validate_input(schema, {"a": [1, "x", None], "xs": ["s", 2, {"k": []}]})
+    assert values == {"a": [1, "x", None], "xs": ["s", 2, {"k": []}]}
+
+
 def test_untyped_object_accepts_anything() -> None:
     blob = {"a": [1, {"b": None}], "c": "d"}
     values, _ = validate_input(SCHEMA, {"message": "m", "blob": blob})
