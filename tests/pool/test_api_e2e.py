@@ -10,7 +10,10 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import re
 import socket
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +30,7 @@ from pool.manager import PoolManager
 from pool.metrics import Metrics
 
 MODELS = Path(__file__).resolve().parent.parent / "models" / "api"
+PROJECT = MODELS.parent.parent.parent
 DEADLINE_S = 60.0  # runner start-up on a shared 2-core machine can be slow
 FAST = {
     "runners.count": 1,
@@ -343,3 +347,63 @@ async def test_path_output_is_uploaded(tmp_path: Path, receiver: Receiver) -> No
         assert status == 200 and body["status"] == "succeeded", body
         assert body["output"] == receiver.url("/upload/result.txt")
         assert receiver.uploads["result.txt"] == b"UP LOAD"
+
+
+async def test_post_shutdown_drains_and_the_served_process_exits_0(tmp_path: Path) -> None:
+    # Steps: serve the echo model with the real CLI on a free port; run one prediction, start
+    # a long async one, then POST /shutdown with a short grace.
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "COG_POOL_SHUTDOWN_GRACE_S": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
+        "--state-dir", str(tmp_path / "state"), "--log-level", "info",
+        cwd=str(tmp_path), env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        port = await asyncio.wait_for(_listening_port(proc.stderr), DEADLINE_S)
+        async with aiohttp.ClientSession() as session:
+            api = Api(port, session, manager=None)  # type: ignore[arg-type]
+            await wait_until_ready(api)
+            status, body = await api.call("POST", "/predictions", json={"input": {"text": "a"}})
+            assert status == 200 and body["output"] == "hello a"
+            status, body = await api.call(
+                "POST",
+                "/predictions",
+                json={"id": "cut", "input": {"text": "b", "sleep_s": 300}},
+                headers={"Prefer": "respond-async"},
+            )
+            assert status == 202
+            status, _ = await api.call("POST", "/shutdown")
+            assert status == 200
+        # Result: the process drains (canceling the long prediction) and exits 0.
+        rc = await asyncio.wait_for(_drain_and_wait(proc), DEADLINE_S)
+        assert rc == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _listening_port(stream: asyncio.StreamReader) -> int:
+    while line := await stream.readline():
+        m = re.search(rb"http_listening host=\S+ port=(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError("the server exited before it listened")
+
+
+async def _drain_and_wait(proc: asyncio.subprocess.Process) -> int:
+    assert proc.stderr is not None
+    while await proc.stderr.readline():  # keep the pipe from filling while it drains
+        pass
+    return await proc.wait()
+
+
+async def wait_until_ready(api: Api) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        status, body = await api.call("GET", "/health-check")
+        if status == 200 and body.get("status") == "READY":
+            return
+        assert time.monotonic() < deadline, f"not READY in time: {body}"
+        await asyncio.sleep(0.05)
