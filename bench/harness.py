@@ -471,6 +471,20 @@ async def run_sequential(
     )
 
 
+async def run_http_floor(base_url: str, *, requests: int, warmup: int) -> LatencyStats:
+    """GET /health-check one at a time: the client + HTTP server cost with no prediction."""
+    url = f"{base_url}/health-check"
+    latencies: list[float] = []
+    async with _session(1) as session:
+        for i in range(warmup + requests):
+            started = time.perf_counter()
+            async with session.get(url) as resp:
+                await resp.read()
+            if i >= warmup:
+                latencies.append(time.perf_counter() - started)
+    return latency_stats(latencies)
+
+
 @dataclass(frozen=True)
 class ConcurrentResult:
     clients: int
@@ -670,6 +684,7 @@ class BenchConfig:
 class TargetResults:
     sequential: SequentialResult | None = None
     concurrent: ConcurrentResult | None = None
+    http_floor: LatencyStats | None = None
     makespan: dict[int, list[MakespanResult]] = field(default_factory=dict)
     ready: dict[int, list[ReadyResult]] = field(default_factory=dict)
 
@@ -703,6 +718,11 @@ async def bench_one_runner(cfg: BenchConfig, results: Mapping[str, TargetResults
                 res.sequential = await run_sequential(
                     servers[target].spec.base_url,
                     requests=cfg.sequential_requests,
+                    warmup=cfg.warmup,
+                )
+                res.http_floor = await run_http_floor(
+                    servers[target].spec.base_url,
+                    requests=min(cfg.sequential_requests, 1000),
                     warmup=cfg.warmup,
                 )
         for target, res in results.items():
@@ -843,7 +863,15 @@ def _render_sequential(
     pool_stats = pool.sequential.stats if pool and pool.sequential else None
     if pool_stats and cog_stats:
         ok = pool_stats.p50_s <= cog_stats.p50_s
+    floors = [
+        f"{name} {_ms(res.http_floor.p50_s)} ms"
+        for name, res in (("Cog 0.23", cog), ("cog-pool", pool))
+        if res is not None and res.http_floor is not None
+    ]
     lines += [
+        "",
+        "HTTP floor, p50 of `GET /health-check` on the same server and connection (client and "
+        f"HTTP server alone, no prediction): {', '.join(floors) or 'n/a'}.",
         "",
         "Latency columns are accepted requests (the server's own path); a 409 is retried at "
         "once and counted, and the client columns include those retries. predict_time is "

@@ -315,6 +315,7 @@ def test_quick_run_writes_its_section_and_json(harness: ModuleType, tmp_path: Pa
     assert "| 1 | 10 x 1 | 10 |" in text  # scenario 3: 10 predictions on 1 runner, all done
     figures = json.loads(raw.read_text())
     assert figures["results"]["cog-pool"]["sequential"]["stats"]["n"] == 5
+    assert figures["results"]["cog-pool"]["http_floor"]["n"] == 5
     assert figures["machine"]["nproc"] >= 1
 
 
