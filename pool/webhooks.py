@@ -135,6 +135,11 @@ class WebhookSender:
                     await self._send_progress(watch)
             await self._send_start(watch)
             await self._send_final(watch)
+        except Exception:
+            # A bug here must not vanish into an unretrieved task exception.
+            log.exception("webhook_task_failed prediction=%s", watch.prediction.id)
+            if self.metrics is not None:
+                self.metrics.webhook_failed()
         finally:
             watch.prediction.remove_listener(watch.on_event)
 
