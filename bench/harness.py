@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -437,6 +438,49 @@ class SequentialResult:
     failed: int
     first_error: str | None
     predict_time: LatencyStats | None = None  # server-reported; latency - this = overhead
+    # raw samples, so that rounds can be pooled (merge_sequential)
+    latencies_s: tuple[float, ...] = ()
+    client_latencies_s: tuple[float, ...] = ()
+    predict_times_s: tuple[float, ...] = ()
+
+
+def sequential_result(
+    latencies_s: Sequence[float],
+    client_latencies_s: Sequence[float],
+    predict_times_s: Sequence[float],
+    *,
+    rejected: int,
+    failures: Sequence[str],
+) -> SequentialResult:
+    return SequentialResult(
+        stats=_stats_or_none(latencies_s),
+        client_stats=_stats_or_none(client_latencies_s),
+        rejected=rejected,
+        failed=len(failures),
+        first_error=failures[0] if failures else None,
+        predict_time=_stats_or_none(predict_times_s),
+        latencies_s=tuple(latencies_s),
+        client_latencies_s=tuple(client_latencies_s),
+        predict_times_s=tuple(predict_times_s),
+    )
+
+
+def merge_sequential(parts: Sequence[SequentialResult]) -> SequentialResult:
+    """One result from several rounds: samples pooled, counts summed."""
+    errors = [p.first_error for p in parts if p.first_error]
+    merged = sequential_result(
+        [x for p in parts for x in p.latencies_s],
+        [x for p in parts for x in p.client_latencies_s],
+        [x for p in parts for x in p.predict_times_s],
+        rejected=sum(p.rejected for p in parts),
+        failures=[],
+    )
+    failed = sum(p.failed for p in parts)
+    return dataclasses.replace(merged, failed=failed, first_error=errors[0] if errors else None)
+
+
+def _stats_or_none(samples: Sequence[float]) -> LatencyStats | None:
+    return latency_stats(samples) if samples else None
 
 
 async def run_sequential(
@@ -461,13 +505,8 @@ async def run_sequential(
                     predict_times.append(attempts.final.predict_time_s)
             else:
                 failures.append(attempts.final.error or "")
-    return SequentialResult(
-        stats=latency_stats(latencies) if latencies else None,
-        client_stats=latency_stats(client_latencies) if client_latencies else None,
-        rejected=rejected,
-        failed=len(failures),
-        first_error=failures[0] if failures else None,
-        predict_time=latency_stats(predict_times) if predict_times else None,
+    return sequential_result(
+        latencies, client_latencies, predict_times, rejected=rejected, failures=failures
     )
 
 
@@ -495,10 +534,28 @@ class ConcurrentResult:
     elapsed_s: float
     first_error: str | None
     latency: LatencyStats | None = None  # of succeeded predictions, queueing included
+    latencies_s: tuple[float, ...] = ()  # raw samples, so that rounds can be pooled
 
     @property
     def throughput(self) -> float:
         return self.succeeded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def merge_concurrent(parts: Sequence[ConcurrentResult]) -> ConcurrentResult:
+    """One result from several rounds: counts and elapsed time summed, samples pooled."""
+    errors = [p.first_error for p in parts if p.first_error]
+    latencies = [x for p in parts for x in p.latencies_s]
+    return ConcurrentResult(
+        clients=parts[0].clients,
+        succeeded=sum(p.succeeded for p in parts),
+        rejected=sum(p.rejected for p in parts),
+        failed=sum(p.failed for p in parts),
+        gave_up=sum(p.gave_up for p in parts),
+        elapsed_s=sum(p.elapsed_s for p in parts),
+        first_error=errors[0] if errors else None,
+        latency=_stats_or_none(latencies),
+        latencies_s=tuple(latencies),
+    )
 
 
 async def run_concurrent(
@@ -547,7 +604,8 @@ async def run_concurrent(
         clients=clients,
         elapsed_s=elapsed_s,
         first_error=errors[0] if errors else None,
-        latency=latency_stats(latencies) if latencies else None,
+        latency=_stats_or_none(latencies),
+        latencies_s=tuple(latencies),
         **counts,
     )
 
@@ -672,6 +730,7 @@ class BenchConfig:
     warmup: int = 100
     clients: int = 8
     predictions_per_client: int = 250
+    rounds: int = 3  # scenarios 1 and 2 alternate the runtimes this many times
     runner_counts: tuple[int, ...] = (1, 2, 4)
     sleep_ms: int = 100
     makespan_repeats: int = 3
@@ -706,34 +765,44 @@ async def bench_ready(cfg: BenchConfig, results: Mapping[str, TargetResults]) ->
 
 
 async def bench_one_runner(cfg: BenchConfig, results: Mapping[str, TargetResults]) -> None:
-    """Scenarios 1 and 2 on one runner; both servers stay up so the runs sit back to back."""
+    """Scenarios 1 and 2 on one runner, in rounds that alternate the runtimes (and their
+    order), so a burst of background load lands on both; samples are pooled over rounds."""
+    sequential: dict[str, list[SequentialResult]] = {t: [] for t in results}
+    concurrent: dict[str, list[ConcurrentResult]] = {t: [] for t in results}
+    requests = math.ceil(cfg.sequential_requests / cfg.rounds)
+    per_client = math.ceil(cfg.predictions_per_client / cfg.rounds)
     async with contextlib.AsyncExitStack() as stack:
-        servers = {}
+        urls = {}
         for target in results:
-            servers[target] = await stack.enter_async_context(Server(_spec(target, 1)))
-            await servers[target].wait_ready(cfg.ready_timeout_s)
+            server = await stack.enter_async_context(Server(_spec(target, 1)))
+            await server.wait_ready(cfg.ready_timeout_s)
+            urls[target] = server.spec.base_url
+        for round_index in range(cfg.rounds):
+            warmup = cfg.warmup if round_index == 0 else min(cfg.warmup, 10)
+            order = list(results) if round_index % 2 == 0 else list(results)[::-1]
+            for target in order if 1 in cfg.scenarios else ():
+                log("scenario_started", scenario=1, target=target, round=round_index)
+                sequential[target].append(
+                    await run_sequential(urls[target], requests=requests, warmup=warmup)
+                )
+            for target in order if 2 in cfg.scenarios else ():
+                log("scenario_started", scenario=2, target=target, round=round_index)
+                concurrent[target].append(
+                    await run_concurrent(
+                        urls[target],
+                        clients=cfg.clients,
+                        predictions_per_client=per_client,
+                        warmup=warmup,
+                    )
+                )
         for target, res in results.items():
             if 1 in cfg.scenarios:
-                log("scenario_started", scenario=1, target=target)
-                res.sequential = await run_sequential(
-                    servers[target].spec.base_url,
-                    requests=cfg.sequential_requests,
-                    warmup=cfg.warmup,
-                )
+                res.sequential = merge_sequential(sequential[target])
                 res.http_floor = await run_http_floor(
-                    servers[target].spec.base_url,
-                    requests=min(cfg.sequential_requests, 1000),
-                    warmup=cfg.warmup,
+                    urls[target], requests=min(cfg.sequential_requests, 1000), warmup=cfg.warmup
                 )
-        for target, res in results.items():
             if 2 in cfg.scenarios:
-                log("scenario_started", scenario=2, target=target)
-                res.concurrent = await run_concurrent(
-                    servers[target].spec.base_url,
-                    clients=cfg.clients,
-                    predictions_per_client=cfg.predictions_per_client,
-                    warmup=cfg.warmup,
-                )
+                res.concurrent = merge_concurrent(concurrent[target])
 
 
 async def bench_scale_out(cfg: BenchConfig, res: TargetResults) -> None:
@@ -838,7 +907,8 @@ def _render_sequential(
 ) -> list[str]:
     lines = [
         f"### 1. Sequential null predictions, one runner ({cfg.sequential_requests} requests "
-        f"after {cfg.warmup} warm-up, one keep-alive connection)",
+        f"in {cfg.rounds} alternating rounds after {cfg.warmup} warm-up, one keep-alive "
+        "connection)",
         "",
         "| runtime | p50 ms | p90 ms | p99 ms | mean ms | p50 / Cog | p99 / Cog | 409s | "
         "client p50 / p99 ms | predict_time p50 ms | failed |",
@@ -888,7 +958,8 @@ def _render_concurrent(
 ) -> list[str]:
     lines = [
         f"### 2. {cfg.clients} concurrent clients, one runner (each client wants "
-        f"{cfg.predictions_per_client} null predictions; a 409 is counted and retried at once)",
+        f"{cfg.predictions_per_client} null predictions over {cfg.rounds} alternating rounds; "
+        "a 409 is counted and retried at once)",
         "",
         "| runtime | succeeded | rejected (409) | failed | elapsed s | predictions/s | "
         "p50 ms | p99 ms |",
@@ -996,6 +1067,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, help="scenario 2 predictions per client")
     parser.add_argument("--runner-counts", default="1,2,4", help="scenario 3 runner counts")
+    parser.add_argument("--rounds", type=int, help="scenarios 1 and 2 rounds (default 3)")
     parser.add_argument("--repeats", type=int, help="scenarios 3 and 4 repeats (default 3)")
     parser.add_argument("--write", action="store_true", help="update the results file")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="results file")
@@ -1018,6 +1090,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
         runner_counts=tuple(int(n) for n in args.runner_counts.split(",") if n.strip()),
         makespan_repeats=repeats,
         ready_repeats=repeats,
+        rounds=args.rounds or (1 if quick else 3),
     )
     return cfg, args
 

@@ -53,6 +53,24 @@ def test_latency_stats_of_unsorted_samples(harness: ModuleType) -> None:
     assert (stats.min_s, stats.max_s) == (1.0, 100.0)
 
 
+def test_rounds_pool_their_samples_and_sum_their_counts(harness: ModuleType) -> None:
+    first = harness.sequential_result([1.0, 2.0], [1.0, 2.5], [0.5], rejected=1, failures=[])
+    second = harness.sequential_result([3.0, 4.0], [3.0, 4.0], [], rejected=2, failures=["x"])
+    merged = harness.merge_sequential([first, second])
+    assert merged.stats.n == 4
+    assert merged.stats.p50_s == pytest.approx(2.5)
+    assert merged.client_stats.max_s == 4.0
+    assert merged.predict_time.n == 1
+    assert (merged.rejected, merged.failed, merged.first_error) == (3, 1, "x")
+
+    fast = harness.ConcurrentResult(8, 10, 5, 0, 0, 1.0, None, latencies_s=(0.1,) * 10)
+    slow = harness.ConcurrentResult(8, 30, 0, 1, 0, 3.0, "boom", latencies_s=(0.3,) * 30)
+    both = harness.merge_concurrent([fast, slow])
+    assert (both.succeeded, both.rejected, both.failed, both.first_error) == (40, 5, 1, "boom")
+    assert both.throughput == pytest.approx(10.0)  # 40 predictions in 4 s
+    assert both.latency.n == 40
+
+
 # --------------------------------------------------------------------------- report
 
 
