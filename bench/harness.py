@@ -221,6 +221,55 @@ class ReadyResult:
     all_runners_ready_s: float  # spawn -> every runner in `runners` READY (Cog: = ready_s)
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """user + system CPU seconds: the front process (HTTP server) and its worker processes."""
+
+    front_s: float
+    workers_s: float
+
+    def __sub__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.front_s - other.front_s, self.workers_s - other.workers_s)
+
+    def __add__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.front_s + other.front_s, self.workers_s + other.workers_s)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_tree_cpu(pid: int) -> CpuTimes:
+    """From /proc (Linux): the CPU time of pid, and the sum over its live descendants."""
+    workers = sum(_own_cpu_s(child) for child in _descendants(pid))
+    return CpuTimes(_own_cpu_s(pid), workers)
+
+
+def _own_cpu_s(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0  # gone, or not Linux
+    # Fields after "(comm)": state is field 3, utime field 14, stime field 15.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
 class Server:
     """One benchmarked server process: spawn, wait for READY, stop (SIGTERM, then SIGKILL)."""
 
@@ -306,6 +355,12 @@ class Server:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def cpu_s(self) -> CpuTimes:
+        """CPU time used so far by the server process and, apart, by its descendants."""
+        if self._proc is None:
+            return CpuTimes(0.0, 0.0)
+        return process_tree_cpu(self._proc.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -744,6 +799,8 @@ class TargetResults:
     sequential: SequentialResult | None = None
     concurrent: ConcurrentResult | None = None
     http_floor: LatencyStats | None = None
+    # scenario -> server CPU ms per served prediction (warm-up included), front / workers
+    cpu_ms_per_prediction: dict[int, CpuTimes] = field(default_factory=dict)
     makespan: dict[int, list[MakespanResult]] = field(default_factory=dict)
     ready: dict[int, list[ReadyResult]] = field(default_factory=dict)
 
@@ -769,37 +826,47 @@ async def bench_one_runner(cfg: BenchConfig, results: Mapping[str, TargetResults
     order), so a burst of background load lands on both; samples are pooled over rounds."""
     sequential: dict[str, list[SequentialResult]] = {t: [] for t in results}
     concurrent: dict[str, list[ConcurrentResult]] = {t: [] for t in results}
+    cpu = {(t, n): CpuTimes(0.0, 0.0) for t in results for n in (1, 2)}
+    served = dict.fromkeys(cpu, 0)
     requests = math.ceil(cfg.sequential_requests / cfg.rounds)
     per_client = math.ceil(cfg.predictions_per_client / cfg.rounds)
     async with contextlib.AsyncExitStack() as stack:
-        urls = {}
+        servers: dict[str, Server] = {}
         for target in results:
-            server = await stack.enter_async_context(Server(_spec(target, 1)))
-            await server.wait_ready(cfg.ready_timeout_s)
-            urls[target] = server.spec.base_url
+            servers[target] = await stack.enter_async_context(Server(_spec(target, 1)))
+            await servers[target].wait_ready(cfg.ready_timeout_s)
         for round_index in range(cfg.rounds):
             warmup = cfg.warmup if round_index == 0 else min(cfg.warmup, 10)
             order = list(results) if round_index % 2 == 0 else list(results)[::-1]
             for target in order if 1 in cfg.scenarios else ():
                 log("scenario_started", scenario=1, target=target, round=round_index)
-                sequential[target].append(
-                    await run_sequential(urls[target], requests=requests, warmup=warmup)
-                )
+                url, before = servers[target].spec.base_url, servers[target].cpu_s()
+                seq = await run_sequential(url, requests=requests, warmup=warmup)
+                cpu[target, 1] += servers[target].cpu_s() - before
+                served[target, 1] += len(seq.latencies_s) + warmup
+                sequential[target].append(seq)
             for target in order if 2 in cfg.scenarios else ():
                 log("scenario_started", scenario=2, target=target, round=round_index)
-                concurrent[target].append(
-                    await run_concurrent(
-                        urls[target],
-                        clients=cfg.clients,
-                        predictions_per_client=per_client,
-                        warmup=warmup,
-                    )
+                url, before = servers[target].spec.base_url, servers[target].cpu_s()
+                con = await run_concurrent(
+                    url, clients=cfg.clients, predictions_per_client=per_client, warmup=warmup
                 )
+                cpu[target, 2] += servers[target].cpu_s() - before
+                served[target, 2] += con.succeeded + warmup
+                concurrent[target].append(con)
         for target, res in results.items():
+            for scenario in cfg.scenarios & {1, 2}:
+                n = max(served[target, scenario], 1)
+                total = cpu[target, scenario]
+                res.cpu_ms_per_prediction[scenario] = CpuTimes(
+                    total.front_s * 1000 / n, total.workers_s * 1000 / n
+                )
             if 1 in cfg.scenarios:
                 res.sequential = merge_sequential(sequential[target])
                 res.http_floor = await run_http_floor(
-                    urls[target], requests=min(cfg.sequential_requests, 1000), warmup=cfg.warmup
+                    servers[target].spec.base_url,
+                    requests=min(cfg.sequential_requests, 1000),
+                    warmup=cfg.warmup,
                 )
             if 2 in cfg.scenarios:
                 res.concurrent = merge_concurrent(concurrent[target])
@@ -866,6 +933,19 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}"
 
 
+def _cpu(res: TargetResults | None, scenario: int) -> str:
+    cpu = res.cpu_ms_per_prediction.get(scenario) if res else None
+    if cpu is None:
+        return "n/a"
+    total = cpu.front_s + cpu.workers_s
+    return f"{total:.2f} ({cpu.front_s:.2f} + {cpu.workers_s:.2f})"
+
+
+def _rounded(total: int, rounds: int) -> int:
+    """What the rounds actually run: each runs ceil(total / rounds)."""
+    return math.ceil(total / rounds) * rounds
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
@@ -906,12 +986,12 @@ def _render_sequential(
     cog: TargetResults | None, pool: TargetResults | None, cfg: BenchConfig
 ) -> list[str]:
     lines = [
-        f"### 1. Sequential null predictions, one runner ({cfg.sequential_requests} requests "
-        f"in {cfg.rounds} alternating rounds after {cfg.warmup} warm-up, one keep-alive "
-        "connection)",
+        "### 1. Sequential null predictions, one runner "
+        f"({_rounded(cfg.sequential_requests, cfg.rounds)} requests in {cfg.rounds} alternating "
+        f"rounds after {cfg.warmup} warm-up, one keep-alive connection)",
         "",
-        "| runtime | p50 ms | p90 ms | p99 ms | mean ms | p50 / Cog | p99 / Cog | 409s | "
-        "client p50 / p99 ms | predict_time p50 ms | failed |",
+        "| runtime | p50 ms | p90 ms | p99 ms | p50 / Cog | p99 / Cog | 409s | "
+        "client p50 / p99 ms | predict_time p50 ms | server CPU ms/prediction | failed |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cog_seq = cog.sequential if cog else None
@@ -923,11 +1003,11 @@ def _render_sequential(
         st, cl = seq.stats, seq.client_stats
         lines.append(
             f"| {name} | {_ms(_q(st, 'p50'))} | {_ms(_q(st, 'p90'))} | "
-            f"{_ms(_q(st, 'p99'))} | {_ms(_q(st, 'mean'))} | "
+            f"{_ms(_q(st, 'p99'))} | "
             f"{_ratio(_q(st, 'p50'), _q(cog_stats, 'p50'))} | "
             f"{_ratio(_q(st, 'p99'), _q(cog_stats, 'p99'))} | {seq.rejected} | "
             f"{_ms(_q(cl, 'p50'))} / {_ms(_q(cl, 'p99'))} | "
-            f"{_ms(_q(seq.predict_time, 'p50'))} | {seq.failed} |"
+            f"{_ms(_q(seq.predict_time, 'p50'))} | {_cpu(res, 1)} | {seq.failed} |"
         )
     ok = None
     pool_stats = pool.sequential.stats if pool and pool.sequential else None
@@ -945,7 +1025,9 @@ def _render_sequential(
         "",
         "Latency columns are accepted requests (the server's own path); a 409 is retried at "
         "once and counted, and the client columns include those retries. predict_time is "
-        "the server's own `metrics.predict_time`; latency minus it is the runtime's overhead.",
+        "the server's own `metrics.predict_time`. Server CPU is user+system time from /proc "
+        "per served prediction (warm-up included): the HTTP process + its worker processes "
+        "(Cog: Rust server + Python worker; cog-pool: manager + coglet runner).",
         "",
         f"Target: p50 latency ratio <= 1.0 — {_verdict(ok)}.",
         "",
@@ -958,12 +1040,12 @@ def _render_concurrent(
 ) -> list[str]:
     lines = [
         f"### 2. {cfg.clients} concurrent clients, one runner (each client wants "
-        f"{cfg.predictions_per_client} null predictions over {cfg.rounds} alternating rounds; "
-        "a 409 is counted and retried at once)",
+        f"{_rounded(cfg.predictions_per_client, cfg.rounds)} null predictions over "
+        f"{cfg.rounds} alternating rounds; a 409 is counted and retried at once)",
         "",
         "| runtime | succeeded | rejected (409) | failed | elapsed s | predictions/s | "
-        "p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "p50 ms | p99 ms | server CPU ms/prediction |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in (("Cog 0.23", cog), ("cog-pool", pool)):
         if res is None or res.concurrent is None:
@@ -973,7 +1055,7 @@ def _render_concurrent(
         lines.append(
             f"| {name} | {c.succeeded} | {c.rejected} | {c.failed + c.gave_up} | "
             f"{c.elapsed_s:.2f} | {c.throughput:.1f} | {_ms(lat.p50_s if lat else None)} | "
-            f"{_ms(lat.p99_s if lat else None)} |"
+            f"{_ms(lat.p99_s if lat else None)} | {_cpu(res, 2)} |"
         )
     ok = None
     if pool and pool.concurrent and cog and cog.concurrent:

@@ -264,6 +264,31 @@ async def _wait_for(condition: Any, *, timeout_s: float) -> None:
         await asyncio.sleep(0.02)
 
 
+BURN = (
+    "import time\n"
+    "while time.process_time() < 0.2: pass\n"
+    "print('burnt', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_process_tree_cpu_counts_descendants_apart(harness: ModuleType) -> None:
+    parent_code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BURN!r}])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "burnt"
+        cpu = harness.process_tree_cpu(proc.pid)
+        assert cpu.workers_s >= 0.15  # the grandchild burnt 0.2 s (ticks may round down)
+        assert cpu.front_s < cpu.workers_s
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_ensure_cog_venv_keeps_a_venv_with_the_right_version(
     harness: ModuleType, tmp_path: Path
 ) -> None:
