@@ -43,7 +43,9 @@ from typing import Any, TypeVar
 import aiohttp
 
 __all__ = [
+    "BenchConfig",
     "ConcurrentResult",
+    "CpuTimes",
     "LatencyStats",
     "MakespanResult",
     "ReadyResult",
@@ -51,17 +53,25 @@ __all__ = [
     "Server",
     "ServerError",
     "ServerSpec",
+    "TargetResults",
     "cog_server_spec",
     "ensure_cog_venv",
     "latency_stats",
     "machine_info",
+    "main",
+    "merge_concurrent",
+    "merge_sequential",
     "percentile",
     "pool_server_spec",
+    "process_tree_cpu",
     "render_results",
     "replace_section",
+    "run_bench",
     "run_concurrent",
+    "run_http_floor",
     "run_makespan",
     "run_sequential",
+    "sequential_result",
 ]
 
 T = TypeVar("T")
