@@ -120,6 +120,7 @@ class RunnerHandle:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
         self._pipes: dict[int, bytearray] = {}
+        self._streams: dict[int, Any] = {}  # fd -> the Popen file object that owns it
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- views ---------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class RunnerHandle:
             fd = stream.fileno()
             os.set_blocking(fd, False)
             self._pipes[fd] = bytearray()
+            self._streams[fd] = stream
             loop.add_reader(fd, self._read_pipe, fd)
 
     def reap(self) -> int | None:
@@ -293,8 +295,12 @@ class RunnerHandle:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(fd)
         self._emit_lines(buf, final=True)
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        # Close through the file object that owns the fd: a bare os.close would leave it to
+        # close the same number again later, by then maybe another pipe's.
+        stream = self._streams.pop(fd, None)
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
     def _emit_lines(self, buf: bytearray, *, final: bool) -> None:
         while True:
@@ -338,6 +344,10 @@ class RunnerHandle:
         if self.schema is None:
             self.schema = self._read(protocol.OPENAPI_FILE)
         if result.get("status") == protocol.STATUS_SUCCEEDED:
+            # A runner may take fewer at once than configured (a sync predict takes one).
+            effective = result.get("max_concurrency")
+            if isinstance(effective, int) and 1 <= effective < self.capacity:
+                self.capacity = effective
             self._state = READY
             elapsed = time.monotonic() - (self.started_at or time.monotonic())
             log.info("runner_ready runner=%d pid=%s setup_s=%.3f", self.index, self.pid, elapsed)

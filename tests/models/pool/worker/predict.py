@@ -8,6 +8,16 @@ import time
 from cog import BasePredictor, Input
 
 
+def _sleep_through_cancels(sleep_s: float) -> None:
+    # A model that swallows CancelationException: only a kill stops it.
+    deadline = time.time() + sleep_s
+    while time.time() < deadline:
+        try:
+            time.sleep(max(0.0, deadline - time.time()))
+        except BaseException:
+            print("ignoring a cancel")
+
+
 class Predictor(BasePredictor):
     def setup(self) -> None:
         print("worker setup done")
@@ -18,6 +28,7 @@ class Predictor(BasePredictor):
         die: bool = False,
         fail: bool = False,
         shout: str = "",
+        stubborn: bool = False,
         n: int = Input(default=0, ge=0, le=1000),
     ) -> str:
         started = time.time()
@@ -28,7 +39,10 @@ class Predictor(BasePredictor):
             os.kill(os.getpid(), signal.SIGKILL)
         if fail:
             raise RuntimeError("asked to fail")
-        time.sleep(sleep_s)
+        if stubborn:
+            _sleep_through_cancels(sleep_s)
+        else:
+            time.sleep(sleep_s)
         out = {
             "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "pid": os.getpid(),

@@ -1,0 +1,174 @@
+"""Supervision with real coglet children and real signals: spread, death, restart, setup failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pool_helpers import make_config, running_pool, wait_until
+
+from pool.errors import NotReady
+from pool.manager import PoolManager
+from pool.prediction import Prediction, PredictionRequest
+
+
+async def submit(manager: PoolManager, **inputs: Any) -> Prediction:
+    return await manager.submit(PredictionRequest(id=None, input=inputs))
+
+
+def max_overlap(outputs: list[dict[str, Any]]) -> int:
+    """The most predictions running at one instant, from their start/end times."""
+    edges = sorted(
+        [(o["started"], 1) for o in outputs] + [(o["ended"], -1) for o in outputs],
+        key=lambda e: (e[0], e[1]),
+    )
+    running = best = 0
+    for _, step in edges:
+        running += step
+        best = max(best, running)
+    return best
+
+
+def all_ready(manager: PoolManager) -> Any:
+    return lambda: all(r["status"] == "READY" for r in manager.health()["runners"])
+
+
+def runner(manager: PoolManager, index: int) -> dict[str, Any]:
+    return manager.health()["runners"][index]
+
+
+async def test_three_gpu_runners_share_thirty_predictions(tmp_path: Path) -> None:
+    # Steps: 3 runners on GPUs 0,1,2; 30 predictions of 200 ms submitted at once.
+    config = make_config(tmp_path, runners__gpus="0,1,2")
+    async with running_pool(config) as manager:
+        await wait_until(all_ready(manager), what="all three runners READY")
+        predictions = [await submit(manager, sleep_s=0.2, n=i) for i in range(30)]
+        waiting = -manager.free_slots()  # predictions queued behind busy runners
+        await asyncio.gather(*(p.wait(60) for p in predictions))
+        health = manager.health()
+    # Result: all succeed; work waited in the queue; 3 ran at once; each runner saw its GPU.
+    assert [p.status for p in predictions] == ["succeeded"] * 30, [p.error for p in predictions]
+    assert waiting >= 20
+    outputs = [json.loads(p.output) for p in predictions]
+    assert max_overlap(outputs) >= 3
+    gpu_of_pid = {r["pid"]: r["gpu"] for r in health["runners"]}
+    assert {o["cuda"] for o in outputs} == {"0", "1", "2"}
+    for o in outputs:
+        assert o["cuda"] == gpu_of_pid[o["pid"]]
+    for p in predictions:
+        assert p.runner_index is not None
+        assert json.loads(p.output)["cuda"] == health["runners"][p.runner_index]["gpu"]
+
+
+async def test_kill_9_of_a_runner_fails_its_prediction_and_it_comes_back(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__gpus="0,1")
+    async with running_pool(config) as manager:
+        await wait_until(all_ready(manager), what="both runners READY")
+        # Steps: a long prediction goes to runner 0; kill -9 that runner mid-prediction.
+        victim = await submit(manager, sleep_s=60, shout="about to sleep")
+        await wait_until(lambda: "about to sleep" in victim.logs, what="prediction running")
+        assert victim.runner_index == 0
+        old_pid = runner(manager, 0)["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        await victim.wait(30)
+        # Meanwhile runner 1 keeps serving.
+        others = [await submit(manager, sleep_s=0.05, n=i) for i in range(3)]
+        await asyncio.gather(*(p.wait(30) for p in others))
+        # The killed runner comes back with a new process.
+        await wait_until(
+            lambda: runner(manager, 0)["status"] == "READY" and runner(manager, 0)["restarts"] == 1,
+            what="runner 0 restarted",
+        )
+        assert runner(manager, 0)["pid"] != old_pid
+        after = await submit(manager, sleep_s=0.0)
+        await after.wait(30)
+    # Result: the prediction failed naming the runner and the exit, with its last output.
+    assert victim.status == "failed"
+    assert victim.error is not None
+    assert victim.error.startswith("runner 0 (gpu 0) died: killed by SIGKILL")
+    assert "about to sleep" in victim.error
+    assert [p.status for p in others] == ["succeeded"] * 3
+    assert after.status == "succeeded"
+
+
+async def test_setup_failure_is_reported_and_never_restarted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "setup_fails", runners__count=2)
+    async with running_pool(config, ready=False) as manager:
+        # Steps: both runners run a setup() that raises.
+        await wait_until(
+            lambda: (
+                all(r["pid"] is None for r in manager.health()["runners"])
+                and manager.status == "SETUP_FAILED"
+            ),
+            what="both runners exited with SETUP_FAILED",
+        )
+        health = manager.health()
+        with pytest.raises(NotReady):
+            await submit(manager, x=1)
+    # Result: SETUP_FAILED with the setup logs and error; no restart.
+    assert health["status"] == "SETUP_FAILED"
+    assert health["setup"]["status"] == "failed"
+    assert "loading weights from /nowhere" in health["setup"]["logs"]
+    assert "weights missing" in health["setup"].get("error", "") + health["setup"]["logs"]
+    assert [r["status"] for r in health["runners"]] == ["SETUP_FAILED", "SETUP_FAILED"]
+    assert [r["restarts"] for r in health["runners"]] == [0, 0]
+
+
+async def test_restart_limit_leaves_runner_defunct_while_others_serve(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__count=2, runners__max_restarts=1)
+    async with running_pool(config) as manager:
+        await wait_until(all_ready(manager), what="both runners READY")
+        # Steps: a prediction kills runner 0; it restarts once; a second death in the window.
+        first = await submit(manager, die=True)
+        await first.wait(30)
+        await wait_until(
+            lambda: runner(manager, 0)["status"] == "READY", what="runner 0 back after 1st death"
+        )
+        second = await submit(manager, die=True)
+        await second.wait(30)
+        await wait_until(lambda: runner(manager, 0)["pid"] is None, what="runner 0 reaped")
+        state = runner(manager, 0)
+        status = manager.status
+        served = [await submit(manager, n=i) for i in range(3)]
+        await asyncio.gather(*(p.wait(30) for p in served))
+        state_later = runner(manager, 0)
+    # Result: runner 0 stays DEFUNCT after 1 restart; runner 1 serves everything else.
+    assert first.error is not None and first.error.startswith("runner 0 (cpu) died: killed by")
+    assert second.runner_index == 0 and second.status == "failed"
+    assert state["status"] == "DEFUNCT" and state["restarts"] == 1
+    assert state_later["status"] == "DEFUNCT" and state_later["restarts"] == 1
+    assert status == "READY"
+    assert [p.status for p in served] == ["succeeded"] * 3
+    assert {p.runner_index for p in served} == {1}
+
+
+async def test_all_runners_defunct_means_not_ready(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__count=1, runners__max_restarts=0)
+    async with running_pool(config) as manager:
+        doomed = await submit(manager, die=True)
+        await doomed.wait(30)
+        await wait_until(lambda: manager.status == "DEFUNCT", what="pool DEFUNCT")
+        with pytest.raises(NotReady):
+            await submit(manager, n=1)
+    assert doomed.status == "failed"
+
+
+async def test_async_runner_takes_up_to_its_concurrency(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "async_worker", runners__count=1)
+    async with running_pool(config) as manager:
+        # Steps: 6 predictions of 0.5 s on one runner with concurrency.max 4.
+        predictions = [await submit(manager, sleep_s=0.5) for _ in range(6)]
+        busy = runner(manager, 0)["busy"]
+        waiting = -manager.free_slots()
+        await asyncio.gather(*(p.wait(30) for p in predictions))
+    # Result: 4 at once on the runner, 2 waited in the pool's queue; all succeed.
+    assert (busy, waiting) == (4, 2)
+    assert [p.status for p in predictions] == ["succeeded"] * 6
+    outputs = [json.loads(p.output) for p in predictions]
+    assert max_overlap(outputs) == 4
+    assert len({o["pid"] for o in outputs}) == 1
