@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import pstats
+import shlex
 import signal
 import socket
 import subprocess
@@ -202,17 +203,19 @@ def pool_server_spec(
     model_dir: Path = MODEL_DIR,
     python: str = sys.executable,
     profile_to: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> ServerSpec:
     """cog-pool (``python -m pool serve``) for the predictor in model_dir with N CPU runners.
 
     profile_to: run the pool process under cProfile, written there when the pool exits.
+    extra_args: more `cog-pool serve` flags, e.g. ("--log-level", "warning").
     """
     env = _clean_env()
     env["PYTHONPATH"] = str(REPO_ROOT)  # `pool`, `coglet` and our `cog` from this checkout
     profiler = ("-m", "cProfile", "-o", str(profile_to)) if profile_to else ()
     argv = (
         python, *profiler, "-m", "pool", "serve", str(model_dir),
-        "--port", str(port), "--runners", str(runners),
+        "--port", str(port), "--runners", str(runners), *extra_args,
     )  # fmt: skip
     return ServerSpec("cog-pool", argv, env, REPO_ROOT, port, runners)
 
@@ -795,13 +798,14 @@ class BenchConfig:
     warmup: int = 100
     clients: int = 8
     predictions_per_client: int = 250
-    rounds: int = 3  # scenarios 1 and 2 alternate the runtimes this many times
+    rounds: int = 5  # scenarios 1 and 2 alternate the runtimes this many times
     runner_counts: tuple[int, ...] = (1, 2, 4)
     sleep_ms: int = 100
     makespan_repeats: int = 3
     ready_runner_counts: tuple[int, ...] = (1, 4)
     ready_repeats: int = 3
     ready_timeout_s: float = 120.0
+    pool_args: tuple[str, ...] = ()  # extra `cog-pool serve` flags
 
 
 @dataclass
@@ -815,10 +819,10 @@ class TargetResults:
     ready: dict[int, list[ReadyResult]] = field(default_factory=dict)
 
 
-def _spec(target: str, runners: int) -> ServerSpec:
+def _spec(target: str, runners: int, cfg: BenchConfig) -> ServerSpec:
     if target == "cog":
         return cog_server_spec(port=free_port())
-    return pool_server_spec(port=free_port(), runners=runners)
+    return pool_server_spec(port=free_port(), runners=runners, extra_args=cfg.pool_args)
 
 
 async def bench_ready(cfg: BenchConfig, results: Mapping[str, TargetResults]) -> None:
@@ -843,7 +847,7 @@ async def bench_one_runner(cfg: BenchConfig, results: Mapping[str, TargetResults
     async with contextlib.AsyncExitStack() as stack:
         servers: dict[str, Server] = {}
         for target in results:
-            servers[target] = await stack.enter_async_context(Server(_spec(target, 1)))
+            servers[target] = await stack.enter_async_context(Server(_spec(target, 1, cfg)))
             await servers[target].wait_ready(cfg.ready_timeout_s)
         for round_index in range(cfg.rounds):
             warmup = cfg.warmup if round_index == 0 else min(cfg.warmup, 10)
@@ -886,7 +890,7 @@ async def bench_scale_out(cfg: BenchConfig, res: TargetResults) -> None:
     """Scenario 3 (cog-pool only: Cog serves one runner per process)."""
     for runners in cfg.runner_counts:
         log("scenario_started", scenario=3, target="cog-pool", runners=runners)
-        async with Server(_spec("cog-pool", runners)) as server:
+        async with Server(_spec("cog-pool", runners, cfg)) as server:
             await server.wait_ready(cfg.ready_timeout_s)
             res.makespan[runners] = [
                 await run_makespan(
@@ -903,7 +907,7 @@ async def profile_pool(cfg: BenchConfig, *, top: int = 30) -> str:
     """Scenario 1 against a cog-pool whose manager runs under cProfile; the top functions."""
     profile_path = WORK_DIR / "pool.prof"
     profile_path.unlink(missing_ok=True)
-    spec = pool_server_spec(port=free_port(), profile_to=profile_path)
+    spec = pool_server_spec(port=free_port(), profile_to=profile_path, extra_args=cfg.pool_args)
     async with Server(spec) as server:
         await server.wait_ready(cfg.ready_timeout_s)
         log("scenario_started", scenario=1, target="cog-pool", profile=profile_path)
@@ -921,7 +925,7 @@ async def profile_pool(cfg: BenchConfig, *, top: int = 30) -> str:
 
 
 async def _measure_ready(target: str, runners: int, cfg: BenchConfig) -> ReadyResult:
-    async with Server(_spec(target, runners)) as server:
+    async with Server(_spec(target, runners, cfg)) as server:
         return await server.wait_ready(cfg.ready_timeout_s)
 
 
@@ -980,6 +984,8 @@ def render_results(
         "Re-run: `.venv/bin/python bench/harness.py --write` (see bench/README.md).",
         "",
     ]
+    if cfg.pool_args:
+        lines += [f"cog-pool ran with extra flags `{shlex.join(cfg.pool_args)}`.", ""]
     cog, pool = results.get("cog"), results.get("cog-pool")
     if 1 in cfg.scenarios:
         lines += _render_sequential(cog, pool, cfg)
@@ -1159,8 +1165,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, help="scenario 2 predictions per client")
     parser.add_argument("--runner-counts", default="1,2,4", help="scenario 3 runner counts")
-    parser.add_argument("--rounds", type=int, help="scenarios 1 and 2 rounds (default 3)")
+    parser.add_argument("--rounds", type=int, help="scenarios 1 and 2 rounds (default 5)")
     parser.add_argument("--repeats", type=int, help="scenarios 3 and 4 repeats (default 3)")
+    parser.add_argument(
+        "--pool-args", default="", help='extra cog-pool serve flags, e.g. "--log-level warning"'
+    )
     parser.add_argument("--write", action="store_true", help="update the results file")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="results file")
     parser.add_argument(
@@ -1182,7 +1191,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
         runner_counts=tuple(int(n) for n in args.runner_counts.split(",") if n.strip()),
         makespan_repeats=repeats,
         ready_repeats=repeats,
-        rounds=args.rounds or (1 if quick else 3),
+        rounds=args.rounds or (1 if quick else 5),
+        pool_args=tuple(shlex.split(args.pool_args)),
     )
     return cfg, args
 
