@@ -1,0 +1,162 @@
+"""The response files of one prediction: epoch-numbered deltas, written strictly in order.
+
+Output items and log text accumulate here from whichever thread runs the model's code and are
+written as one delta per flush, so items produced faster than files can be written share a
+file (never reordered) and a long stream costs O(n). The terminal delta carries everything
+still pending, so nothing printed just before predict() returns is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+from coglet import protocol
+
+__all__ = ["LOG_FLUSH_S", "Responder", "encode_json"]
+
+# Log text waits this long for company before it is written on its own: a progress bar that
+# redraws a thousand times a second costs twenty files a second, not a thousand.
+LOG_FLUSH_S = 0.05
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON text; raises TypeError/ValueError for values JSON cannot carry."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Responder:
+    """Writes ``response-<id>-<epoch>.json`` for one prediction; a log sink; thread-safe."""
+
+    def __init__(
+        self,
+        working_dir: str,
+        prediction_id: str,
+        *,
+        notify: Callable[[], None],
+        schedule_flush: Callable[[Responder, float], None],
+        late_log: Callable[[str], None],
+    ) -> None:
+        self.prediction_id = prediction_id
+        self._prefix = os.path.join(working_dir, f"{protocol.RESPONSE_PREFIX}{prediction_id}-")
+        self._notify = notify
+        self._schedule_flush = schedule_flush
+        self._late_log = late_log
+        # Re-entrant: a finalizer that prints may run while this thread holds the lock.
+        self._lock = threading.RLock()
+        self._epoch = 0
+        self._items: List[str] = []  # JSON text of output items not yet written
+        self._logs: List[str] = []
+        self._log_flush_armed = False
+        self._item_flush_armed = False
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # --- what the model's side adds --------------------------------------------------------------
+    def append_log(self, text: str) -> None:
+        """Add log text (the LogSink interface); it is written within LOG_FLUSH_S."""
+        with self._lock:
+            if self._done:
+                late = True
+            else:
+                late = False
+                self._logs.append(text)
+                arm = not self._log_flush_armed
+                self._log_flush_armed = True
+        if late:
+            # Written after the terminal delta (a stray thread): the runner's own stream.
+            self._late_log(text)
+        elif arm:
+            self._schedule_flush(self, LOG_FLUSH_S)
+
+    def append_output(self, item_json: str) -> None:
+        """Add one output item (already JSON text); it is written at the next flush."""
+        with self._lock:
+            if self._done:
+                return
+            self._items.append(item_json)
+            arm = not self._item_flush_armed
+            self._item_flush_armed = True
+        if arm:
+            self._schedule_flush(self, 0.0)
+
+    # --- writing --------------------------------------------------------------------------------
+    def start(self, logs: str = "") -> None:
+        """Write epoch 0: status processing (with any logs so far, e.g. input warnings).
+
+        It does not signal: the runner announces it a moment later only if the prediction is
+        still running, so a fast prediction costs the parent one wake-up, not two.
+        """
+        with self._lock:
+            if logs:
+                self._logs.append(logs)
+            self._write_locked(protocol.STATUS_PROCESSING, None)
+
+    def flush(self) -> None:
+        """Write what is pending as a processing delta; nothing when there is nothing new."""
+        with self._lock:
+            self._log_flush_armed = self._item_flush_armed = False
+            if self._done or not (self._items or self._logs):
+                return
+            self._write_locked(protocol.STATUS_PROCESSING, None)
+        self._notify()
+
+    def finish(
+        self,
+        status: str,
+        *,
+        output_json: Optional[str] = None,
+        stream: bool = False,
+        error: Optional[str] = None,
+        metrics: Optional[dict] = None,
+    ) -> bool:
+        """Write the terminal delta with everything still pending; False if already done.
+
+        ``output_json`` is the whole output (non-iterators); ``stream`` marks an iterator,
+        whose terminal delta always carries ``output_append`` so an empty stream reads as [].
+        """
+        extra: Dict[str, Any] = {}
+        if error is not None:
+            extra["error"] = error
+        if metrics:
+            extra["metrics"] = metrics
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+            self._write_locked(status, output_json, extra, stream=stream)
+        self._notify()
+        return True
+
+    def _write_locked(
+        self,
+        status: str,
+        output_json: Optional[str],
+        extra: Optional[dict] = None,
+        *,
+        stream: bool = False,
+    ) -> None:
+        fields: dict = {"status": status}
+        if self._logs:
+            fields["logs_append"] = "".join(self._logs)
+            self._logs = []
+        if extra:
+            fields.update(extra)
+        text = json.dumps(fields, separators=(",", ":"), ensure_ascii=False, default=repr)
+        # Output is spliced in as JSON text encoded by the thread that produced it, so an
+        # unencodable value fails the prediction there, with the model's traceback.
+        if self._items or stream:
+            text = f'{text[:-1]},"output_append":[{",".join(self._items)}]}}'
+            self._items = []
+        if output_json is not None:
+            text = f'{text[:-1]},"output":{output_json}}}'
+        path = f"{self._prefix}{self._epoch}.json"
+        self._epoch += 1
+        # backslashreplace turns a lone surrogate (undecodable bytes a model printed) into a
+        # JSON escape instead of an exception; everything else is plain UTF-8.
+        protocol.write_atomic(path, text.encode("utf-8", "backslashreplace"))
