@@ -38,11 +38,15 @@ async def retry_forever(
 
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(errors),
-        wait=wait_exponential_jitter(initial=initial_s, max=max_s),
+        wait=wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s),
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(op)
+    async def call() -> T:
+        # tenacity awaits only coroutine functions; ``op`` may be a lambda returning one.
+        return await op()
+
+    return await retrying(call)
 
 
 def log_retry(log: logging.Logger, event: str, **fields: object) -> Callable[[BaseException], None]:

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ingest import names
+from ingest.messages import Poison, parse_request, runner_died
+from ingest.results import MemoryResultStore
+from pool.prediction import Prediction, PredictionRequest
+
+
+def parse(raw: bytes | str | None, max_bytes: int = 1000):
+    return parse_request(raw, max_bytes=max_bytes, fallback_id="1700000000000-7")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, names.REASON_MISSING_VALUE),
+        ("{not json", names.REASON_INVALID_JSON),
+        (b"\xff\xfe", names.REASON_INVALID_JSON),
+        ("[1, 2]", "request body must be a JSON object"),
+        ('"text"', "request body must be a JSON object"),
+        ('{"id": "x"}', "missing required field 'input'"),
+        ('{"input": 3}', "input must be a JSON object"),
+        ('{"id": "../etc", "input": {}}', "invalid prediction id"),
+        ('{"input": {"s": "' + "a" * 2000 + '"}}', names.REASON_TOO_LARGE),
+    ],
+)
+def test_poison_messages_name_their_reason(raw, reason):
+    with pytest.raises(Poison) as err:
+        parse(raw)
+    assert reason in err.value.reason
+
+
+def test_body_id_wins_and_extra_fields_are_kept():
+    request = parse(json.dumps({"id": "abc", "input": {"n": 1}, "reply_to": "replies"}))
+    assert request.id == "abc"
+    assert request.input == {"n": 1}
+    assert request.extra == {"reply_to": "replies"}
+
+
+def test_missing_id_comes_from_the_message_id_made_safe():
+    assert parse('{"input": {}}').id == "1700000000000-7"
+    request = parse_request('{"input": {}}', max_bytes=100, fallback_id="amq.ctag/1:2")
+    assert request.id == "amq.ctag_1_2"
+    assert names.safe_id("..//") == "msg"
+
+
+def test_runner_died_is_told_from_other_failures():
+    p = Prediction(PredictionRequest(id="a", input={}))
+    p.fail("runner 1 (gpu 1) died: killed by SIGKILL\nlast output:\nboom")
+    assert runner_died(p)
+    q = Prediction(PredictionRequest(id="b", input={}))
+    q.fail("ValueError: runner 1 died in the model's own words")
+    assert not runner_died(q)
+
+
+async def test_memory_store_keeps_results_and_counts_deliveries():
+    store = MemoryResultStore(ttl_s=60, max_entries=2)
+    assert await store.get("a") is None
+    await store.put("a", {"id": "a", "status": "succeeded"})
+    assert (await store.get("a"))["status"] == "succeeded"
+    assert [await store.count_delivery("a") for _ in range(3)] == [1, 2, 3]
+    await store.put("b", {})
+    await store.put("c", {})
+    assert await store.get("a") is None  # bounded: the oldest goes first
