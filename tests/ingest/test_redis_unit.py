@@ -9,13 +9,12 @@ import uuid
 
 import fakeredis
 import pytest
+from ingest_fakes import FakeManager
+from ingest_helpers import wait_until
 
 from ingest import names
 from ingest.redis import RedisConsumer
 from pool.config import RedisConfig
-
-from ingest_fakes import FakeManager
-from ingest_helpers import wait_until
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ async def results_of(client, config) -> list[dict]:
 
 
 async def test_each_entry_gets_one_result_and_is_acked(setup):
-    client, config, manager, consumer = setup
+    client, config, _manager, consumer = setup
     for n in range(5):
         await client.xadd(config.stream, {"value": json.dumps({"input": {"n": n}})})
     await consumer.start()
@@ -75,9 +74,8 @@ async def test_recorded_result_is_republished_not_rerun(setup):
     client, config, manager, consumer = setup
     recorded = json.dumps({"id": "p1", "status": "succeeded", "output": "old"})
     await client.set(names.result_key(config.stream, "p1"), recorded)
-    await client.xadd(
-        config.stream, {"value": json.dumps({"id": "p1", "input": {}, "reply_to": "r-" + config.stream})}
-    )
+    body = {"id": "p1", "input": {}, "reply_to": "r-" + config.stream}
+    await client.xadd(config.stream, {"value": json.dumps(body)})
     await consumer.start()
     results = await wait_until(lambda: _len_at_least(results_of(client, config), 1), what="result")
     assert results[0]["value"] == recorded
@@ -88,7 +86,7 @@ async def test_recorded_result_is_republished_not_rerun(setup):
 
 
 async def test_poison_goes_to_dead_stream_with_reason_and_consumer_goes_on(setup):
-    client, config, manager, consumer = setup
+    client, config, _manager, consumer = setup
     await client.xadd(config.stream, {"value": "{nope"})
     await client.xadd(config.stream, {"other": "x"})
     await client.xadd(config.stream, {"value": json.dumps({"input": {"bad": True}})})
@@ -111,7 +109,7 @@ async def _xrange(client, stream):
 
 
 async def test_entry_of_a_dead_consumer_is_claimed_then_dead_lettered_past_max(setup):
-    client, config, manager, consumer = setup
+    client, config, _manager, consumer = setup
     await client.xgroup_create(config.stream, config.group, "0", mkstream=True)
     await client.xadd(config.stream, {"value": json.dumps({"id": "a", "input": {}})})
     await client.xadd(config.stream, {"value": json.dumps({"id": "b", "input": {}})})
