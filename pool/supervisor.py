@@ -112,6 +112,7 @@ class Supervisor:
         self.config = config
         self.state_dir = state_dir
         self.stopping = False
+        self._closing = False
         self._on_tick = on_tick
         self._metrics = metrics
         self._event = asyncio.Event()
@@ -138,7 +139,9 @@ class Supervisor:
         self._event.set()
 
     async def _run(self) -> None:
-        while True:
+        # A flag, not only task.cancel(): wait_for() may swallow a cancel that lands as
+        # its inner wait completes, and this loop must still end.
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._event.wait(), protocol.SAFETY_RESCAN_S)
             except TimeoutError:
@@ -314,11 +317,9 @@ class Supervisor:
 
     async def _close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._closing = True
+            self.wake()
+            await self._task
             self._task = None
         for runner in self.runners:
             runner.close()
