@@ -37,7 +37,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrecon
 
 from ingest import names
 from ingest.backoff import retry_forever
-from ingest.messages import Poison, parse_request, runner_died
+from ingest.messages import Poison, parse_request, runner_died, shutdown_casualty
 from ingest.results import ResultStore
 from pool.config import AmqpConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
@@ -225,8 +225,11 @@ class AmqpConsumer:
 
     async def _wait_capacity(self) -> None:
         """Consume only once a runner is ready: the prefetch is the pool's slot capacity."""
-        while self.manager.free_slots() <= 0 and not self._stopping:
+        while self.manager.free_slots() <= 0 and not self._draining():
             await self._wait_slot_or_stop()
+
+    def _draining(self) -> bool:
+        return self._stopping or bool(getattr(self.manager, "shutting_down", False))
 
     def _capacity(self) -> int:
         try:
@@ -380,6 +383,8 @@ class AmqpConsumer:
         finally:
             for fut in (slot, stop):
                 fut.cancel()
+            # ShuttingDown from the manager: _draining() now says so; nothing else to do.
+            await asyncio.gather(slot, stop, return_exceptions=True)
 
     async def _submit(self, job: _Job, request: PredictionRequest) -> Prediction | None:
         """Hand the message to the manager once it has a free slot (held until then)."""
@@ -391,9 +396,9 @@ class AmqpConsumer:
             return existing
         async with self._gate:
             while True:
-                while self.manager.free_slots() <= 0 and not self._stopping:
+                while self.manager.free_slots() <= 0 and not self._draining():
                     await self._wait_slot_or_stop()
-                if self._stopping or job.returned:
+                if self._draining() or job.returned:
                     if not job.returned:
                         job.returned = True
                         await self._settle(job, requeue=True)
@@ -418,6 +423,11 @@ class AmqpConsumer:
         self, job: _Job, request: PredictionRequest, prediction: Prediction
     ) -> None:
         if job.returned:
+            return
+        if self._draining() and shutdown_casualty(prediction):
+            # Ended by this pool's shutdown, not by the model: back to the queue.
+            job.returned = True
+            await self._settle(job, requeue=True)
             return
         if runner_died(prediction):
             if job.deliveries >= self.config.max_deliveries:

@@ -15,7 +15,7 @@ from ingest import names
 from pool.errors import InvalidRequest
 from pool.prediction import PredictionRequest
 
-__all__ = ["Poison", "parse_request"]
+__all__ = ["Poison", "parse_request", "runner_died", "shutdown_casualty"]
 
 
 class Poison(Exception):
@@ -69,3 +69,16 @@ def runner_died(prediction: Any) -> bool:
     if flag is not None:
         return bool(flag)
     return prediction.status == "failed" and bool(_RUNNER_DIED.match(prediction.error or ""))
+
+
+def shutdown_casualty(prediction: Any) -> bool:
+    """True when a draining pool, not the model, ended the prediction: canceled (the manager
+    cancels what outlives the grace), failed by the shutdown, or its runner was stopped.
+
+    A consumer that is stopping hands such a message back instead of publishing it. (A user's
+    cancel that lands during the drain is indistinguishable; it is redelivered and rerun.)
+    """
+    if prediction.status == "canceled" or runner_died(prediction):
+        return True
+    shut_down = (prediction.error or "").startswith("the pool shut down")
+    return prediction.status == "failed" and shut_down

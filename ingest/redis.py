@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import names
 from ingest.backoff import retry_forever
-from ingest.messages import Poison, parse_request, runner_died
+from ingest.messages import Poison, parse_request, runner_died, shutdown_casualty
 from pool.config import RedisConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.prediction import EVENT_COMPLETED, Prediction, PredictionRequest
@@ -204,16 +204,28 @@ class RedisConsumer:
 
     # --- consuming -----------------------------------------------------------------------------
     async def _consume_forever(self) -> None:
-        while not self._stopping:
-            await self._wait_free_slot()
+        while not self._draining():
+            if not await self._wait_free_slot():
+                break
             entries = await self._retry(self._poll)
             self._connected()
             for entry_id, fields, deliveries in entries:
                 self._spawn(entry_id, fields, deliveries)
+        log.info("redis_consuming_stopped stream=%s consumer=%s", self.config.stream, self.consumer)
 
-    async def _wait_free_slot(self) -> None:
-        while self.manager.free_slots() <= 0:
-            await self.manager.wait_for_free_slot()
+    def _draining(self) -> bool:
+        return self._stopping or bool(getattr(self.manager, "shutting_down", False))
+
+    async def _wait_free_slot(self) -> bool:
+        """Wait for a free runner slot; False when the pool is draining (take no more)."""
+        try:
+            while self.manager.free_slots() <= 0:
+                if self._draining():
+                    return False
+                await self.manager.wait_for_free_slot()
+        except ShuttingDown:
+            return False
+        return not self._draining()
 
     async def _poll(self) -> list[tuple[str, dict[str, str], int]]:
         """One read: stale entries of dead consumers first, then new ones, at most free slots."""
@@ -341,11 +353,10 @@ class RedisConsumer:
                 await self._dead_letter(job, fields, reason)
                 return None
             except RETRY_LATER as e:
-                if self._stopping:
-                    job.returned = True
-                    return None
                 log.info("redis_submit_deferred entry=%s error=%r", job.entry_id, str(e))
-                await self._wait_free_slot()
+                if not await self._wait_free_slot():
+                    job.returned = True  # left pending for another pool
+                    return None
         job.prediction = prediction
         if self.config.publish_progress:
             prediction.add_listener(lambda p, event: self._on_progress(job, event))
@@ -363,6 +374,12 @@ class RedisConsumer:
         fields: dict[str, str],
     ) -> None:
         if job.returned:
+            return
+        if self._draining() and shutdown_casualty(prediction):
+            # Canceled or failed by this pool's shutdown, not by the model: leave it pending
+            # so another pool runs it.
+            job.returned = True
+            log.info("redis_entry_returned entry=%s prediction=%s", job.entry_id, prediction.id)
             return
         if runner_died(prediction):
             if job.deliveries >= self.config.max_deliveries:
