@@ -272,25 +272,27 @@ class Runner:
                     cancels.append(m.group("id"))
             elif name == protocol.STOP_FILE:
                 stop = True
+        if stop:  # first: a request that comes with the stop is not taken
+            self._begin_stop("stop_file")
         if requests and not self._stopping:
             for prediction_id in self._in_arrival_order(requests):
                 self._accept(prediction_id)
         for prediction_id in cancels:
             self._handle_cancel(prediction_id)
-        if stop:
-            self._begin_stop("stop_file")
 
     def _in_arrival_order(self, ids: List[str]) -> List[str]:
         if len(ids) == 1:
             return ids
 
-        def mtime(prediction_id: str) -> int:
+        def arrival(prediction_id: str) -> Tuple[int, int]:
+            # mtime ticks coarsely on tmpfs; there, inode numbers grow with creation.
             try:
-                return os.stat(self._path(protocol.request_name(prediction_id))).st_mtime_ns
+                st = os.stat(self._path(protocol.request_name(prediction_id)))
             except OSError:
-                return 0
+                return (0, 0)
+            return (st.st_mtime_ns, st.st_ino)
 
-        return sorted(ids, key=mtime)
+        return sorted(ids, key=arrival)
 
     def _path(self, name: str) -> str:
         return os.path.join(self._dir, name)
