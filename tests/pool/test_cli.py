@@ -1,0 +1,169 @@
+"""`cog-pool` as a real process: serve, SIGTERM drain, POST /shutdown, kill -9, config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pool_helpers import MODELS, PROJECT, pid_alive, wait_until
+
+WORKER = str(MODELS / "worker")
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COG_POOL_")}
+    env["PYTHONPATH"] = str(PROJECT)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pool", *args],
+        cwd=PROJECT,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class Served:
+    """A ``cog-pool serve`` child process with its stderr in a file."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.log_path = tmp_path / "serve.log"
+        self.log = open(self.log_path, "w")  # closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pool", "serve", *args, "--port", "0"],
+            cwd=PROJECT,
+            env=cli_env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.port: int | None = None
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def find_port(self) -> int | None:
+        m = re.search(r"http_listening host=\S+ port=(\d+)", self.text())
+        self.port = int(m.group(1)) if m else None
+        return self.port
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[list[Served]]:
+    started: list[Served] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+async def start_serving(served: list[Served], tmp_path: Path, *args: str) -> Served:
+    s = Served(tmp_path, *args)
+    served.append(s)
+    await wait_until(lambda: s.find_port() or s.proc.poll() is not None, what="http_listening")
+    assert s.proc.poll() is None, s.text()
+    return s
+
+
+async def health_when_ready(session: aiohttp.ClientSession, s: Served) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        async with session.get(s.url("/health-check")) as r:
+            body: dict[str, Any] = await r.json()
+        if all(x["status"] == "READY" for x in body["runners"]):
+            return body
+        assert time.monotonic() < deadline, f"not ready: {body}"
+        await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    await wait_until(lambda: proc.poll() is not None, timeout_s=timeout_s, what="serve exited")
+    return proc.returncode
+
+
+async def test_serve_predict_and_drain_on_sigterm(tmp_path: Path, served: list[Served]) -> None:
+    s = await start_serving(
+        served, tmp_path, WORKER, "--runners", "2", "--state-dir", str(tmp_path / "st")
+    )
+    async with aiohttp.ClientSession() as session:
+        health = await health_when_ready(session, s)
+        pids = [r["pid"] for r in health["runners"]]
+        async with session.post(s.url("/predictions"), json={"input": {"n": 4}}) as r:
+            body = await r.json()
+            assert r.status == 200
+    assert body["status"] == "succeeded" and json.loads(body["output"])["n"] == 4
+    # Steps: SIGTERM the pool. Result: exit 0, no runner left.
+    s.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(s.proc) == 0, s.text()
+    await wait_until(lambda: not any(pid_alive(p) for p in pids), what="runners gone")
+    log = s.text()
+    assert "shutdown_step step=stop_file" in log and "serve_exit code=0" in log
+
+
+async def test_post_shutdown_drains_and_exits(tmp_path: Path, served: list[Served]) -> None:
+    s = await start_serving(served, tmp_path, WORKER)
+    async with aiohttp.ClientSession() as session:
+        health = await health_when_ready(session, s)
+        async with session.post(s.url("/shutdown")) as r:
+            assert r.status == 200
+    assert await wait_exit(s.proc) == 0, s.text()
+    pid = health["runners"][0]["pid"]
+    await wait_until(lambda: not pid_alive(pid), what="runner gone")
+
+
+async def test_kill_9_of_the_pool_leaves_no_runner(tmp_path: Path, served: list[Served]) -> None:
+    s = await start_serving(served, tmp_path, WORKER, "--runners", "2")
+    async with aiohttp.ClientSession() as session:
+        health = await health_when_ready(session, s)
+    pids = [r["pid"] for r in health["runners"]]
+    assert all(pid_alive(p) for p in pids)
+    # Steps: kill -9 the pool. Result: its runners notice (PDEATHSIG / getppid) and exit.
+    s.proc.kill()
+    s.proc.wait(30)
+    await wait_until(
+        lambda: not any(pid_alive(p) for p in pids), timeout_s=30, what="orphaned runners exit"
+    )
+
+
+def test_config_error_names_the_key_and_exits_2() -> None:
+    done = run_cli("serve", WORKER, "--port", "70000")
+    assert done.returncode == 2
+    assert "configuration error: http.port: must be between 0 and 65535" in done.stderr
+    env = {**cli_env(), "COG_POOL_RUNNERS_PER_GPU": "zero"}
+    done = run_cli("serve", WORKER, env=env)
+    assert done.returncode == 2
+    assert "runners.per_gpu" in done.stderr and "COG_POOL_RUNNERS_PER_GPU" in done.stderr
+
+
+def test_config_command_shows_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "pool.yaml"
+    path.write_text("http:\n  port: 6001\nrunners:\n  count: 2\n")
+    env = {**cli_env(), "COG_POOL_HTTP_PORT": "6002", "COG_POOL_RUNNERS_COUNT": "3"}
+    done = run_cli("config", WORKER, "--config", str(path), "--runners", "4", env=env)
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)
+    assert config["http"]["port"] == 6002  # env over YAML
+    assert config["runners"]["count"] == 4  # flag over env
+    assert config["model"]["path"] == WORKER
