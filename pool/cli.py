@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
@@ -106,7 +106,9 @@ async def serve(config: PoolConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
     manager = PoolManager(config, metrics=metrics)
-    app = create_app(config, manager, metrics=metrics)
+    # PoolManager exposes `status`/`schema` as read-only properties; api.ManagerAPI declares
+    # them as plain attributes, which mypy reads as settable.
+    app = create_app(config, cast(Any, manager), metrics=metrics)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()  # starts the manager (the app's cleanup_ctx)
     consumers = None
