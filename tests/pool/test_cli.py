@@ -41,12 +41,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 class Served:
     """A ``cog-pool serve`` child process with its stderr in a file."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, cwd: Path = PROJECT) -> None:
         self.log_path = tmp_path / "serve.log"
         self.log = open(self.log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pool", "serve", *args, "--port", "0"],
-            cwd=PROJECT,
+            cwd=cwd,
             env=cli_env(),
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -79,8 +79,10 @@ def served(tmp_path: Path) -> Iterator[list[Served]]:
         s.stop()
 
 
-async def start_serving(served: list[Served], tmp_path: Path, *args: str) -> Served:
-    s = Served(tmp_path, *args)
+async def start_serving(
+    served: list[Served], tmp_path: Path, *args: str, cwd: Path = PROJECT
+) -> Served:
+    s = Served(tmp_path, *args, cwd=cwd)
     served.append(s)
     await wait_until(lambda: s.find_port() or s.proc.poll() is not None, what="http_listening")
     assert s.proc.poll() is None, s.text()
@@ -145,6 +147,20 @@ async def test_kill_9_of_the_pool_leaves_no_runner(tmp_path: Path, served: list[
     await wait_until(
         lambda: not any(pid_alive(p) for p in pids), timeout_s=30, what="orphaned runners exit"
     )
+
+
+async def test_serve_without_model_dir_serves_examples_hello(
+    tmp_path: Path, served: list[Served]
+) -> None:
+    # From another working directory: the default model resolves against the project root.
+    s = await start_serving(served, tmp_path, cwd=tmp_path)
+    async with aiohttp.ClientSession() as session:
+        await health_when_ready(session, s)
+        async with session.post(s.url("/predictions"), json={"input": {"text": "pool"}}) as r:
+            body = await r.json()
+    assert body["status"] == "succeeded" and body["output"] == "hello pool"
+    s.proc.send_signal(signal.SIGINT)
+    assert await wait_exit(s.proc) == 0, s.text()
 
 
 def test_config_error_names_the_key_and_exits_2() -> None:
