@@ -288,11 +288,18 @@ class RunnerHarness:
     def wait_exit(self, timeout_s: float = 30) -> int:
         assert self.proc is not None
         try:
-            return self.proc.wait(timeout=timeout_s)
+            code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise TimeoutError(
                 f"runner still running after {timeout_s}s; stderr:\n{self.stderr}"
             ) from None
+        for reader in self._readers:  # the pipes reach EOF now: read them to the end
+            reader.join(timeout=timeout_s)
+        return code
+
+    def wait_stderr(self, text: str, timeout_s: float = 30) -> None:
+        """Wait until the runner's stderr (its lifecycle lines) contains ``text``."""
+        self.wait_for(lambda: text in self.stderr, timeout_s=timeout_s, what=f"stderr {text!r}")
 
     def wait_setup(self, timeout_s: float = 60) -> Dict[str, Any]:
         """The setup result, once the runner wrote it (AssertionError if it exits first)."""

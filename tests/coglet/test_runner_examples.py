@@ -50,7 +50,7 @@ def test_stream_emits_tokens(spawn) -> None:
 def test_async_runs_four_at_once(spawn) -> None:
     runner, cog_yaml = _spawn_example(spawn, "async")
     assert cog_yaml["concurrency"]["max"] == 4
-    assert "capacity=4" in runner.stderr
+    runner.wait_stderr("capacity=4")
     words = ["stressed", "drawer", "live", "reward"]
     for i, word in enumerate(words):
         runner.submit(f"rev-{i}", {"text": word, "delay_ms": 200}, signal_runner=False)

@@ -201,7 +201,7 @@ def test_config_json_roundtrip_is_what_the_runner_reads(spawn) -> None:
     """The runner reads optional runner_index and logs it on its lifecycle lines."""
     runner = spawn("sync_models.py:Hello", runner_index=5)
     runner.wait_ready()
-    assert "runner_ready runner=5" in runner.stderr
+    runner.wait_stderr("runner_ready runner=5")
     assert json.loads(open(runner.path(protocol.CONFIG_FILE)).read())["runner_index"] == 5
 
 

@@ -50,7 +50,7 @@ def test_queued_sync_requests_run_one_after_another(spawn) -> None:
     runner.send(protocol.SIG_RESCAN)
     outputs = [runner.wait_done(f"q-{i}").output for i in range(5)]
     assert outputs == [f"hello {i}" for i in range(5)]
-    assert "concurrency_clamped max_concurrency=3 to=1" in runner.stderr
+    runner.wait_stderr("concurrency_clamped max_concurrency=3 to=1")
 
 
 def test_invalid_input_fails_with_cogs_message(spawn) -> None:
