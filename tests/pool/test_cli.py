@@ -23,7 +23,8 @@ WORKER = str(MODELS / "worker")
 
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COG_POOL_")}
-    env["PYTHONPATH"] = str(PROJECT)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(PROJECT) + (os.pathsep + old if old else "")
     return env
 
 
