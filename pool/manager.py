@@ -68,6 +68,7 @@ class PoolManager:
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._cancel_forwarders: list[CancelForwarder] = []
         self._preparing: dict[str, Prediction] = {}  # accepted, file inputs downloading
+        self._input_dirs: set[str] = set()  # predictions with downloaded inputs to remove
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
@@ -214,6 +215,8 @@ class PoolManager:
             runner_input = await files.prepare_inputs(
                 schema, request.input, dest, self.config.files
             )
+            if runner_input is not request.input:  # files were fetched into dest
+                self._input_dirs.add(prediction.id)
             if self._shutting_down:
                 raise ShuttingDown("the pool is shutting down; retry on another instance")
             prediction.add_listener(self._on_event)
@@ -224,7 +227,8 @@ class PoolManager:
         finally:
             self._preparing.pop(prediction.id, None)
         self._webhooks.watch(prediction)
-        log.info("prediction_accepted prediction=%s source=%s", prediction.id, source)
+        # DEBUG: prediction_finished carries the same fields, and this path is hot.
+        log.debug("prediction_accepted prediction=%s source=%s", prediction.id, source)
         return prediction
 
     def _require_ready(self) -> dict[str, Any]:
@@ -253,7 +257,9 @@ class PoolManager:
             return
         queue_wait_s = self._router.queue_wait_s.get(prediction.id)
         self._router.record_finished(prediction)
-        shutil.rmtree(os.path.join(self.inputs_dir, prediction.id), ignore_errors=True)
+        if prediction.id in self._input_dirs:  # most predictions have no file inputs
+            self._input_dirs.discard(prediction.id)
+            shutil.rmtree(os.path.join(self.inputs_dir, prediction.id), ignore_errors=True)
         if self.metrics is not None:
             self.metrics.prediction_finished(
                 status=prediction.status,
