@@ -22,9 +22,11 @@ __all__ = ["LOG_FLUSH_S", "Responder", "encode_json"]
 LOG_FLUSH_S = 0.05
 
 
-def encode_json(value: Any) -> str:
-    """Compact JSON text; raises TypeError/ValueError for values JSON cannot carry."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+# Built once: json.dumps() with any non-default option builds a new encoder on every call.
+encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Compact JSON text; raises TypeError/ValueError for values JSON cannot carry."""
+# For the runner's own fields (metrics may hold anything a model recorded): never raises.
+_encode_fields = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=repr).encode
 
 
 class Responder:
@@ -147,7 +149,7 @@ class Responder:
             self._logs = []
         if extra:
             fields.update(extra)
-        text = json.dumps(fields, separators=(",", ":"), ensure_ascii=False, default=repr)
+        text = _encode_fields(fields)
         # Output is spliced in as JSON text encoded by the thread that produced it, so an
         # unencodable value fails the prediction there, with the model's traceback.
         if self._items or stream:

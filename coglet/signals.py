@@ -60,8 +60,11 @@ class SignalWakeup:
         """Empty the wakeup pipe; True when any signal had arrived since the last drain."""
         got = False
         try:
-            while os.read(self.read_fd, 512):
+            # A short read means the pipe is empty now (a signal after it makes the fd readable
+            # again, so the loop comes back): one syscall, not two.
+            while len(os.read(self.read_fd, 4096)) == 4096:
                 got = True
+            got = True
         except BlockingIOError:
             pass
         return got
