@@ -50,3 +50,10 @@ class AsyncGated(BasePredictor):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no {path}")
                 await asyncio.sleep(0.002)
+
+
+class AsyncNull(BasePredictor):
+    """Returns at once (bench/coglet_roundtrip.py --model tests/models/runner)."""
+
+    async def predict(self, sleep_ms: int = Input(default=0)) -> str:
+        return "ok"
