@@ -526,6 +526,8 @@ def load_config(
     flat["model.predict"] = ref
     if flat.get("runners.max_concurrency") is None:
         flat["runners.max_concurrency"] = most or 1
+    if flat.get("model.python") is not None:
+        flat["model.python"] = _interpreter(flat["model.python"], env)
     if flat.get("state_dir") is not None:
         flat["state_dir"] = os.path.abspath(flat["state_dir"])
     return typing.cast(PoolConfig, _build(PoolConfig, flat))
@@ -537,3 +539,11 @@ def _model_dir(given: str | None) -> str:
     if given is None:
         return os.path.join(project_root(), DEFAULT_MODEL_PATH)
     return os.path.abspath(os.path.expanduser(given))
+
+
+def _interpreter(python: str, env: Mapping[str, str]) -> str:
+    # Found now, not at the first spawn: a typo here would otherwise surface as a restart loop.
+    found = shutil.which(os.path.expanduser(python), path=env.get("PATH", os.defpath))
+    if found is None:
+        raise ConfigError("model.python", f"interpreter {python!r} not found or not executable")
+    return os.path.abspath(found) if os.sep in python else found

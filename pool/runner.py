@@ -21,11 +21,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from coglet import protocol
 from pool.config import PoolConfig, project_root
-from pool.prediction import Prediction
+from pool.prediction import Prediction, utc_now
 
 __all__ = [
     "BUSY",
@@ -110,6 +111,7 @@ class RunnerHandle:
         self.schema: dict[str, Any] | None = None
         self.setup_result: dict[str, Any] | None = None
         self.started_at: float | None = None  # monotonic, of the current process
+        self.spawned_at: datetime | None = None  # wall clock, of the first spawn
         self.exit_code: int | None = None
         self.setup_timed_out = False
         self.slots: dict[str, Slot] = {}
@@ -176,6 +178,8 @@ class RunnerHandle:
         self.setup_result = None
         self.setup_timed_out = False
         self.started_at = time.monotonic()
+        if self.spawned_at is None:
+            self.spawned_at = utc_now()
         self._state = STARTING
         self._watch_process()
         log.info("runner_spawned runner=%d gpu=%s pid=%d", self.index, self.gpu, self._proc.pid)

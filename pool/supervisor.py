@@ -358,8 +358,10 @@ class Supervisor:
             (x for x in results if x.get("status") == protocol.STATUS_SUCCEEDED),
             results[0] if results else None,
         )
-        if chosen is None:
-            return {"started_at": None, "completed_at": None, "status": None, "logs": ""}
+        if chosen is None:  # still setting up: when the first runner started
+            spawned = [r.spawned_at for r in self.runners if r.spawned_at is not None]
+            started = min(spawned).isoformat().replace("+00:00", "Z") if spawned else None
+            return {"started_at": started, "completed_at": None, "status": None, "logs": ""}
         info = {k: chosen.get(k) for k in ("started_at", "completed_at", "status", "logs")}
         info["logs"] = info["logs"] or ""
         if chosen.get("error") and chosen.get("status") != protocol.STATUS_SUCCEEDED:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,12 @@ def test_malformed_cog_yaml(tmp_path: Path) -> None:
         load(None, None, model__path=str(tmp_path))
 
 
+def test_model_python_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^model\.python: interpreter .* not found"):
+        load(None, None, model__python=str(tmp_path / "nope" / "python"))
+    assert load(None, None, model__python=sys.executable).model.python == sys.executable
+
+
 def test_missing_model_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^model\.path: model directory .* does not exist"):
         load(None, None, model__path=str(tmp_path / "gone"))
@@ -234,5 +241,6 @@ def test_documented_pool_yaml_matches_the_defaults() -> None:
 
 @pytest.mark.parametrize("name", ["per-gpu.yaml", "cpu.yaml", "queues.yaml"])
 def test_example_configs_load(name: str) -> None:
-    config = load(str(PROJECT / "config" / "examples" / name))
+    # model.path and model.python point into a deployment; here, at the fixture model
+    config = load(str(PROJECT / "config" / "examples" / name), None, model__python=sys.executable)
     assert config.model.predict

@@ -138,6 +138,8 @@ async def test_not_ready_before_setup(tmp_path: Path) -> None:
         # start() returns at once: no runner has finished setup yet
         with pytest.raises(NotReady):
             await submit(manager, n=1)
+        setup = manager.health()["setup"]
+        assert setup["status"] is None and setup["started_at"].endswith("Z")
         await wait_until(lambda: manager.status == "READY", what="READY")
         ok = await submit(manager, n=1)
         await ok.wait(30)
