@@ -651,7 +651,10 @@ def _load_and_setup(
     result["completed_at"] = _now_iso()
     result["logs"] = logs.text()
     if result["status"] != protocol.STATUS_SUCCEEDED:
-        predictor = None
+        return None, result
+    assert predictor is not None
+    # The capacity this runner really has: a sync predict() runs one at a time.
+    result["max_concurrency"] = config.max_concurrency if predictor.is_async else 1
     return predictor, result
 
 

@@ -44,7 +44,7 @@ def test_many_predictions_in_a_row_reuse_one_runner(spawn) -> None:
 
 def test_queued_sync_requests_run_one_after_another(spawn) -> None:
     runner = spawn("sync_models.py:Hello", max_concurrency=3)  # clamped to 1 for sync
-    runner.wait_ready()
+    assert runner.wait_ready()["max_concurrency"] == 1  # the pool lowers its admission to it
     for i in range(5):
         runner.submit(f"q-{i}", {"text": str(i)}, signal_runner=False)
     runner.send(protocol.SIG_RESCAN)
@@ -168,6 +168,7 @@ def test_async_predictions_run_concurrently(spawn) -> None:
     runner = spawn("async_models.py:Overlap", max_concurrency=3)
     setup = runner.wait_ready()
     assert "async setup ran" in setup["logs"]
+    assert setup["max_concurrency"] == 3
     for tag in ("a", "b", "c"):
         runner.submit(f"ov-{tag}", {"tag": tag, "want": 3})
     states = [runner.wait_done(f"ov-{tag}") for tag in ("a", "b", "c")]
