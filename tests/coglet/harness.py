@@ -85,9 +85,10 @@ class ParentSignals:
         if self._users > 0:
             return
         signal.set_wakeup_fd(self._saved_wakeup)
+        # Exactly what was there: every runner is reaped by now, so none can still signal, and
+        # an SIG_IGN left behind would be inherited by every process the tests spawn later.
         for sig, old in self._saved.items():
-            # A child that dies late may still signal: ignoring beats a default that kills.
-            signal.signal(sig, signal.SIG_IGN if old in (signal.SIG_DFL, None) else old)
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
 
     def _record(self, signum: int, frame: Any) -> None:
         self.counts[signum] += 1
