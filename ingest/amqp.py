@@ -398,6 +398,8 @@ class AmqpConsumer:
             while True:
                 while self.manager.free_slots() <= 0 and not self._draining():
                     await self._wait_slot_or_stop()
+                if job.generation != self._generation:
+                    return None  # its connection died: the broker requeued it already
                 if self._draining() or job.returned:
                     if not job.returned:
                         job.returned = True

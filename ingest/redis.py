@@ -65,6 +65,9 @@ class _Job:
     task: asyncio.Task[None] | None = None
     progress_task: asyncio.Task[None] | None = None
     progress_dirty: bool = False
+    # Set once the entry no longer waits to be handed to the manager (submitted, dead-lettered,
+    # republished or given up): until then it is about to take a slot free_slots() still shows.
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -115,7 +118,9 @@ class RedisConsumer:
         ]
         log.info(
             "redis_consumer_started stream=%s group=%s consumer=%s",
-            self.config.stream, self.config.group, self.consumer,
+            self.config.stream,
+            self.config.group,
+            self.consumer,
         )
 
     async def stop(self, grace_s: float) -> None:
@@ -141,7 +146,9 @@ class RedisConsumer:
         await self.redis.aclose()
         log.info(
             "redis_consumer_stopped stream=%s consumer=%s abandoned=%d",
-            self.config.stream, self.consumer, len(abandoned),
+            self.config.stream,
+            self.consumer,
+            len(abandoned),
         )
 
     async def _return_unstarted(self) -> None:
@@ -155,7 +162,8 @@ class RedisConsumer:
                     await self.manager.cancel(prediction.id)
                 log.info(
                     "redis_entry_returned entry=%s prediction=%s",
-                    job.entry_id, job.request.id if job.request else None,
+                    job.entry_id,
+                    job.request.id if job.request else None,
                 )
 
     def health(self) -> dict[str, Any]:
@@ -209,8 +217,12 @@ class RedisConsumer:
                 break
             entries = await self._retry(self._poll)
             self._connected()
-            for entry_id, fields, deliveries in entries:
+            batch = [
                 self._spawn(entry_id, fields, deliveries)
+                for entry_id, fields, deliveries in entries
+            ]
+            # Read again only once this batch holds its slots, or COUNT would over-read.
+            await asyncio.gather(*(job.admitted.wait() for job in batch))
         log.info("redis_consuming_stopped stream=%s consumer=%s", self.config.stream, self.consumer)
 
     def _draining(self) -> bool:
@@ -292,13 +304,14 @@ class RedisConsumer:
         )
         return int(info[0]["times_delivered"]) if info else 1
 
-    def _spawn(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+    def _spawn(self, entry_id: str, fields: dict[str, str], deliveries: int) -> _Job:
         job = _Job(entry_id=entry_id, deliveries=deliveries)
         self._jobs[entry_id] = job
         self.stats.received += 1
         if deliveries > 1:
             self.stats.redeliveries += 1
         job.task = asyncio.create_task(self._run_job(job, fields), name=f"redis-job-{entry_id}")
+        return job
 
     # --- one entry -----------------------------------------------------------------------------
     async def _run_job(self, job: _Job, fields: dict[str, str]) -> None:
@@ -310,6 +323,7 @@ class RedisConsumer:
             # A bug here must not kill the consumer; the entry stays pending and is reclaimed.
             log.exception("redis_job_crashed entry=%s", job.entry_id)
         finally:
+            job.admitted.set()
             self._jobs.pop(job.entry_id, None)
             if job.progress_task is not None:
                 job.progress_task.cancel()
@@ -353,16 +367,20 @@ class RedisConsumer:
                 await self._dead_letter(job, fields, reason)
                 return None
             except RETRY_LATER as e:
+                job.admitted.set()  # no slot to take: the consume loop waits for one anyway
                 log.info("redis_submit_deferred entry=%s error=%r", job.entry_id, str(e))
                 if not await self._wait_free_slot():
                     job.returned = True  # left pending for another pool
                     return None
         job.prediction = prediction
+        job.admitted.set()
         if self.config.publish_progress:
             prediction.add_listener(lambda p, event: self._on_progress(job, event))
         log.info(
             "redis_prediction_submitted entry=%s prediction=%s deliveries=%d",
-            job.entry_id, prediction.id, job.deliveries,
+            job.entry_id,
+            prediction.id,
+            job.deliveries,
         )
         return prediction
 
@@ -390,7 +408,9 @@ class RedisConsumer:
                 # over (XAUTOCLAIM counts the delivery) and runs it again.
                 log.warning(
                     "redis_entry_left_for_redelivery entry=%s prediction=%s error=%r",
-                    job.entry_id, prediction.id, prediction.error,
+                    job.entry_id,
+                    prediction.id,
+                    prediction.error,
                 )
             return
         value = json.dumps(prediction.to_dict(), separators=(",", ":"), default=str)
@@ -398,7 +418,9 @@ class RedisConsumer:
         self.stats.completed += 1
         log.info(
             "redis_prediction_completed entry=%s prediction=%s status=%s",
-            job.entry_id, prediction.id, prediction.status,
+            job.entry_id,
+            prediction.id,
+            prediction.status,
         )
 
     def _too_many(self, job: _Job, why: str) -> str:
@@ -477,7 +499,9 @@ class RedisConsumer:
         self.stats.dead_lettered += 1
         log.warning(
             "redis_dead_lettered entry=%s dead_stream=%s reason=%r",
-            job.entry_id, self.dead_stream, reason,
+            job.entry_id,
+            self.dead_stream,
+            reason,
         )
 
     # --- progress ------------------------------------------------------------------------------

@@ -1,0 +1,285 @@
+"""Redis Streams end to end: real Redis, real PoolManager, real coglet runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import redis.asyncio as aioredis
+from ingest_helpers import wait_until
+from ingest_pool import (
+    REDIS_URL,
+    count_runs,
+    free_port,
+    pool_config,
+    redis_overrides,
+    running_pool,
+    spawn_pool_process,
+    stop_process,
+    unique,
+)
+from redis.exceptions import RedisError
+
+from ingest import names
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+async def redis_client():
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    created: list[str] = []
+    yield client, created
+    for stream in created:
+        keys = [k async for k in client.scan_iter(match=f"{stream}*")]
+        if keys:
+            await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def stream(redis_client):
+    _, created = redis_client
+    name = unique("redis")
+    created.append(name)
+    return name
+
+
+async def push(client, stream: str, body: dict | str) -> str:
+    value = body if isinstance(body, str) else json.dumps(body)
+    return await client.xadd(stream, {"value": value})
+
+
+async def results_by_id(client, stream: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for _, fields in await client.xrange(f"{stream}:results"):
+        out.setdefault(fields["id"], []).append(json.loads(fields["value"]))
+    return out
+
+
+async def until_results(client, stream: str, n: int, timeout_s: float = 60.0):
+    async def enough():
+        try:
+            got = await results_by_id(client, stream)
+        except RedisError:  # the private server was just restarted under this client
+            return None
+        return got if len(got) >= n else None
+
+    return await wait_until(enough, timeout_s=timeout_s, what=f"{n} results on {stream}")
+
+
+async def test_200_predictions_two_runners_one_result_each(redis_client, stream, tmp_path):
+    client, _ = redis_client
+    config = pool_config(str(tmp_path / "state"), redis_overrides(stream))
+    async with running_pool(config) as (_, consumers):
+        for n in range(200):
+            await push(client, stream, {"id": f"p-{n}", "input": {"n": n}})
+        results = await until_results(client, stream, 200)
+        assert consumers.health()["redis"]["state"] == "connected"
+    assert sorted(results) == sorted(f"p-{n}" for n in range(200))
+    for pid, entries in results.items():
+        assert len(entries) == 1, pid
+        (result,) = entries
+        assert result["status"] == "succeeded"
+        assert result["output"] == f"echo {pid[2:]}"
+        assert result["input"]["n"] == int(pid[2:])
+    group = (await client.xinfo_groups(stream))[0]
+    assert group["pending"] == 0 and group["lag"] == 0
+
+
+async def test_poison_and_a_dying_model_go_to_dead_letters(redis_client, stream, tmp_path):
+    client, _ = redis_client
+    overrides = redis_overrides(
+        stream,
+        **{
+            "queues.redis.max_message_bytes": 10_000,
+            "queues.redis.max_deliveries": 2,
+            "queues.redis.claim_idle_s": 0.5,
+        },
+    )
+    config = pool_config(str(tmp_path / "state"), overrides)
+    async with running_pool(config):
+        sent = {
+            await push(client, stream, "{not json"): names.REASON_INVALID_JSON,
+            await push(client, stream, "[1, 2, 3]"): "must be a JSON object",
+            await push(client, stream, {"id": "no-input"}): "missing required field 'input'",
+            await push(client, stream, {"input": {"payload": "x" * 20_000}}): "too large",
+            await push(client, stream, {"input": {"n": "seven"}}): "invalid request",
+            await push(client, stream, {"id": "dies", "input": {"exit_now": True}}): (
+                names.REASON_MAX_DELIVERIES
+            ),
+        }
+        await push(client, stream, {"id": "fine", "input": {"n": 5}})
+        dead_stream = names.dead_stream_name(stream)
+
+        async def all_dead():
+            entries = await client.xrange(dead_stream)
+            return entries if len(entries) >= len(sent) else None
+
+        dead = await wait_until(all_dead, timeout_s=60, what="dead letters")
+        results = await until_results(client, stream, 1)
+    by_origin = {fields[names.FIELD_ORIGINAL_ID]: fields for _, fields in dead}
+    assert set(by_origin) == set(sent)
+    for entry_id, reason in sent.items():
+        assert reason in by_origin[entry_id]["reason"], by_origin[entry_id]["reason"]
+    assert "died" in by_origin[next(iter(e for e, r in sent.items() if "too many" in r))]["reason"]
+    assert by_origin[next(iter(sent))]["value"] == "{not json"  # original fields kept
+    assert list(results) == ["fine"] and results["fine"][0]["output"] == "echo 5"
+    assert (await client.xinfo_groups(stream))[0]["pending"] == 0
+
+
+async def test_cancel_broadcast_reaches_the_pool_running_it(redis_client, stream, tmp_path):
+    client, _ = redis_client
+    overrides = redis_overrides(stream)
+    config_a = pool_config(str(tmp_path / "a"), overrides, runners=1)
+    config_b = pool_config(str(tmp_path / "b"), overrides, runners=1)
+    async with running_pool(config_a) as (manager_a, _):
+        await push(client, stream, {"id": "long", "input": {"sleep_s": 60}})
+        await wait_until(lambda: manager_a.get("long") is not None, what="pool A runs it")
+        async with running_pool(config_b) as (manager_b, _):
+            assert manager_b.get("long") is None
+            assert await manager_b.cancel("long") is False  # not here: broadcast
+            results = await until_results(client, stream, 1, timeout_s=30)
+    assert results["long"][0]["status"] == "canceled"
+
+
+async def test_graceful_shutdown_acks_finished_and_leaves_the_rest(
+    redis_client, stream, tmp_path
+):
+    client, _ = redis_client
+    overrides = redis_overrides(stream, **{"queues.redis.claim_idle_s": 1.0})
+    config = pool_config(str(tmp_path / "a"), overrides)
+    async with running_pool(config) as (manager, consumers):
+        await push(client, stream, {"id": "short", "input": {"sleep_s": 1.0}})
+        await push(client, stream, {"id": "long", "input": {"sleep_s": 4.0}})
+        for n in range(3):  # no free slot: these stay unread in the stream
+            await push(client, stream, {"id": f"later-{n}", "input": {"n": n}})
+        await wait_until(
+            lambda: all(manager.get(i) is not None for i in ("short", "long")),
+            what="both running",
+        )
+        await consumers.stop(grace_s=2.5)
+        results = await results_by_id(client, stream)
+        assert list(results) == ["short"]
+        pending = await client.xpending_range(stream, f"{stream}:group", "-", "+", 10)
+        assert len(pending) == 1  # "long": unacked, for another pool to claim
+        assert (await client.xinfo_groups(stream))[0]["lag"] == 3
+    # The manager's shutdown canceled "long": that is not published as its result.
+    assert list(await results_by_id(client, stream)) == ["short"]
+    async with running_pool(pool_config(str(tmp_path / "b"), overrides)):
+        results = await until_results(client, stream, 5)
+    assert results["long"][0]["status"] == "succeeded"
+    assert all(len(v) == 1 for v in results.values())
+
+
+async def test_two_pool_processes_share_work_and_kill_9_loses_nothing(
+    redis_client, stream, tmp_path
+):
+    client, _ = redis_client
+    overrides = redis_overrides(stream, **{"queues.redis.claim_idle_s": 1.0})
+    total = 60
+    for n in range(total):
+        await push(client, stream, {"id": f"k-{n}", "input": {"n": n, "sleep_s": 0.1}})
+    procs = [spawn_pool_process(overrides, str(tmp_path / f"pool-{i}.log")) for i in range(2)]
+    try:
+
+        async def both_consuming():
+            try:
+                consumers = await client.xinfo_consumers(stream, f"{stream}:group")
+            except RedisError:  # the group does not exist until a pool made it
+                return False
+            done = await client.xlen(f"{stream}:results")
+            return len(consumers) == 2 and done >= 10
+
+        await wait_until(both_consuming, timeout_s=60, what="both pools consuming")
+        os.killpg(procs[0].pid, signal.SIGKILL)  # the pool and its runners, mid-work
+        procs[0].wait(10)
+        results = await until_results(client, stream, total, timeout_s=90)
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    assert sorted(results) == sorted(f"k-{n}" for n in range(total))
+    assert all(len(v) == 1 and v[0]["status"] == "succeeded" for v in results.values())
+    consumers = await client.xinfo_consumers(stream, f"{stream}:group")
+    assert all(c["pending"] == 0 for c in consumers)
+    for pid in results:
+        assert await client.get(names.result_key(stream, pid)) is not None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own, restartable with its data (AOF, fsync always)."""
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    cmd = [
+        shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+        "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data),
+        "--bind", "127.0.0.1",
+    ]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def stop() -> None:
+        proc = procs[-1]
+        proc.send_signal(signal.SIGTERM)  # redis flushes its AOF and exits
+        proc.wait(20)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", start, stop
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+async def _ping(url: str) -> bool:
+    client = aioredis.from_url(url)
+    try:
+        return bool(await client.ping())
+    except (OSError, RedisError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def test_redis_restart_reconnects_nothing_lost_or_run_twice(private_redis, tmp_path):
+    url, start, stop = private_redis
+    await wait_until(lambda: _ping(url), what="private redis up")
+    client = aioredis.from_url(url, decode_responses=True)
+    stream = unique("restart")
+    runs_file = str(tmp_path / "runs.txt")
+    overrides = {**redis_overrides(stream), "queues.redis.url": url}
+    total = 16
+    try:
+        async with running_pool(pool_config(str(tmp_path / "state"), overrides)) as (
+            _,
+            consumers,
+        ):
+            for n in range(total):
+                body = {"id": f"r-{n}", "input": {"n": n, "sleep_s": 0.3, "runs_file": runs_file}}
+                await push(client, stream, body)
+            await until_results(client, stream, 3)
+            stop()
+            await wait_until(
+                lambda: consumers.health()["redis"]["state"] == "reconnecting",
+                what="consumer sees the loss",
+            )
+            start()
+            await wait_until(lambda: _ping(url), what="redis back")
+            results = await until_results(client, stream, total, timeout_s=60)
+            health = consumers.health()["redis"]
+            assert health["reconnects"] >= 1
+            await wait_until(
+                lambda: consumers.health()["redis"]["state"] == "connected", what="connected"
+            )
+    finally:
+        await client.aclose()
+    assert all(len(v) == 1 and v[0]["status"] == "succeeded" for v in results.values())
+    assert count_runs(runs_file) == {n: 1 for n in range(total)}
