@@ -23,7 +23,6 @@ from aiohttp import web
 
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
-from pool.files import FileFetchError
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
 from pool.prediction import Prediction, PredictionRequest
@@ -297,8 +296,6 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
     else:
         try:
             prediction = await manager.submit(pred_request, source="http")
-        except FileFetchError as e:
-            prediction = _failed(pred_request, str(e))
         except Exception as e:
             return _translate(request, e)
     log.info(
@@ -311,13 +308,6 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
         return web.json_response(prediction.to_dict(), status=202)
     await _wait(request, manager, prediction, owned=existing is None)
     return web.json_response(prediction.to_dict())
-
-
-def _failed(pred_request: PredictionRequest, error: str) -> Prediction:
-    """A prediction that failed before it could be queued (e.g. an input download)."""
-    prediction = Prediction(pred_request, source="http")
-    prediction.fail(error)
-    return prediction
 
 
 def _disconnected(request: web.Request) -> bool:

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
 from pool import files
 from pool.config import PoolConfig
@@ -220,7 +221,16 @@ class PoolManager:
             if self._shutting_down:
                 raise ShuttingDown("the pool is shutting down; retry on another instance")
             prediction.add_listener(self._on_event)
-            self._router.enqueue(prediction, runner_input)
+            if prediction.cancel_requested:  # canceled while its inputs were downloading
+                prediction.finish(protocol.STATUS_CANCELED)
+            else:
+                self._router.enqueue(prediction, runner_input)
+        except files.FileFetchError as e:
+            # The prediction was accepted: it is recorded, webhooked and counted as failed,
+            # like any other failure, instead of vanishing with the exception.
+            shutil.rmtree(dest, ignore_errors=True)
+            prediction.add_listener(self._on_event)
+            prediction.fail(str(e))
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
@@ -242,6 +252,11 @@ class PoolManager:
     async def cancel(self, prediction_id: str) -> bool:
         """Cancel a queued or running prediction; False when this pool does not hold it."""
         if self._router.cancel(prediction_id):
+            return True
+        preparing = self._preparing.get(prediction_id)
+        if preparing is not None:  # inputs still downloading: submit() finishes it canceled
+            preparing.cancel_requested = True
+            log.info("prediction_canceled prediction=%s where=download", prediction_id)
             return True
         if self.get(prediction_id) is not None:
             return False  # finished here already

@@ -12,18 +12,18 @@ import secrets
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from coglet import protocol
 from pool.errors import InvalidRequest
 
 __all__ = [
+    "EVENTS",
     "EVENT_COMPLETED",
     "EVENT_LOGS",
     "EVENT_OUTPUT",
     "EVENT_START",
-    "EVENTS",
     "Listener",
     "Prediction",
     "PredictionRequest",
@@ -46,7 +46,7 @@ def new_prediction_id() -> str:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(ts: datetime | None) -> str | None:

@@ -129,6 +129,8 @@ class Receiver:
         return web.Response()
 
     async def file(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] == "slow.txt":
+            await self.hold.wait()
         data = self.files.get(request.match_info["name"])
         if data is None:
             raise web.HTTPNotFound()
@@ -337,6 +339,44 @@ async def test_file_inputs_from_urls_and_data_uris_output_as_data_uri(
             "POST", "/predictions", json={"input": {"doc": "/etc/passwd"}}
         )
         assert status == 422 and body["detail"][0]["loc"] == ["body", "input", "doc"]
+
+
+async def test_failed_download_is_recorded_and_cancel_during_download_works(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.files["slow.txt"] = b"late"
+    async with serving(tmp_path, model="files") as api:
+        # A download that fails: the prediction is kept, so GET and PUT see it as failed.
+        status, body = await api.call(
+            "PUT",
+            "/predictions/dl-missing",
+            json={"input": {"doc": receiver.url("/files/missing.txt")}},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202
+        await wait_until(lambda: api.manager.get("dl-missing"), "the failed prediction")
+        status, body = await api.call("GET", "/predictions/dl-missing")
+        assert status == 200 and body["status"] == "failed" and "404" in body["error"]
+
+        # Cancel while the input is still downloading: it ends canceled, never runs.
+        submit = asyncio.ensure_future(
+            api.call(
+                "PUT",
+                "/predictions/dl-slow",
+                json={"input": {"doc": receiver.url("/files/slow.txt")}},
+                headers={"Prefer": "respond-async"},
+            )
+        )
+        await wait_until(lambda: api.manager.get("dl-slow"), "the download to begin")
+        status, _ = await api.call("POST", "/predictions/dl-slow/cancel")
+        assert status == 200
+        receiver.hold.set()
+        status, body = await submit
+        await wait_until(
+            lambda: api.manager.get("dl-slow").status == "canceled", "the canceled prediction"
+        )
+        status, body = await api.call("GET", "/predictions/dl-slow")
+        assert body["status"] == "canceled" and body["output"] is None
 
 
 async def test_path_output_is_uploaded(tmp_path: Path, receiver: Receiver) -> None:
