@@ -690,6 +690,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(real_err)
     _detach(parent_pid)
     model_dir = os.getcwd()
+    # Importing the model would otherwise write __pycache__/ into the model directory, which
+    # is the user's (and often read-only); cached bytecode that is already there still loads.
+    sys.dont_write_bytecode = True
     if model_dir not in sys.path:
         sys.path.insert(0, model_dir)  # `python -I`/`-P` leave the cwd off sys.path
     _log.info(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 from coglet import protocol
+from tests.coglet.harness import PROJECT_ROOT
 
 
 def test_sync_prediction_epochs_output_and_metrics(spawn) -> None:
@@ -219,14 +221,15 @@ def test_async_iterator_streams(spawn, tmp_path) -> None:
     assert runner.wait_done("ag").output == ["item-0", "item-1"]
 
 
-def test_runner_never_writes_into_the_model_dir(spawn) -> None:
-    from tests.coglet.conftest import RUNNER_MODELS
-
-    before = sorted(os.listdir(RUNNER_MODELS))
-    runner = spawn("sync_models.py:Hello")
+def test_runner_never_writes_into_the_model_dir(spawn, tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(os.path.join(PROJECT_ROOT, "examples", "files"), model_dir)
+    before = sorted(os.listdir(model_dir))
+    source = tmp_path / "in.txt"
+    source.write_text("abc", encoding="utf-8")
+    runner = spawn("predict.py:Predictor", model_dir=str(model_dir))
     runner.wait_ready()
-    runner.submit("m1", {"text": "x"})
-    runner.wait_done("m1")
-    runner.stop()
-    after = sorted(n for n in os.listdir(RUNNER_MODELS) if n != "__pycache__")
-    assert after == sorted(n for n in before if n != "__pycache__")
+    runner.submit("m1", {"file": str(source)})
+    assert runner.wait_done("m1").status == "succeeded"
+    assert runner.stop() == 0
+    assert sorted(os.listdir(model_dir)) == before  # not even __pycache__
