@@ -18,9 +18,8 @@ Recorded (2000 iterations after 200 warm-up, Python 3.11, working dir on /dev/sh
 
     this 2-core dev VM, other test suites running   sync null  p50 265-286 us  p99 ~470-520 us
                                                      async null p50 ~285 us     (~3300 pred/s)
-    16-core H100 host, idle, Python 3.12 (5000 it.)  sync null  p50 276-343 us
-                                                     async null p50 295-354 us
-    (an idle machine is not faster: cross-process wake-ups from idle CPUs dominate)
+    16-core H100 host, idle, Python 3.12 (5000 it.)  sync null  p50 177-207 us  p99 ~570-670 us
+                                                     async null p50 192-200 us  (~4800 pred/s)
 
 Async: ``--model tests/models/runner --ref async_models.py:AsyncNull``.
 """
