@@ -55,6 +55,7 @@ class FakeManager:
         self.started = False
         self.stopped = False
         self.changed = asyncio.Event()  # set on every submit and cancel
+        self.fail_prediction_with: str | None = None
 
     async def start(self) -> None:
         self.started = True
@@ -71,6 +72,11 @@ class FakeManager:
             raise self.fail_with
         if request.id in self.predictions:
             return self.predictions[request.id]
+        if self.fail_prediction_with is not None:  # e.g. an input download failed
+            failed = Prediction(request, source=source)
+            failed.fail(self.fail_prediction_with)
+            self.predictions[failed.id] = failed
+            return failed
         if not isinstance(request.input.get("text"), str):
             raise InvalidInput(
                 [
@@ -295,7 +301,9 @@ async def test_cancel_known_is_200_unknown_is_404(api: Api) -> None:
 
 
 async def test_failed_prediction_still_answers_200(api: Api) -> None:
-    api.fake.fail_with = FileFetchError("image", "http://x/y.png", "HTTP 404 Not Found", status=404)
+    api.fake.fail_prediction_with = str(
+        FileFetchError("image", "http://x/y.png", "HTTP 404 Not Found", status=404)
+    )
     status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
     assert status == 200 and body["status"] == "failed"
     assert "http://x/y.png" in body["error"] and "404" in body["error"]
