@@ -78,6 +78,12 @@ async def running_pool(config: PoolConfig) -> AsyncIterator[tuple[PoolManager, C
         lambda: manager.free_slots() >= capacity, timeout_s=30, what="runners ready"
     )
     consumers = await start_consumers(config, manager)
+    # Declared and consuming (a quorum queue refuses publishes while it is being created).
+    await wait_until(
+        lambda: all(h["state"] == "connected" for h in consumers.health().values()),
+        timeout_s=30,
+        what="consumers connected",
+    )
     try:
         yield manager, consumers
     finally:

@@ -1,0 +1,269 @@
+"""AMQP end to end: real RabbitMQ, real PoolManager, real coglet runners."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aio_pika
+import pytest
+from ingest_helpers import wait_until
+from ingest_pool import (
+    AMQP_URL,
+    REDIS_URL,
+    amqp_overrides,
+    count_runs,
+    pool_config,
+    running_pool,
+    spawn_pool_process,
+    stop_process,
+    unique,
+)
+
+from ingest import names
+from pool.prediction import PredictionRequest
+
+pytestmark = pytest.mark.broker
+
+
+class Broker:
+    """A test's client connection: publishes requests, collects replies and dead letters."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.replies: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect(AMQP_URL)
+        self.channel = await self.connection.channel()
+        replies = await self.channel.declare_queue(f"{self.queue}.replies", durable=True)
+        await replies.consume(self._reply, no_ack=True)
+
+    async def _reply(self, message) -> None:
+        self.replies.append(message)
+
+    async def watch_dead(self) -> None:
+        assert self.channel is not None
+        dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
+        await dead.consume(lambda m: self._dead(m), no_ack=True)
+
+    async def _dead(self, message) -> None:
+        self.dead.append(message)
+
+    async def publish(self, body: dict | bytes, *, correlation_id: str | None = None) -> None:
+        assert self.channel is not None
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                raw,
+                reply_to=f"{self.queue}.replies",
+                correlation_id=correlation_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self.queue,
+        )
+
+    def results(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for message in self.replies:
+            result = json.loads(message.body)
+            out.setdefault(result["id"], []).append(result)
+        return out
+
+    async def until_results(self, n: int, timeout_s: float = 60.0) -> dict[str, list[dict]]:
+        return await wait_until(
+            lambda: (r := self.results()) and len(r) >= n and r,
+            timeout_s=timeout_s,
+            what=f"{n} replies",
+        )
+
+    async def cleanup(self) -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        for suffix in ("", ".dead", ".replies"):
+            await channel.queue_delete(f"{self.queue}{suffix}")
+        for suffix in (".dlx", ".cancel"):
+            await channel.exchange_delete(f"{self.queue}{suffix}")
+        await connection.close()
+        if self.connection is not None and not self.connection.is_closed:
+            await self.connection.close()
+
+
+@pytest.fixture
+async def broker():
+    b = Broker(unique("amqp"))
+    await b.connect()
+    yield b
+    await b.cleanup()
+
+
+async def queue_depth(queue: str) -> int:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def test_200_predictions_two_runners_one_reply_each(broker, tmp_path):
+    config = pool_config(str(tmp_path / "state"), amqp_overrides(broker.queue))
+    async with running_pool(config) as (_, consumers):
+        for n in range(200):
+            await broker.publish({"id": f"p-{n}", "input": {"n": n}}, correlation_id=str(n))
+        results = await broker.until_results(200)
+        assert consumers.health()["amqp"]["state"] == "connected"
+    assert sorted(results) == sorted(f"p-{n}" for n in range(200))
+    by_correlation = {m.correlation_id: json.loads(m.body) for m in broker.replies}
+    for n in range(200):
+        (result,) = results[f"p-{n}"]
+        assert result["status"] == "succeeded" and result["output"] == f"echo {n}"
+        assert by_correlation[str(n)]["id"] == f"p-{n}"
+    assert await queue_depth(broker.queue) == 0
+
+
+async def test_poison_and_a_dying_model_are_dead_lettered(broker, tmp_path):
+    overrides = amqp_overrides(
+        broker.queue,
+        **{"queues.amqp.max_message_bytes": 10_000, "queues.amqp.max_deliveries": 2},
+    )
+    config = pool_config(str(tmp_path / "state"), overrides)
+    async with running_pool(config):
+        await broker.watch_dead()
+        cases = {
+            "c-json": (b"{not json", names.REASON_INVALID_JSON),
+            "c-list": (b"[1, 2]", "must be a JSON object"),
+            "c-noinput": ({"id": "x"}, "missing required field 'input'"),
+            "c-huge": ({"input": {"payload": "x" * 20_000}}, names.REASON_TOO_LARGE),
+            "c-invalid": ({"input": {"n": "seven"}}, names.REASON_INVALID_REQUEST),
+            "c-dies": ({"id": "dies", "input": {"exit_now": True}}, names.REASON_MAX_DELIVERIES),
+        }
+        for correlation_id, (body, _) in cases.items():
+            await broker.publish(body, correlation_id=correlation_id)
+        await broker.publish({"id": "fine", "input": {"n": 5}}, correlation_id="fine")
+        await wait_until(lambda: len(broker.dead) >= len(cases), timeout_s=60, what="dead")
+        results = await broker.until_results(1)
+    reasons = {
+        m.correlation_id: m.headers[names.AMQP_DEAD_REASON_HEADER] for m in broker.dead
+    }
+    assert set(reasons) == set(cases)
+    for correlation_id, (_, reason) in cases.items():
+        assert reason in reasons[correlation_id], reasons[correlation_id]
+    assert "died" in reasons["c-dies"]
+    assert next(m.body for m in broker.dead if m.correlation_id == "c-json") == b"{not json"
+    assert list(results) == ["fine"] and results["fine"][0]["output"] == "echo 5"
+
+
+async def test_cancel_broadcast_reaches_the_pool_running_it(broker, tmp_path):
+    overrides = amqp_overrides(broker.queue)
+    async with running_pool(pool_config(str(tmp_path / "a"), overrides, runners=1)) as (a, _):
+        await broker.publish({"id": "long", "input": {"sleep_s": 60}})
+        await wait_until(lambda: a.get("long") is not None, what="pool A runs it")
+        config_b = pool_config(str(tmp_path / "b"), overrides, runners=1)
+        async with running_pool(config_b) as (b, _):
+            assert await b.cancel("long") is False  # not here: broadcast
+            results = await broker.until_results(1, timeout_s=30)
+    assert results["long"][0]["status"] == "canceled"
+
+
+async def test_graceful_shutdown_requeues_unstarted_and_acks_finished(broker, tmp_path):
+    config = pool_config(str(tmp_path / "state"), amqp_overrides(broker.queue))
+    async with running_pool(config) as (manager, consumers):
+        # An HTTP prediction takes one of the two slots for a while.
+        http = await manager.submit(
+            PredictionRequest(id="http", input={"sleep_s": 3.0}), source="http"
+        )
+        await broker.publish({"id": "q-run", "input": {"sleep_s": 1.0}})
+        for n in range(3):
+            await broker.publish({"id": f"q-{n}", "input": {"n": n}})
+        # prefetch 2: one message runs in the free slot, one is held unstarted.
+        await wait_until(
+            lambda: consumers.health()["amqp"]["held"] == 1, what="one message held"
+        )
+        assert manager.get("q-run") is not None
+        await consumers.stop(grace_s=10)
+        results = await broker.until_results(1)
+        assert list(results) == ["q-run"]
+        assert await queue_depth(broker.queue) == 3  # held one back + two never delivered
+        await http.wait(30)
+
+
+async def test_connection_loss_reconnects_nothing_lost_or_run_twice(broker, tmp_path):
+    runs_file = str(tmp_path / "runs.txt")
+    config = pool_config(str(tmp_path / "state"), amqp_overrides(broker.queue))
+    total = 12
+    async with running_pool(config) as (_, consumers):
+        for n in range(total):
+            body = {"id": f"c-{n}", "input": {"n": n, "sleep_s": 0.3, "runs_file": runs_file}}
+            await broker.publish(body)
+        await broker.until_results(2)
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_all_connections", "cog-pool ingest test",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        await wait_until(
+            lambda: consumers.health()["amqp"]["reconnects"] >= 1, what="loss seen"
+        )
+        # The test's own connection was closed too: read the replies on a new one.
+        await broker.connect()
+        await wait_until(
+            lambda: consumers.health()["amqp"]["state"] == "connected", what="reconnected"
+        )
+        await broker.until_results(total)
+    await wait_until(lambda: len(count_runs(runs_file)) == total, what="runs counted")
+    assert count_runs(runs_file) == {n: 1 for n in range(total)}
+    per_id = broker.results()
+    assert all(len(v) == 1 for v in per_id.values()), per_id
+    assert set(per_id) == {f"c-{n}" for n in range(total)}
+
+
+async def _declared(queue: str) -> bool:
+    try:
+        await queue_depth(queue)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    return True
+
+
+async def test_two_pool_processes_share_work_and_kill_9_loses_nothing(broker, tmp_path):
+    overrides = amqp_overrides(
+        broker.queue, **{"queues.amqp.result_store_redis_url": REDIS_URL}
+    )
+    total = 60
+    procs = [spawn_pool_process(overrides, str(tmp_path / f"pool-{i}.log")) for i in range(2)]
+    try:
+        await wait_until(lambda: _declared(broker.queue), timeout_s=60, what="queue declared")
+        for n in range(total):
+            body = {"id": f"k-{n}-{broker.queue}", "input": {"n": n, "sleep_s": 0.1}}
+            await broker.publish(body)
+        await wait_until(lambda: len(broker.results()) >= 10, timeout_s=60, what="progress")
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(10)
+        results = await broker.until_results(total, timeout_s=90)
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    assert len(results) == total
+    assert all(r["status"] == "succeeded" for v in results.values() for r in v)
+    # A pool killed between its confirmed reply and its ack has its message redelivered; the
+    # survivor finds the recorded result and replies again (at most its 2 slots' worth).
+    assert sum(len(v) - 1 for v in results.values()) <= 2
+    logs = [(tmp_path / f"pool-{i}.log").read_text() for i in range(2)]
+    assert all("amqp_prediction_completed" in log for log in logs)  # both did work
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        for pid in results:
+            assert await client.exists(names.result_key(broker.queue, pid))
+        for pid in results:
+            await client.delete(names.result_key(broker.queue, pid))
+    finally:
+        await client.aclose()
