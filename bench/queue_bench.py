@@ -1,0 +1,237 @@
+"""Queue front doors end to end: predictions/s and enqueue -> result latency.
+
+    .venv/bin/python bench/queue_bench.py                  # both brokers, prints the table
+    .venv/bin/python bench/queue_bench.py --only redis --saturation 2000 --light 200
+
+A ``cog-pool serve`` child process (bench/models/null, 2 runners) consumes a fresh Redis
+stream and a fresh AMQP queue. For each broker:
+- saturation: ``--saturation`` requests enqueued at once; throughput = requests / (last
+  result seen - first enqueue); latency per request = result seen - its enqueue;
+- light load: ``--light`` requests one at a time (the next after the previous result).
+"Result seen" is when this client reads the terminal result (Redis: the results stream;
+AMQP: its reply queue), i.e. after the pool published and recorded it.
+Needs Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (guest/guest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NULL_MODEL = os.path.join(ROOT, "bench", "models", "null")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_pool(name: str, log_path: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.update(
+        {
+            "COG_POOL_QUEUES_REDIS_URL": REDIS_URL,
+            "COG_POOL_QUEUES_REDIS_STREAM": name,
+            "COG_POOL_QUEUES_REDIS_GROUP": f"{name}:group",
+            "COG_POOL_QUEUES_REDIS_RESULTS_STREAM": f"{name}:results",
+            "COG_POOL_QUEUES_AMQP_URL": AMQP_URL,
+            "COG_POOL_QUEUES_AMQP_QUEUE": name,
+            "COG_POOL_QUEUES_AMQP_DEAD_LETTER_EXCHANGE": f"{name}.dlx",
+            "COG_POOL_QUEUES_AMQP_DEAD_LETTER_QUEUE": f"{name}.dead",
+            "COG_POOL_QUEUES_AMQP_CANCEL_EXCHANGE": f"{name}.cancel",
+        }
+    )
+    cmd = [sys.executable, "-m", "pool", "serve", NULL_MODEL, "--runners", "2",
+           "--port", str(_free_port()), "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def summary(broker: str, load: str, sent: dict[str, float], seen: dict[str, float]) -> dict:
+    lat = sorted(seen[i] - sent[i] for i in sent)
+    span = max(seen.values()) - min(sent.values())
+    return {
+        "broker": broker, "load": load, "n": len(lat), "per_s": len(lat) / span,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    }
+
+
+async def bench_redis(name: str, saturation: int, light: int) -> list[dict]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    results = f"{name}:results"
+    last = "$"
+
+    async def read_until(ids: set[str], seen: dict[str, float]) -> None:
+        nonlocal last
+        while not ids <= seen.keys():
+            reply: Any = await client.xread({results: last}, block=1000, count=1000)
+            now = time.perf_counter()
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    seen.setdefault(fields["id"], now)
+
+    async def push(pid: str) -> None:
+        await client.xadd(name, {"value": json.dumps({"id": pid, "input": {}})})
+
+    try:
+        await _warm(lambda pid: push(pid), lambda ids, seen: read_until(ids, seen))
+        rows = []
+        for load, n in (("saturation", saturation), ("light", light)):
+            sent: dict[str, float] = {}
+            seen: dict[str, float] = {}
+            if load == "saturation":
+                ids = [f"s-{uuid.uuid4().hex}" for _ in range(n)]
+                for pid in ids:
+                    sent[pid] = time.perf_counter()
+                    await push(pid)
+                await read_until(set(ids), seen)
+            else:
+                for _ in range(n):
+                    pid = f"l-{uuid.uuid4().hex}"
+                    sent[pid] = time.perf_counter()
+                    await push(pid)
+                    await read_until({pid}, seen)
+            rows.append(summary("redis", load, sent, seen))
+        return rows
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{name}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def bench_amqp(name: str, saturation: int, light: int) -> list[dict]:
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    seen_at: dict[str, float] = {}
+    arrived = asyncio.Event()
+
+    async def on_reply(message: Any) -> None:
+        seen_at.setdefault(json.loads(message.body)["id"], time.perf_counter())
+        arrived.set()
+
+    await replies.consume(on_reply, no_ack=True)
+
+    async def push(pid: str) -> None:
+        body = json.dumps({"id": pid, "input": {}}).encode()
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=replies.name), routing_key=name
+        )
+
+    async def read_until(ids: set[str], seen: dict[str, float]) -> None:
+        while not ids <= seen_at.keys():
+            arrived.clear()
+            await arrived.wait()
+        seen.update({i: seen_at[i] for i in ids})
+
+    try:
+        await _warm(push, read_until)
+        rows = []
+        for load, n in (("saturation", saturation), ("light", light)):
+            sent: dict[str, float] = {}
+            seen: dict[str, float] = {}
+            if load == "saturation":
+                ids = [f"s-{uuid.uuid4().hex}" for _ in range(n)]
+                for pid in ids:
+                    sent[pid] = time.perf_counter()
+                    await push(pid)
+                await read_until(set(ids), seen)
+            else:
+                for _ in range(n):
+                    pid = f"l-{uuid.uuid4().hex}"
+                    sent[pid] = time.perf_counter()
+                    await push(pid)
+                    await read_until({pid}, seen)
+            rows.append(summary("amqp", load, sent, seen))
+        return rows
+    finally:
+        for queue in (name, f"{name}.dead"):
+            await channel.queue_delete(queue)
+        for exchange in (f"{name}.dlx", f"{name}.cancel"):
+            await channel.exchange_delete(exchange)
+        await connection.close()
+
+
+async def _warm(push: Any, read_until: Any, n: int = 20) -> None:
+    """A few predictions first: the pool is up, consuming, and its code paths are warm."""
+    ids = {f"w-{uuid.uuid4().hex}" for _ in range(n)}
+    for pid in ids:
+        await push(pid)
+    await asyncio.wait_for(read_until(ids, {}), 120)
+
+
+async def _wait_declared(name: str) -> None:
+    import aio_pika
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(name, passive=True)
+            return
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            await asyncio.sleep(0.2)  # the pool is still starting
+        finally:
+            await connection.close()
+    raise TimeoutError(f"the pool never declared {name}")
+
+
+async def main_async(args: argparse.Namespace) -> list[dict]:
+    name = f"bench-queue-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.join(ROOT, "bench", ".work"), exist_ok=True)
+    pool = start_pool(name, os.path.join(ROOT, "bench", ".work", "queue-bench-pool.log"))
+    rows: list[dict] = []
+    try:
+        if args.only in (None, "redis"):
+            rows += await asyncio.wait_for(bench_redis(name, args.saturation, args.light), 600)
+        if args.only in (None, "amqp"):
+            await _wait_declared(name)
+            rows += await asyncio.wait_for(bench_amqp(name, args.saturation, args.light), 600)
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        try:
+            pool.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(pool.pid, signal.SIGKILL)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'broker':<7} {'load':<11} {'n':>6} {'pred/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in rows:
+        print(f"{r['broker']:<7} {r['load']:<11} {r['n']:>6} {r['per_s']:>9.1f} "
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=("redis", "amqp"))
+    p.add_argument("--saturation", type=int, default=1000, help="requests enqueued at once")
+    p.add_argument("--light", type=int, default=100, help="requests one at a time")
+    print_table(asyncio.run(main_async(p.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
