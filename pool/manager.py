@@ -204,7 +204,8 @@ class PoolManager:
             raise ShuttingDown("the pool is shutting down; retry on another instance")
         if request.id is not None:
             known = self.get(request.id)
-            if known is not None:
+            # Idempotent by id, except for a run lost to a runner death: that is retried.
+            if known is not None and not (known.done and known.runner_died):
                 return known
         schema = self._require_ready()
         _validate(schema, request.input)

@@ -189,6 +189,9 @@ class Prediction:
         self.completed_at: datetime | None = None
         self.runner_index: int | None = None
         self.cancel_requested = False
+        # Failed because its runner process died under it: says nothing about the request,
+        # so a later submit of the same id runs it again instead of returning this failure.
+        self.runner_died = False
         self._listeners: list[Listener] = []
         self._done = asyncio.Event()
 

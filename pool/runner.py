@@ -540,6 +540,7 @@ class RunnerHandle:
         for prediction_id in list(self.slots):
             slot = self.slots[prediction_id]
             self._release(prediction_id)
+            slot.prediction.runner_died = True
             if slot.encoder is not None:
                 # Updates are still being encoded: the failure lands after them, in order.
                 slot.backlog.append({"status": protocol.STATUS_FAILED, "error": error})

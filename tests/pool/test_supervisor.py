@@ -96,6 +96,32 @@ async def test_kill_9_of_a_runner_fails_its_prediction_and_it_comes_back(tmp_pat
     assert after.status == "succeeded"
 
 
+async def test_a_run_lost_to_a_runner_death_is_rerun_when_its_id_comes_again(
+    tmp_path: Path,
+) -> None:
+    # Steps: a prediction with a client id is running; its runner is killed; the same id is
+    # submitted again (a queue redelivery, or a client retrying its PUT).
+    config = make_config(tmp_path, runners__count=1)
+    async with running_pool(config) as manager:
+        request = PredictionRequest(id="lost-1", input={"sleep_s": 60, "shout": "first run"})
+        first = await manager.submit(request)
+        await wait_until(lambda: "first run" in first.logs, what="prediction running")
+        os.kill(runner(manager, 0)["pid"], signal.SIGKILL)
+        await first.wait(30)
+        assert first.status == "failed" and first.runner_died
+        await wait_until(lambda: runner(manager, 0)["status"] == "READY", what="restart")
+        second = await manager.submit(request)
+        # Result: a new run under the same id, not the recorded failure.
+        assert second is not first
+        await wait_until(lambda: "first run" in second.logs, what="the rerun running")
+        assert manager.get("lost-1") is second
+        await manager.cancel("lost-1")
+        await second.wait(30)
+        assert second.status == "canceled"
+        # A finished run that the model itself ended is returned, never rerun.
+        assert await manager.submit(request) is second
+
+
 async def test_setup_failure_is_reported_and_never_restarted(tmp_path: Path) -> None:
     config = make_config(tmp_path, "setup_fails", runners__count=2)
     async with running_pool(config, ready=False) as manager:
