@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amqp-url", help="queues.amqp.url (enables the AMQP consumer)")
         p.add_argument("--state-dir", help="state_dir: runner working directories")
         p.add_argument("--log-level", help="log_level: debug, info, warning, error")
+    # Listed for --help; its own parser (ingest/submit.py) reads the arguments.
+    sub.add_parser(
+        "submit",
+        help="push one prediction to a Redis stream or AMQP queue and print its result",
+        add_help=False,
+    )
     return parser
 
 
@@ -74,6 +80,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["submit"]:
+        from ingest.submit import submit_main
+
+        return submit_main(argv[1:])
     args = build_parser().parse_args(argv)
     config_path = args.config or os.environ.get("COG_POOL_CONFIG") or None
     try:

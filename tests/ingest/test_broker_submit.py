@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 from ingest_pool import (
@@ -21,14 +22,25 @@ from ingest.submit import submit_main
 pytestmark = pytest.mark.broker
 
 
-async def test_submit_through_redis_prints_the_result(tmp_path, capsys):
+async def test_cog_pool_submit_through_redis_prints_the_result(tmp_path):
+    # Through the real command line: `python -m pool submit ...` is `cog-pool submit ...`.
     stream = unique("submit")
     config = pool_config(str(tmp_path / "s"), redis_overrides(stream), runners=1)
     async with running_pool(config):
         argv = ["--redis-url", REDIS_URL, "--stream", stream, "-i", "n=42", "--id", "sub-1"]
-        code = await asyncio.to_thread(submit_main, argv)
-    out = json.loads(capsys.readouterr().out)
-    assert code == 0
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pool",
+            "submit",
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        code = proc.returncode
+    assert code == 0, stderr.decode()
+    out = json.loads(stdout)
     assert out["id"] == "sub-1" and out["output"] == "echo 42" and out["status"] == "succeeded"
     import redis.asyncio as aioredis
 
