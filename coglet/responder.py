@@ -89,15 +89,23 @@ class Responder:
 
     # --- writing --------------------------------------------------------------------------------
     def start(self, logs: str = "") -> None:
-        """Write epoch 0: status processing (with any logs so far, e.g. input warnings).
+        """Note the start (with any logs so far, e.g. input warnings); writes nothing yet.
 
-        It does not signal: the runner announces it a moment later only if the prediction is
-        still running, so a fast prediction costs the parent one wake-up, not two.
+        Epoch 0 ("processing") is written by :meth:`announce` a moment later, only if the
+        prediction is still running then; a fast prediction's first file is its terminal
+        delta, so it costs one write, one read and one wake-up of the parent instead of two.
         """
-        with self._lock:
-            if logs:
+        if logs:
+            with self._lock:
                 self._logs.append(logs)
+
+    def announce(self) -> bool:
+        """Write epoch 0 (status processing) unless a delta was written already; True if so."""
+        with self._lock:
+            if self._done or self._epoch > 0:
+                return False
             self._write_locked(protocol.STATUS_PROCESSING, None)
+            return True
 
     def flush(self) -> None:
         """Write what is pending as a processing delta; nothing when there is nothing new."""

@@ -299,7 +299,7 @@ class Runner:
 
     # --- requests -------------------------------------------------------------------------------
     def _accept(self, prediction_id: str) -> None:
-        """Read, delete and validate one request, write epoch 0, queue it."""
+        """Read, delete and validate one request, queue it (epoch 0 comes with _announce)."""
         path = self._path(protocol.request_name(prediction_id))
         try:
             raw: Any = protocol.read_json(path)
@@ -376,7 +376,8 @@ class Runner:
             if prediction is None or prediction.responder.done or prediction.announced:
                 return
             prediction.announced = True
-            self._signal_parent(protocol.SIG_OUTPUT)
+            if prediction.responder.announce():
+                self._signal_parent(protocol.SIG_OUTPUT)
             if len(self._running) >= self.capacity and not self._busy:
                 self._busy = True
                 self._signal_parent(protocol.SIG_BUSY)

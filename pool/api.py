@@ -25,7 +25,7 @@ from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
-from pool.prediction import Prediction, PredictionRequest
+from pool.prediction import EVENT_COMPLETED, Prediction, PredictionRequest
 
 __all__ = [
     "CONFIG_KEY",
@@ -53,8 +53,10 @@ _PREFER_ASYNC = "respond-async"
 class ManagerAPI(Protocol):
     """What the HTTP API uses of :class:`pool.manager.PoolManager`."""
 
-    status: str
-    schema: dict[str, Any] | None
+    @property
+    def status(self) -> str: ...
+    @property
+    def schema(self) -> dict[str, Any] | None: ...
 
     async def start(self) -> None: ...
     async def shutdown(self, grace_s: float | None = None) -> None: ...
@@ -298,7 +300,7 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
             prediction = await manager.submit(pred_request, source="http")
         except Exception as e:
             return _translate(request, e)
-    log.info(
+    log.debug(  # prediction_finished is the INFO line; this one is per request, on the hot path
         "http_prediction prediction=%s mode=%s known=%s",
         prediction.id,
         "async" if respond_async else "sync",
@@ -318,23 +320,46 @@ def _disconnected(request: web.Request) -> bool:
 async def _wait(
     request: web.Request, manager: ManagerAPI, prediction: Prediction, *, owned: bool
 ) -> None:
-    """Wait for the end; a client that goes away cancels the prediction it created."""
-    waiter = asyncio.ensure_future(prediction.wait())
+    """Wait for the end; a client that goes away cancels the prediction it created.
+
+    One future, a completion listener and a periodic connection check: no task per request
+    (this is the hot path of every sync prediction).
+    """
+    if prediction.done:
+        return
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[str] = loop.create_future()
+
+    def on_event(_: Prediction, event: str) -> None:
+        if event == EVENT_COMPLETED and not outcome.done():
+            outcome.set_result("done")
+
+    timers: list[asyncio.TimerHandle] = []
+
+    def check_connection() -> None:
+        if outcome.done():
+            return
+        if _disconnected(request):
+            outcome.set_result("disconnected")
+        else:
+            timers[0] = loop.call_later(_DISCONNECT_CHECK_S, check_connection)
+
+    prediction.add_listener(on_event)
+    timers.append(loop.call_later(_DISCONNECT_CHECK_S, check_connection))
     try:
-        while not waiter.done():
-            await asyncio.wait({waiter}, timeout=_DISCONNECT_CHECK_S)
-            if not waiter.done() and _disconnected(request):
-                log.info("http_client_disconnected prediction=%s", prediction.id)
-                if owned:
-                    await manager.cancel(prediction.id)
-                return
+        result = await outcome
     except asyncio.CancelledError:
         if owned and not prediction.done:
             log.info("http_client_disconnected prediction=%s", prediction.id)
             await manager.cancel(prediction.id)
         raise
     finally:
-        waiter.cancel()
+        timers[0].cancel()
+        prediction.remove_listener(on_event)
+    if result == "disconnected" and not prediction.done:
+        log.info("http_client_disconnected prediction=%s", prediction.id)
+        if owned:
+            await manager.cancel(prediction.id)
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------

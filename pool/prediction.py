@@ -8,8 +8,8 @@ is announced to listeners (webhooks, queue publishers, waiting HTTP clients) as 
 from __future__ import annotations
 
 import asyncio
-import secrets
-import string
+import base64
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,12 +37,12 @@ EVENT_LOGS = "logs"
 EVENT_COMPLETED = "completed"
 EVENTS = (EVENT_START, EVENT_OUTPUT, EVENT_LOGS, EVENT_COMPLETED)
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
-
-
 def new_prediction_id() -> str:
-    """A fresh id in the protocol's id alphabet (26 lowercase letters and digits)."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(26))
+    """A fresh id in the protocol's id alphabet: 128 random bits as 26 base32 characters.
+
+    (One ``os.urandom`` call: picking 26 characters one by one cost ~40 µs per prediction.)
+    """
+    return base64.b32encode(os.urandom(16)).decode("ascii").rstrip("=").lower()
 
 
 def utc_now() -> datetime:

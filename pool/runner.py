@@ -529,9 +529,11 @@ class RunnerHandle:
             return
         for timer in slot.timers:
             timer.cancel()
-        for name in (protocol.request_name(prediction_id), protocol.cancel_name(prediction_id)):
+        # The runner deletes the request file it took, and the working directory is emptied
+        # before a restart; only a cancel file may be left behind, and only after a cancel.
+        if slot.prediction.cancel_requested:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.working_dir, name))
+                os.unlink(os.path.join(self.working_dir, protocol.cancel_name(prediction_id)))
         self._wake()
 
     def fail_all(self, error: str) -> list[Prediction]:

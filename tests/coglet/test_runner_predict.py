@@ -18,8 +18,10 @@ def test_sync_prediction_epochs_output_and_metrics(spawn) -> None:
     assert state.status == "succeeded"
     assert state.output == "hello world"
     assert state.error is None
-    assert state.deltas[0]["status"] == "processing"  # epoch 0 marks the start
+    # Epoch 0 ("processing") is written only for a prediction still running when it is
+    # announced; a quick one usually says everything in its terminal delta.
     assert state.deltas[-1]["status"] == "succeeded"
+    assert all(d["status"] == "processing" for d in state.deltas[:-1])
     assert isinstance(state.metrics["predict_time"], float)
     assert state.metrics["predict_time"] >= 0
     # The request was consumed and every response read: nothing is left behind.
@@ -92,7 +94,6 @@ def test_unknown_input_fields_warn_in_that_predictions_logs(spawn) -> None:
     assert state.status == "succeeded"
     assert "colour" in state.logs
     assert "unknown input field" in state.logs
-    assert state.deltas[0]["status"] == "processing"
     assert "colour" in state.deltas[0]["logs_append"]  # in the first update already
 
 
