@@ -169,9 +169,13 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+# Built once: json.dumps() with any non-default option builds a new encoder on every call.
+_encode_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Serialise ``obj`` as compact JSON and write it atomically to ``path``."""
-    write_atomic(path, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+    write_atomic(path, _encode_compact(obj).encode())
 
 
 def read_json(path: str) -> Optional[Any]:

@@ -283,7 +283,12 @@ class PoolManager:
                 queue_wait_s=queue_wait_s,
                 predict_time_s=prediction.metrics.get("predict_time"),
             )
-        log.info(
+        # Successes are counted by /metrics and logged at DEBUG: a log line costs about as
+        # much as the rest of the pool's work on a null prediction. Failures and cancels
+        # are the lines an operator reads, at INFO.
+        level = logging.DEBUG if prediction.status == protocol.STATUS_SUCCEEDED else logging.INFO
+        log.log(
+            level,
             "prediction_finished prediction=%s status=%s runner=%s source=%s",
             prediction.id,
             prediction.status,

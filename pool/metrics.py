@@ -8,6 +8,8 @@ one that raises is logged and skipped so a scrape never fails.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -88,16 +90,18 @@ class _Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        # One count in the first bucket that holds the value; lines() makes them cumulative.
         self.total += 1
         self.sum += value
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
 
     def lines(self, name: str) -> list[str]:
+        cumulative = itertools.accumulate(self.counts)
         out = [
             f'{name}_bucket{{le="{_number(bound)}"}} {count}'
-            for bound, count in zip(self.buckets, self.counts, strict=True)
+            for bound, count in zip(self.buckets, cumulative, strict=True)
         ]
         out.append(f'{name}_bucket{{le="+Inf"}} {self.total}')
         out.append(f"{name}_sum {_number(self.sum)}")

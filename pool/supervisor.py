@@ -129,17 +129,27 @@ class Supervisor:
     async def start(self) -> None:
         """Install the wake handlers, then spawn every runner (they set up in parallel)."""
         # Before any spawn: an unhandled SIGHUP/SIGUSR1 from a runner would kill the pool.
-        _add_waker(self.wake)
+        _add_waker(self.handle_signal)
         for runner in self.runners:
             runner.spawn()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pool-supervisor")
 
     def wake(self) -> None:
-        """Something changed (a signal, a child exit, a freed slot): run one tick soon."""
+        """Something changed (a child exit, a freed slot, a cancel): run one tick soon."""
         self._event.set()
 
+    def handle_signal(self) -> None:
+        """A runner signalled (SIGHUP output, SIGUSR1 ready, SIGUSR2 busy): rescan now.
+
+        This runs as a loop callback, not in signal context, so it may do the work itself:
+        one loop iteration less on every prediction's path than waking the supervisor task.
+        """
+        if self._closing:
+            return
+        self._tick_and_settle()
+
     async def _run(self) -> None:
-        # The safety rescan is a timer that sets the same event as a signal does: cheaper on
+        # The safety rescan is a timer that sets the same event as a wake does: cheaper on
         # the hot path than wait_for(), which wraps every wait in a new task. The loop ends
         # on a flag as well as on cancel, so a stop can never be missed.
         loop = asyncio.get_running_loop()
@@ -149,11 +159,17 @@ class Supervisor:
                 await self._event.wait()
             finally:
                 safety.cancel()
-            self._event.clear()
-            try:
-                self.tick()
-            except Exception:  # the supervisor must outlive one bad tick
-                log.exception("supervisor_tick_failed")
+            self._tick_and_settle()
+
+    def _tick_and_settle(self) -> None:
+        try:
+            self.tick()
+        except Exception:  # the supervisor must outlive one bad tick
+            log.exception("supervisor_tick_failed")
+        # Cleared after the tick: a tick never awaits, so no other callback ran inside it,
+        # and a wake() seen now came from the tick itself (a freed slot) or from before it;
+        # this tick served both. Clearing before would cost an empty scan per prediction.
+        self._event.clear()
 
     def tick(self) -> None:
         """One pass: reap, scan, restart, time out setups, then let the router dispatch."""
@@ -326,7 +342,7 @@ class Supervisor:
             self._task = None
         for runner in self.runners:
             runner.close()
-        _remove_waker(self.wake)
+        _remove_waker(self.handle_signal)
 
     # --- views ---------------------------------------------------------------------------------
     def status(self) -> str:
