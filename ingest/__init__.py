@@ -103,7 +103,7 @@ async def start_consumers(config: PoolConfig, manager: Any) -> Consumers:
         await consumer.start()
     if consumers:
         manager.add_cancel_forwarder(result.forward_cancel)
-        metrics = getattr(manager, "metrics", None)
+        metrics = manager.metrics
         if metrics is not None and hasattr(metrics, "add_collector"):
             metrics.add_collector(result.samples)
     return result

@@ -36,7 +36,7 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 
 from ingest import names
-from ingest.backoff import retry_forever
+from ingest.backoff import retry_forever, watch_task
 from ingest.messages import Poison, parse_request, runner_died, shutdown_casualty
 from ingest.results import ResultStore
 from pool.config import AmqpConfig
@@ -116,8 +116,10 @@ class AmqpConsumer:
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever(), name="amqp-consume")
-        self._monitor = asyncio.create_task(self._monitor_forever(), name="amqp-monitor")
+        self._task = watch_task(asyncio.create_task(self._run_forever(), name="amqp-consume"), log)
+        self._monitor = watch_task(
+            asyncio.create_task(self._monitor_forever(), name="amqp-monitor"), log
+        )
         log.info("amqp_consumer_started queue=%s", self.config.queue)
 
     async def stop(self, grace_s: float) -> None:
@@ -214,7 +216,9 @@ class AmqpConsumer:
             self.state = "connected"
             log.info(
                 "amqp_connected queue=%s generation=%d prefetch=%d",
-                self.config.queue, self._generation, self._capacity(),
+                self.config.queue,
+                self._generation,
+                self._capacity(),
             )
             await closed.wait()
         finally:
@@ -229,7 +233,7 @@ class AmqpConsumer:
             await self._wait_slot_or_stop()
 
     def _draining(self) -> bool:
-        return self._stopping or bool(getattr(self.manager, "shutting_down", False))
+        return self._stopping or self.manager.shutting_down
 
     def _capacity(self) -> int:
         try:
@@ -265,9 +269,7 @@ class AmqpConsumer:
             "x-delivery-limit": cfg.max_deliveries + names.AMQP_DELIVERY_LIMIT_HEADROOM,
         }
         try:
-            return await self._channel.declare_queue(
-                cfg.queue, durable=True, arguments=arguments
-            )
+            return await self._channel.declare_queue(cfg.queue, durable=True, arguments=arguments)
         except ChannelPreconditionFailed as e:
             # The queue exists with other arguments (e.g. a classic queue made by an operator):
             # the broker closed the channel; reopen it and count deliveries in the result store.
@@ -482,8 +484,9 @@ class AmqpConsumer:
         if self._results_exchange is not None:
             await self._results_exchange.publish(out, routing_key=self.config.results_routing_key)
         if not message.reply_to and self._results_exchange is None:
-            log.info("amqp_result_unrouted prediction=%s (no reply_to, no results_exchange)",
-                     request.id)
+            log.info(
+                "amqp_result_unrouted prediction=%s (no reply_to, no results_exchange)", request.id
+            )
         await message.ack()
 
     async def _dead_letter(self, job: _Job, reason: str) -> None:

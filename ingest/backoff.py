@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -13,7 +14,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-__all__ = ["retry_forever"]
+__all__ = ["log_retry", "retry_forever", "watch_task"]
 
 T = TypeVar("T")
 
@@ -42,6 +43,7 @@ async def retry_forever(
         before_sleep=before_sleep,
         reraise=True,
     )
+
     async def call() -> T:
         # tenacity awaits only coroutine functions; ``op`` may be a lambda returning one.
         return await op()
@@ -57,3 +59,23 @@ def log_retry(log: logging.Logger, event: str, **fields: object) -> Callable[[Ba
         log.warning("%s %s error=%r", event, extra, str(exc) or type(exc).__name__)
 
     return on_error
+
+
+def watch_task(task: asyncio.Task[Any], log: logging.Logger) -> asyncio.Task[Any]:
+    """Log, loudly, a long-lived consumer task that ended with an error.
+
+    Broker errors are retried inside the tasks; an exception that escapes one is a bug, and a
+    consumer that silently stopped consuming would look healthy while work piles up.
+    """
+
+    def done(t: asyncio.Task[Any]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.error(
+                "consumer_task_crashed task=%s error=%r",
+                t.get_name(),
+                t.exception(),
+                exc_info=t.exception(),
+            )
+
+    task.add_done_callback(done)
+    return task

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 from ingest import names
 from pool.errors import InvalidRequest
-from pool.prediction import PredictionRequest
+from pool.prediction import Prediction, PredictionRequest
 
 __all__ = ["Poison", "parse_request", "runner_died", "shutdown_casualty"]
 
@@ -54,24 +53,18 @@ def parse_request(
     return request
 
 
-_RUNNER_DIED = re.compile(r"^runner \d+\b.*\bdied\b")
-
-
-def runner_died(prediction: Any) -> bool:
+def runner_died(prediction: Prediction) -> bool:
     """True when the prediction failed because its runner process died under it.
 
     Such a failure says nothing about the message (the GPU may have had a hiccup), so the
     consumers hand the message back for another delivery instead of publishing the failure,
-    and dead-letter it only after ``max_deliveries``. The manager fails these predictions with
-    ``runner N (...) died: ...`` (DESIGN §3); ``runner_died`` on the prediction wins if set.
+    and dead-letter it only after ``max_deliveries``. The runner handle sets the flag when it
+    fails the predictions of a process that exited (DESIGN §3).
     """
-    flag = getattr(prediction, "runner_died", None)
-    if flag is not None:
-        return bool(flag)
-    return prediction.status == "failed" and bool(_RUNNER_DIED.match(prediction.error or ""))
+    return prediction.status == "failed" and prediction.runner_died
 
 
-def shutdown_casualty(prediction: Any) -> bool:
+def shutdown_casualty(prediction: Prediction) -> bool:
     """True when a draining pool, not the model, ended the prediction: canceled (the manager
     cancels what outlives the grace), failed by the shutdown, or its runner was stopped.
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import names
-from ingest.backoff import retry_forever
+from ingest.backoff import retry_forever, watch_task
 from ingest.messages import Poison, parse_request, runner_died, shutdown_casualty
 from pool.config import RedisConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
@@ -47,6 +47,24 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 # Errors that mean "not now, try again" when handing a request to the manager.
 RETRY_LATER = (PoolFull, PoolBusy, NotReady, ShuttingDown)
 PROGRESS_THROTTLE_S = 0.5
+
+
+# KEYS: result key, request stream, reply streams...; ARGV: group, entry id, prediction id,
+# result JSON, ttl ms, republish (0/1), the id/event/value field names, the event name.
+_PUBLISH_AND_ACK = """
+local recorded = redis.call('GET', KEYS[1])
+if (not recorded) or ARGV[6] == '1' then
+  local value = recorded or ARGV[4]
+  for i = 3, #KEYS do
+    redis.call('XADD', KEYS[i], '*', ARGV[7], ARGV[3], ARGV[8], ARGV[10], ARGV[9], value)
+  end
+end
+if not recorded then
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+return recorded and 1 or 0
+"""
 
 
 def default_consumer_name() -> str:
@@ -107,14 +125,17 @@ class RedisConsumer:
         self._group_ready = False
         self._last_autoclaim = 0.0
         self._ttl_ms = max(1, int(config.result_ttl_s * 1000))
+        self._publish_script = self.redis.register_script(_PUBLISH_AND_ACK)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Start consuming, keeping claims alive, and listening for cancels."""
         self._tasks = [
-            asyncio.create_task(self._consume_forever(), name="redis-consume"),
-            asyncio.create_task(self._keepalive_forever(), name="redis-keepalive"),
-            asyncio.create_task(self._listen_cancels_forever(), name="redis-cancels"),
+            watch_task(asyncio.create_task(self._consume_forever(), name="redis-consume"), log),
+            watch_task(asyncio.create_task(self._keepalive_forever(), name="redis-keepalive"), log),
+            watch_task(
+                asyncio.create_task(self._listen_cancels_forever(), name="redis-cancels"), log
+            ),
         ]
         log.info(
             "redis_consumer_started stream=%s group=%s consumer=%s",
@@ -208,6 +229,15 @@ class RedisConsumer:
             self.state = "connected"
 
     async def _retry(self, op: Any) -> Any:
+        """Run a broker operation; on a broker error, retry it forever with backoff.
+
+        The first try runs outside tenacity: building a retry controller per call costs more
+        than the Redis round trip it guards, and almost every call succeeds.
+        """
+        try:
+            return await op()
+        except BROKER_ERRORS as e:
+            self._broker_error(e)
         return await retry_forever(op, errors=BROKER_ERRORS, on_error=self._broker_error)
 
     # --- consuming -----------------------------------------------------------------------------
@@ -226,7 +256,7 @@ class RedisConsumer:
         log.info("redis_consuming_stopped stream=%s consumer=%s", self.config.stream, self.consumer)
 
     def _draining(self) -> bool:
-        return self._stopping or bool(getattr(self.manager, "shutting_down", False))
+        return self._stopping or self.manager.shutting_down
 
     async def _wait_free_slot(self) -> bool:
         """Wait for a free runner slot; False when the pool is draining (take no more)."""
@@ -376,7 +406,7 @@ class RedisConsumer:
         job.admitted.set()
         if self.config.publish_progress:
             prediction.add_listener(lambda p, event: self._on_progress(job, event))
-        log.info(
+        log.debug(
             "redis_prediction_submitted entry=%s prediction=%s deliveries=%d",
             job.entry_id,
             prediction.id,
@@ -416,7 +446,7 @@ class RedisConsumer:
         value = json.dumps(prediction.to_dict(), separators=(",", ":"), default=str)
         await self._publish_and_ack(job, request, value, republish=False)
         self.stats.completed += 1
-        log.info(
+        log.debug(
             "redis_prediction_completed entry=%s prediction=%s status=%s",
             job.entry_id,
             prediction.id,
@@ -443,40 +473,27 @@ class RedisConsumer:
     async def _publish_and_ack(
         self, job: _Job, request: PredictionRequest, value: str, *, republish: bool
     ) -> None:
-        """Publish the terminal result, record it, ack the entry: all or nothing (MULTI).
+        """Publish the terminal result, record it, ack the entry: all or nothing, one trip.
 
-        WATCH on the result key: if another pool recorded this id while we ran it (it took
-        over our entry while we were cut off), we only ack, so the id is published once.
+        A Lua script runs atomically on the server: if another pool recorded this id while we
+        ran it (it took over our entry while we were cut off), we only ack, so the id is
+        published once; a republish sends the recorded result again.
         """
         assert request.id is not None
-        key = self._result_key(request.id)
-
-        async def attempt() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        await pipe.watch(key)
-                        existing = await pipe.get(key)
-                        pipe.multi()
-                        if existing is None or republish:
-                            for stream in self._reply_streams(request):
-                                pipe.xadd(
-                                    stream,
-                                    {
-                                        names.FIELD_ID: request.id,
-                                        names.FIELD_EVENT: EVENT_COMPLETED,
-                                        names.FIELD_VALUE: existing or value,
-                                    },
-                                )
-                        if existing is None:
-                            pipe.set(key, value, px=self._ttl_ms)
-                        pipe.xack(self.config.stream, self.config.group, job.entry_id)
-                        await pipe.execute()
-                        return
-                    except WatchError:
-                        continue
-
-        await self._retry(attempt)
+        keys = [self._result_key(request.id), self.config.stream, *self._reply_streams(request)]
+        args = [
+            self.config.group,
+            job.entry_id,
+            request.id,
+            value,
+            self._ttl_ms,
+            1 if republish else 0,
+            names.FIELD_ID,
+            names.FIELD_EVENT,
+            names.FIELD_VALUE,
+            EVENT_COMPLETED,
+        ]
+        await self._retry(lambda: self._publish_script(keys=keys, args=args))
         self._connected()
 
     async def _dead_letter(self, job: _Job, fields: dict[str, str], reason: str) -> None:

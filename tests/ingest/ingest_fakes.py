@@ -23,6 +23,8 @@ class FakeManager:
         self.canceled: list[str] = []
         self.health_sources: dict[str, Any] = {}
         self.forwarders: list[Any] = []
+        self.shutting_down = False
+        self.metrics = None
         self._changed = asyncio.Event()
 
     def _running(self) -> int:

@@ -50,6 +50,7 @@ def test_missing_id_comes_from_the_message_id_made_safe():
 
 def test_runner_died_is_told_from_other_failures():
     p = Prediction(PredictionRequest(id="a", input={}))
+    p.runner_died = True  # as the runner handle marks the predictions of a dead process
     p.fail("runner 1 (gpu 1) died: killed by SIGKILL\nlast output:\nboom")
     assert runner_died(p)
     q = Prediction(PredictionRequest(id="b", input={}))
