@@ -418,7 +418,7 @@ class AmqpConsumer:
                     await self._wait_slot_or_stop()
         job.held = False
         job.prediction = prediction
-        log.info(
+        log.debug(
             "amqp_prediction_submitted prediction=%s deliveries=%d", prediction.id, job.deliveries
         )
         return prediction
@@ -451,7 +451,7 @@ class AmqpConsumer:
             return
         await self._publish_and_ack(job, request, result)
         self.stats.completed += 1
-        log.info(
+        log.debug(
             "amqp_prediction_completed prediction=%s status=%s", prediction.id, prediction.status
         )
 
