@@ -106,7 +106,7 @@ def spawn_pool_process(overrides: dict[str, Any], log_path: str) -> subprocess.P
     log = open(log_path, "wb")  # the child writes it; closed when the test process ends
     return subprocess.Popen(
         [sys.executable, "-m", "pool", "serve", ECHO_MODEL, "--runners", "2",
-         "--port", str(free_port()), "--log-level", "info"],
+         "--port", str(free_port()), "--log-level", "debug"],  # per-prediction lines are DEBUG
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
 

@@ -50,7 +50,7 @@ class Broker:
     async def watch_dead(self) -> None:
         assert self.channel is not None
         dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
-        await dead.consume(lambda m: self._dead(m), no_ack=True)
+        await dead.consume(self._dead, no_ack=True)
 
     async def _dead(self, message) -> None:
         self.dead.append(message)
