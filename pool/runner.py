@@ -53,6 +53,25 @@ TAIL_LINES = 40  # last output lines kept for death reports
 OutputEncoder = Callable[[Any], Awaitable[Any]]
 
 
+def sdk_dir(state_dir: str) -> str:
+    """``<state_dir>/sdk``: links to this project's ``cog`` and ``coglet`` packages, and nothing
+    else, for the runners' ``PYTHONPATH`` (the same for a clone, an editable or a wheel install).
+    """
+    path = os.path.join(state_dir, "sdk")
+    os.makedirs(path, exist_ok=True)
+    for name in ("cog", "coglet"):
+        target = os.path.join(project_root(), name)
+        link = os.path.join(path, name)
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        tmp = f"{link}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)  # atomic: a runner starting now sees the old or the new link
+    return path
+
+
 def describe_exit(code: int) -> str:
     """``-9`` -> ``killed by SIGKILL``; ``3`` -> ``exited with code 3 (setup failed)``."""
     if code < 0:
@@ -203,10 +222,12 @@ class RunnerHandle:
         # CPU-only runners get an empty CUDA_VISIBLE_DEVICES: they must not grab a GPU that
         # the configuration did not give them.
         env["CUDA_VISIBLE_DEVICES"] = self.gpu if self.gpu is not None else ""
-        # `cog` and `coglet` come from this project, imported by the model's own interpreter.
-        root = project_root()
+        # `cog` and `coglet` come from this project, imported by the model's own interpreter,
+        # from a directory that holds nothing else: neither the pool's dependencies nor its
+        # other top-level packages can shadow what the model's environment installed.
+        sdk = sdk_dir(os.path.dirname(self.working_dir))
         old = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+        env["PYTHONPATH"] = sdk + (os.pathsep + old if old else "")
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -2,7 +2,7 @@
 
 Scenario: make a bare virtualenv of an older CPython (no packages at all, not even pip), point
 `model.python` at it, start a pool, predict. The prediction must run under that interpreter,
-inside that virtualenv, with `cog` from this project.
+inside that virtualenv, with `cog` from this project and nothing else of the pool's.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ async def test_runner_uses_the_models_own_interpreter(tmp_path: Path, old_venv: 
         prediction: Prediction = await manager.submit(PredictionRequest(id=None, input={}))
         await prediction.wait(30)
         assert prediction.status == protocol.STATUS_SUCCEEDED, prediction.error
-        version, prefix, cog_file = prediction.output.split(" ")
+        version, prefix, cog_file, leaked = prediction.output.split(" ")
         assert version == "3.9"
         assert prefix == str(old_venv)
         assert cog_file == OUR_COG
+        # Only cog and coglet are added: the pool's packages and dependencies stay out.
+        assert leaked == "-"
