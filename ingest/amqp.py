@@ -218,7 +218,7 @@ class AmqpConsumer:
                 "amqp_connected queue=%s generation=%d prefetch=%d",
                 self.config.queue,
                 self._generation,
-                self._capacity(),
+                self._prefetch(),
             )
             await closed.wait()
         finally:
@@ -235,6 +235,10 @@ class AmqpConsumer:
     def _draining(self) -> bool:
         return self._stopping or self.manager.shutting_down
 
+    def _prefetch(self) -> int:
+        """The channel's prefetch: queues.amqp.prefetch, else the pool's slot capacity."""
+        return self.config.prefetch or self._capacity()
+
     def _capacity(self) -> int:
         try:
             capacity = int(self.manager.health().get("concurrency", {}).get("max") or 0)
@@ -245,7 +249,7 @@ class AmqpConsumer:
     async def _declare(self, connection: AbstractConnection) -> None:
         cfg = self.config
         channel = await connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=self._capacity())
+        await channel.set_qos(prefetch_count=self._prefetch())
         self._dead_exchange = await channel.declare_exchange(
             cfg.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
@@ -276,7 +280,7 @@ class AmqpConsumer:
             log.warning("amqp_queue_not_quorum queue=%s error=%r", cfg.queue, str(e))
             self._count_in_store = True
             self._channel = await connection.channel(publisher_confirms=True)
-            await self._channel.set_qos(prefetch_count=self._capacity())
+            await self._channel.set_qos(prefetch_count=self._prefetch())
             self._dead_exchange = await self._channel.get_exchange(cfg.dead_letter_exchange)
             return await self._channel.declare_queue(cfg.queue, passive=True)
 

@@ -126,6 +126,10 @@ class AmqpConfig:
     max_deliveries: int = 3
     max_message_bytes: int = 10 * 1024 * 1024
     result_store_redis_url: str | None = None  # None: results remembered in memory
+    # Unacked messages this pool may hold. None: its runner slots (take only what can run now).
+    # More keeps slots busy while finished results wait for their confirm and ack (short
+    # predictions); the extra messages wait here instead of going to another pool.
+    prefetch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("queues.redis.result_ttl_s", lambda v: v > 0, "> 0"),
     ("queues.redis.max_message_bytes", lambda v: v > 0, "> 0"),
     ("queues.amqp.max_deliveries", lambda v: v >= 1, ">= 1"),
+    ("queues.amqp.prefetch", lambda v: 1 <= v <= 65535, "between 1 and 65535"),
     ("queues.amqp.max_message_bytes", lambda v: v > 0, "> 0"),
     ("shutdown.grace_s", lambda v: v >= 0, ">= 0"),
     ("log_level", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),

@@ -194,6 +194,20 @@ async def test_graceful_shutdown_requeues_unstarted_and_acks_finished(broker, tm
         await http.wait(30)
 
 
+async def test_prefetch_setting_holds_that_many_unacked(broker, tmp_path):
+    # Steps: one runner, queues.amqp.prefetch 3, five long predictions queued.
+    overrides = amqp_overrides(broker.queue, **{"queues.amqp.prefetch": 3})
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    async with running_pool(config) as (manager, consumers):
+        for n in range(5):
+            await broker.publish({"id": f"p-{n}", "input": {"n": n, "sleep_s": 30}})
+        # Result: one runs, two wait here unstarted, two stay in the queue for other pools.
+        await wait_until(lambda: consumers.health()["amqp"]["held"] == 2, what="two held")
+        assert manager.get("p-0") is not None and manager.get("p-1") is None
+        assert await queue_depth(broker.queue) == 2
+        await consumers.stop(grace_s=0)
+
+
 async def test_connection_loss_reconnects_nothing_lost_or_run_twice(broker, tmp_path):
     runs_file = str(tmp_path / "runs.txt")
     config = pool_config(str(tmp_path / "state"), amqp_overrides(broker.queue))

@@ -150,6 +150,7 @@ def test_unknown_override_key() -> None:
         ("shutdown.grace_s", -5, ">= 0"),
         ("log_level", "loud", "one of"),
         ("queues.redis.url", "http://not-redis", "redis://"),
+        ("queues.amqp.prefetch", 0, "between 1 and 65535"),
         ("runners.backoff_max_s", 0.01, ">= runners.backoff_initial_s"),
     ],
 )
