@@ -378,77 +378,6 @@ _VALIDATION_ERROR = {
     }
 }
 
-_COMPONENTS: dict[str, Any] = {
-    "PredictionRequest": {
-        "title": "PredictionRequest",
-        "type": "object",
-        "properties": {
-            "id": {"title": "Id", "type": "string"},
-            "input": _ref("Input"),
-            "webhook": {"title": "Webhook", "type": "string", "format": "uri"},
-            "webhook_events_filter": {
-                "type": "array",
-                "items": _ref("WebhookEvent"),
-                "default": ["start", "output", "logs", "completed"],
-            },
-            "context": {
-                "title": "Context",
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-            },
-            "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
-        },
-    },
-    "PredictionResponse": {
-        "title": "PredictionResponse",
-        "type": "object",
-        "properties": {
-            "id": {"title": "Id", "type": "string"},
-            "status": _ref("Status"),
-            "input": _ref("Input"),
-            "output": _ref("Output"),
-            "logs": {"title": "Logs", "type": "string", "default": ""},
-            "error": {"title": "Error", "type": "string"},
-            "metrics": {"title": "Metrics", "type": "object"},
-            "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
-            "started_at": {"title": "Started At", "type": "string", "format": "date-time"},
-            "completed_at": {"title": "Completed At", "type": "string", "format": "date-time"},
-        },
-    },
-    "Status": {
-        "title": "Status",
-        "description": "An enumeration.",
-        "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
-        "type": "string",
-    },
-    "WebhookEvent": {
-        "title": "WebhookEvent",
-        "description": "An enumeration.",
-        "enum": ["start", "output", "logs", "completed"],
-        "type": "string",
-    },
-    "ValidationError": {
-        "title": "ValidationError",
-        "required": ["loc", "msg", "type"],
-        "type": "object",
-        "properties": {
-            "loc": {
-                "title": "Location",
-                "type": "array",
-                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-            },
-            "msg": {"title": "Message", "type": "string"},
-            "type": {"title": "Error Type", "type": "string"},
-        },
-    },
-    "HTTPValidationError": {
-        "title": "HTTPValidationError",
-        "type": "object",
-        "properties": {
-            "detail": {"title": "Detail", "type": "array", "items": _ref("ValidationError")}
-        },
-    },
-}
 
 
 def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]:
@@ -501,13 +430,10 @@ def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, 
 
 
 def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` (the runner's, components only) with Cog's API paths and shared components."""
+    """``schema`` (the runner's: every component, Cog's shape) with Cog's API paths added."""
     doc = copy.deepcopy(schema)
     doc.setdefault("openapi", "3.0.2")
     doc.setdefault("info", {"title": "Cog", "version": "0.1.0"})
-    components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for name, component in _COMPONENTS.items():
-        components.setdefault(name, copy.deepcopy(component))
     doc["paths"] = {
         "/": {"get": _simple_op("Root", "root__get")},
         "/health-check": {"get": _simple_op("Healthcheck", "healthcheck_health_check_get")},

@@ -204,7 +204,7 @@ async def test_openapi_is_503_until_the_schema_is_known(api: Api) -> None:
     status, body, _ = await api.call("GET", "/openapi.json")
     assert status == 200
     assert body["components"]["schemas"]["Input"] == SCHEMA["components"]["schemas"]["Input"]
-    assert "PredictionRequest" in body["components"]["schemas"]
+    assert body["components"] == SCHEMA["components"]  # the runner's components, as they are
     post = body["paths"]["/predictions"]["post"]
     assert "422" in post["responses"]
     assert set(body["paths"]) >= {

@@ -187,6 +187,10 @@ async def test_sync_prediction_schema_health_and_metrics(tmp_path: Path) -> None
             "fail",
         }
         assert "/predictions" in schema["paths"]
+        # Every component the paths refer to comes with the runner's schema.
+        assert {"PredictionRequest", "PredictionResponse", "HTTPValidationError"} <= set(
+            schema["components"]["schemas"]
+        )
 
         status, health = await api.call("GET", "/health-check")
         assert health["runners"][0]["status"] == "READY"
