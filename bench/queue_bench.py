@@ -92,30 +92,15 @@ async def bench_redis(name: str, saturation: int, light: int) -> list[dict]:
     async def push(pid: str) -> None:
         await client.xadd(name, {"value": json.dumps({"id": pid, "input": {}})})
 
+    async def push_all(ids: list[str]) -> None:
+        # The whole backlog in one pipelined round trip: the producer is not the limit.
+        async with client.pipeline(transaction=False) as pipe:
+            for pid in ids:
+                pipe.xadd(name, {"value": json.dumps({"id": pid, "input": {}})})
+            await pipe.execute()
+
     try:
-        await _warm(lambda pid: push(pid), lambda ids, seen: read_until(ids, seen))
-        rows = []
-        for load, n in (("saturation", saturation), ("light", light)):
-            sent: dict[str, float] = {}
-            seen: dict[str, float] = {}
-            if load == "saturation":
-                # The whole backlog in one pipelined round trip: the producer is not the limit.
-                ids = [f"s-{uuid.uuid4().hex}" for _ in range(n)]
-                now = time.perf_counter()
-                async with client.pipeline(transaction=False) as pipe:
-                    for pid in ids:
-                        sent[pid] = now
-                        pipe.xadd(name, {"value": json.dumps({"id": pid, "input": {}})})
-                    await pipe.execute()
-                await read_until(set(ids), seen)
-            else:
-                for _ in range(n):
-                    pid = f"l-{uuid.uuid4().hex}"
-                    sent[pid] = time.perf_counter()
-                    await push(pid)
-                    await read_until({pid}, seen)
-            rows.append(summary("redis", load, sent, seen))
-        return rows
+        return await measure("redis", push, push_all, read_until, saturation, light)
     finally:
         keys = [k async for k in client.scan_iter(match=f"{name}*")]
         if keys:
@@ -150,34 +135,42 @@ async def bench_amqp(name: str, saturation: int, light: int) -> list[dict]:
             await arrived.wait()
         seen.update({i: seen_at[i] for i in ids})
 
+    async def push_all(ids: list[str]) -> None:
+        # The whole backlog published at once (no confirms): the producer is not the limit.
+        await asyncio.gather(*(push(pid) for pid in ids))
+
     try:
-        await _warm(push, read_until)
-        rows = []
-        for load, n in (("saturation", saturation), ("light", light)):
-            sent: dict[str, float] = {}
-            seen: dict[str, float] = {}
-            if load == "saturation":
-                # The whole backlog published at once (no confirms): the producer is not the limit.
-                ids = [f"s-{uuid.uuid4().hex}" for _ in range(n)]
-                now = time.perf_counter()
-                for pid in ids:
-                    sent[pid] = now
-                await asyncio.gather(*(push(pid) for pid in ids))
-                await read_until(set(ids), seen)
-            else:
-                for _ in range(n):
-                    pid = f"l-{uuid.uuid4().hex}"
-                    sent[pid] = time.perf_counter()
-                    await push(pid)
-                    await read_until({pid}, seen)
-            rows.append(summary("amqp", load, sent, seen))
-        return rows
+        return await measure("amqp", push, push_all, read_until, saturation, light)
     finally:
         for queue in (name, f"{name}.dead"):
             await channel.queue_delete(queue)
         for exchange in (f"{name}.dlx", f"{name}.cancel"):
             await channel.exchange_delete(exchange)
         await connection.close()
+
+
+async def measure(
+    broker: str, push: Any, push_all: Any, read_until: Any, saturation: int, light: int
+) -> list[dict]:
+    """Warm up, then the saturation run (the backlog at once) and the light run (one by one)."""
+    await _warm(push, read_until)
+    rows = []
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    ids = [f"s-{uuid.uuid4().hex}" for _ in range(saturation)]
+    now = time.perf_counter()
+    sent.update(dict.fromkeys(ids, now))
+    await push_all(ids)
+    await read_until(set(ids), seen)
+    rows.append(summary(broker, "saturation", sent, seen))
+    sent, seen = {}, {}
+    for _ in range(light):
+        pid = f"l-{uuid.uuid4().hex}"
+        sent[pid] = time.perf_counter()
+        await push(pid)
+        await read_until({pid}, seen)
+    rows.append(summary(broker, "light", sent, seen))
+    return rows
 
 
 async def _warm(push: Any, read_until: Any, n: int = 20) -> None:
