@@ -292,14 +292,14 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
         return _error(422, e.detail)
     respond_async = request.headers.get("Prefer") == _PREFER_ASYNC
     manager = request.app[MANAGER_KEY]
+    # The manager decides idempotency (a known id returns its prediction, except a run lost
+    # to a runner death, which runs again); this request owns the prediction if it made it.
     existing = manager.get(pred_request.id) if pred_request.id else None
-    if existing is not None:
-        prediction = existing
-    else:
-        try:
-            prediction = await manager.submit(pred_request, source="http")
-        except Exception as e:
-            return _translate(request, e)
+    try:
+        prediction = await manager.submit(pred_request, source="http")
+    except Exception as e:
+        return _translate(request, e)
+    existing = existing if prediction is existing else None
     log.debug(  # prediction_finished is the INFO line; this one is per request, on the hot path
         "http_prediction prediction=%s mode=%s known=%s",
         prediction.id,

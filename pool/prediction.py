@@ -181,7 +181,10 @@ class Prediction:
         self.input: dict[str, Any] = request.input
         self.status: str = protocol.STATUS_STARTING
         self.output: Any = None
-        self.logs: str = ""
+        # Log text arrives in many small pieces (one per runner delta or output line):
+        # kept as a list and joined when read, so a long stream costs O(n), not O(n^2).
+        self._log_parts: list[str] = []
+        self._logs_joined = ""
         self.error: str | None = None
         self.metrics: dict[str, Any] = {}
         self.created_at: datetime = utc_now()
@@ -196,6 +199,14 @@ class Prediction:
         self._done = asyncio.Event()
 
     # --- state ---------------------------------------------------------------------------------
+    @property
+    def logs(self) -> str:
+        """All log text so far, one string of lines (as Cog)."""
+        if self._log_parts:
+            self._logs_joined += "".join(self._log_parts)
+            self._log_parts.clear()
+        return self._logs_joined
+
     @property
     def done(self) -> bool:
         return self.status in protocol.TERMINAL_STATUSES
@@ -239,7 +250,7 @@ class Prediction:
             self.output = delta["output"]
             events.append(EVENT_OUTPUT)
         if delta.get("logs_append"):
-            self.logs += delta["logs_append"]
+            self._log_parts.append(delta["logs_append"])
             events.append(EVENT_LOGS)
         if delta.get("metrics"):
             self.metrics.update(delta["metrics"])

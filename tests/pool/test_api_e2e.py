@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -381,6 +382,28 @@ async def test_failed_download_is_recorded_and_cancel_during_download_works(
         )
         status, body = await api.call("GET", "/predictions/dl-slow")
         assert body["status"] == "canceled" and body["output"] is None
+
+
+async def test_put_reruns_an_id_whose_runner_died(tmp_path: Path) -> None:
+    async with serving(tmp_path) as api:
+        # Steps: PUT a long prediction; kill its runner; PUT the same id again.
+        body = {"input": {"text": "x", "sleep_s": 60}}
+        hdrs = {"Prefer": "respond-async"}
+        status, _ = await api.call("PUT", "/predictions/lost", json=body, headers=hdrs)
+        assert status == 202
+        await wait_until(lambda: api.manager.get("lost").status == "processing", "it to run")
+        pid = api.manager.health()["runners"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: api.manager.get("lost").status == "failed", "the death")
+        status, failed = await api.call("GET", "/predictions/lost")
+        assert failed["error"].startswith("runner 0 (cpu) died: killed by SIGKILL")
+        await wait_until(lambda: api.manager.status == "READY", "the restart")
+        status, again = await api.call("PUT", "/predictions/lost", json=body, headers=hdrs)
+        # Result: a new run under the same id, not the recorded failure.
+        assert status == 202 and again["status"] in ("starting", "processing")
+        await wait_until(lambda: api.manager.get("lost").status == "processing", "the rerun")
+        status, _ = await api.call("POST", "/predictions/lost/cancel")
+        assert status == 200
 
 
 async def test_path_output_is_uploaded(tmp_path: Path, receiver: Receiver) -> None:
