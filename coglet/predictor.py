@@ -433,6 +433,10 @@ def encode_output(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: encode_output(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
+        if protocol.PATH_MARKER in value:
+            # Only a real Path or file may make the pool read a file: a dict a model echoes
+            # from its input must never name one.
+            raise TypeError(f"output dict key {protocol.PATH_MARKER!r} is reserved")
         return {str(k): encode_output(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [encode_output(v) for v in value]

@@ -53,6 +53,16 @@ TAIL_LINES = 40  # last output lines kept for death reports
 OutputEncoder = Callable[[Any], Awaitable[Any]]
 
 
+MAX_LINE_BYTES = 64 * 1024  # one runner output line at most; longer ones are cut
+
+
+def _line_end(buf: bytearray) -> int:
+    """Index of the first line end ("\n" or a bare "\r") in ``buf``, or -1."""
+    nl = buf.find(b"\n")
+    cr = buf.find(b"\r", 0, nl if nl >= 0 else len(buf))
+    return cr if cr >= 0 else nl
+
+
 def sdk_dir(state_dir: str) -> str:
     """``<state_dir>/sdk``: links to this project's ``cog`` and ``coglet`` packages, and nothing
     else, for the runners' ``PYTHONPATH`` (the same for a clone, an editable or a wheel install).
@@ -328,16 +338,19 @@ class RunnerHandle:
                 stream.close()
 
     def _emit_lines(self, buf: bytearray, *, final: bool) -> None:
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                if final and buf:
-                    nl = len(buf) - 1
-                else:
+        # A bare "\r" ends a line too: progress bars written at the fd level (ffmpeg, tqdm in
+        # a subprocess) would otherwise grow one line for as long as the process lives. A
+        # line longer than MAX_LINE_BYTES is cut, so the buffer stays bounded.
+        while buf:
+            end = _line_end(buf)
+            if end < 0:
+                if not final and len(buf) < MAX_LINE_BYTES:
                     return
-            line = bytes(buf[: nl + 1]).decode("utf-8", "replace").rstrip("\n")
-            del buf[: nl + 1]
-            self._on_output_line(line)
+                end = min(len(buf), MAX_LINE_BYTES) - 1
+            line = bytes(buf[: end + 1]).decode("utf-8", "replace").rstrip("\r\n")
+            del buf[: end + 1]
+            if line:
+                self._on_output_line(line)
 
     def _on_output_line(self, line: str) -> None:
         # Output from C code or subprocesses: it belongs to the one prediction running, if

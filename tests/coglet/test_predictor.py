@@ -167,6 +167,13 @@ def test_encode_output_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         encode_output(object())
 
 
+def test_an_output_dict_cannot_forge_a_path() -> None:
+    # A model that echoes a client's dict must not make the pool read a file of its choice.
+    forged = {"result": {protocol.PATH_MARKER: "/etc/hostname"}}
+    with pytest.raises(TypeError, match="reserved"):
+        encode_output(forged)
+
+
 def test_encode_file_output_spills_to_a_temp_file(fixtures_cwd: Path) -> None:
     p = load("FileOut")
     encoded = p.encode_output(p.predict({}))

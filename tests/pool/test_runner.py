@@ -15,7 +15,7 @@ from coglet import protocol
 from pool.config import project_root
 from pool.manager import PoolManager
 from pool.prediction import Prediction, PredictionRequest
-from pool.runner import describe_exit
+from pool.runner import MAX_LINE_BYTES, RunnerHandle, describe_exit
 from pool.supervisor import runner_gpus
 
 
@@ -137,3 +137,24 @@ async def test_many_quick_predictions_keep_order_of_deltas(tmp_path: Path) -> No
         await asyncio.gather(*(p.wait(30) for p in predictions))
     assert [json.loads(p.output)["n"] for p in predictions] == list(range(40))
     assert all(starts.get(p.id, 0) <= 1 for p in predictions)
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def _on_output_line(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_fd_output_lines_end_at_newline_or_bare_return_and_stay_bounded() -> None:
+    sink = _Lines()
+    buf = bytearray(b"a\r\nb 10%\rb 20%\rdone\npartial")
+    RunnerHandle._emit_lines(sink, buf, final=False)  # type: ignore[arg-type]
+    assert sink.lines == ["a", "b 10%", "b 20%", "done"] and buf == b"partial"
+    RunnerHandle._emit_lines(sink, buf, final=True)  # type: ignore[arg-type]
+    assert sink.lines[-1] == "partial" and buf == b""
+    # A line with no end at all is cut at MAX_LINE_BYTES: the buffer never grows past it.
+    buf = bytearray(b"x" * (MAX_LINE_BYTES + 10))
+    RunnerHandle._emit_lines(sink, buf, final=False)  # type: ignore[arg-type]
+    assert len(sink.lines[-1]) == MAX_LINE_BYTES and len(buf) == 10
