@@ -304,6 +304,12 @@ class PoolManager:
             self._ready_once = True
             log.info("pool_ready runners=%d", len(self._supervisor.runners))
         self._router.dispatch()
+        if self._router.queued and not self._supervisor.can_ever_serve():
+            # Every runner is out for good: waiting work would wait forever.
+            count = self._router.fail_queued(
+                f"no runner can serve this model (pool status {self.status}); see /health-check"
+            )
+            log.error("queued_predictions_failed count=%d reason=no_runner_can_serve", count)
 
     def _samples(self) -> Iterable[Sample]:
         counts = dict.fromkeys(RUNNER_STATES, 0)

@@ -162,6 +162,23 @@ class Router:
         self.notify()
         return count
 
+    def fail_queued(self, error: str) -> int:
+        """Fail everything still waiting (no runner can ever take it); returns how many.
+
+        Marked as lost to the runtime (``runner_died``), like a run whose runner died: the
+        request itself is not at fault, so a queue hands it to another pool and a client's
+        PUT of the same id runs it again.
+        """
+        count = 0
+        while self._queue:
+            waiting = self._queue.popleft()
+            if not waiting.prediction.done:
+                waiting.prediction.runner_died = True
+                waiting.prediction.fail(error)
+                count += 1
+        self.notify()
+        return count
+
     def record_finished(self, prediction: Prediction) -> None:
         """A prediction reached its terminal status: keep it readable for a while."""
         self._active.pop(prediction.id, None)

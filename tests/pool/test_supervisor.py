@@ -173,6 +173,21 @@ async def test_restart_limit_leaves_runner_defunct_while_others_serve(tmp_path: 
     assert {p.runner_index for p in served} == {1}
 
 
+async def test_queued_work_fails_when_no_runner_can_ever_serve(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__count=1, runners__max_restarts=0)
+    async with running_pool(config) as manager:
+        # Steps: the only runner takes a prediction that kills it; three more wait behind it.
+        fatal = await submit(manager, sleep_s=0.5, die=True)
+        waiting = [await submit(manager, n=i) for i in range(3)]
+        await asyncio.gather(*(p.wait(30) for p in [fatal, *waiting]))
+    # Result: the runner is given up at once, and the waiting work fails instead of waiting
+    # forever, marked as lost to the runtime so a queue hands it to another pool.
+    assert fatal.runner_died
+    for p in waiting:
+        assert p.status == "failed" and p.runner_died
+        assert p.error is not None and p.error.startswith("no runner can serve this model")
+
+
 async def test_all_runners_defunct_means_not_ready(tmp_path: Path) -> None:
     config = make_config(tmp_path, runners__count=1, runners__max_restarts=0)
     async with running_pool(config) as manager:
