@@ -11,10 +11,17 @@ import json
 from typing import Any
 
 from ingest import names
+from pool.api import MAX_JSON_DEPTH
 from pool.errors import InvalidRequest
 from pool.prediction import Prediction, PredictionRequest
 
-__all__ = ["Poison", "parse_request", "runner_died", "shutdown_casualty"]
+__all__ = [
+    "Poison",
+    "nests_deeper_than",
+    "parse_request",
+    "runner_died",
+    "shutdown_casualty",
+]
 
 
 class Poison(Exception):
@@ -38,10 +45,18 @@ def parse_request(
     size = len(raw.encode() if isinstance(raw, str) else raw)
     if size > max_bytes:
         raise Poison(f"{names.REASON_TOO_LARGE}: {size} bytes > max_message_bytes={max_bytes}")
+    too_deep = f"{names.REASON_INVALID_JSON}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
     try:
         body: Any = json.loads(raw)
+    except RecursionError:
+        # Hostile nesting exhausts the decoder's recursion: poison, not a crash that would
+        # leave the message to be redelivered and crash the consumer again forever.
+        raise Poison(too_deep) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Poison(f"{names.REASON_INVALID_JSON}: {e}") from None
+    if nests_deeper_than(body, MAX_JSON_DEPTH):
+        # The HTTP API's limit: the result's encoder and the runner's decoder recurse too.
+        raise Poison(too_deep)
     if isinstance(body, dict) and "input" not in body:
         raise Poison(f"{names.REASON_INVALID_REQUEST}: missing required field 'input'")
     try:
@@ -51,6 +66,23 @@ def parse_request(
     if request.id is None:
         request = dataclasses.replace(request, id=names.safe_id(fallback_id))
     return request
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def runner_died(prediction: Prediction) -> bool:

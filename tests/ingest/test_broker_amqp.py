@@ -94,6 +94,10 @@ class Broker:
             await self.connection.close()
 
 
+def nested_body(levels: int) -> bytes:
+    return ('{"input": {"n": ' + "[" * levels + "]" * levels + "}}").encode()
+
+
 @pytest.fixture
 async def broker():
     b = Broker(unique("amqp"))
@@ -142,6 +146,9 @@ async def test_poison_and_a_dying_model_are_dead_lettered(broker, tmp_path):
             "c-noinput": ({"id": "x"}, "missing required field 'input'"),
             "c-huge": ({"input": {"payload": "x" * 20_000}}, names.REASON_TOO_LARGE),
             "c-invalid": ({"input": {"n": "seven"}}, names.REASON_INVALID_REQUEST),
+            # Hostile nesting: the decoder's RecursionError must not crash the consumer.
+            "c-deep": (nested_body(3_000), "nested deeper than 64 levels"),
+            "c-deep-100": (nested_body(100), "nested deeper than 64 levels"),
             "c-dies": ({"id": "dies", "input": {"exit_now": True}}, names.REASON_MAX_DELIVERIES),
         }
         for correlation_id, (body, _) in cases.items():

@@ -54,6 +54,10 @@ async def push(client, stream: str, body: dict | str) -> str:
     return await client.xadd(stream, {"value": value})
 
 
+def nested_body(levels: int) -> str:
+    return '{"input": {"n": ' + "[" * levels + "]" * levels + "}}"
+
+
 async def results_by_id(client, stream: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for _, fields in await client.xrange(f"{stream}:results"):
@@ -109,6 +113,9 @@ async def test_poison_and_a_dying_model_go_to_dead_letters(redis_client, stream,
             await push(client, stream, {"id": "no-input"}): "missing required field 'input'",
             await push(client, stream, {"input": {"payload": "x" * 20_000}}): "too large",
             await push(client, stream, {"input": {"n": "seven"}}): "invalid request",
+            # Hostile nesting: the decoder's RecursionError must not crash the consumer.
+            await push(client, stream, nested_body(3_000)): "nested deeper than 64 levels",
+            await push(client, stream, nested_body(100)): "nested deeper than 64 levels",
             await push(client, stream, {"id": "dies", "input": {"exit_now": True}}): (
                 names.REASON_MAX_DELIVERIES
             ),

@@ -67,3 +67,24 @@ async def test_memory_store_keeps_results_and_counts_deliveries():
     await store.put("b", {})
     await store.put("c", {})
     assert await store.get("a") is None  # bounded: the oldest goes first
+
+
+def nested(levels: int) -> str:
+    """A request whose input nests ``levels`` lists deep."""
+    return '{"input": {"x": ' + "[" * levels + "]" * levels + "}}"
+
+
+@pytest.mark.parametrize("levels", [100_000, 3_000, 100, 63])
+def test_deeply_nested_json_is_poison_not_a_crash(levels):
+    # 100_000 and 3_000 exhaust the decoder's recursion (RecursionError, not ValueError);
+    # 100 and 63 parse but nest deeper than the HTTP API's limit, which queues share.
+    with pytest.raises(Poison) as err:
+        parse(nested(levels), max_bytes=1_000_000)
+    assert err.value.reason.startswith(names.REASON_INVALID_JSON)
+    assert "nested deeper than 64 levels" in err.value.reason
+
+
+def test_nesting_up_to_the_limit_is_accepted():
+    # The body object is level 1 and "input" level 2, so 62 lists reach the limit of 64.
+    request = parse(nested(62), max_bytes=1_000_000)
+    assert request.input["x"] == json.loads(nested(62))["input"]["x"]
