@@ -33,6 +33,7 @@ __all__ = ["PoolManager"]
 log = logging.getLogger("pool.manager")
 
 CancelForwarder = Callable[[str], Awaitable[None]]
+CANCEL_FORWARD_TIMEOUT_S = 5.0
 
 
 def _default_state_dir() -> str:
@@ -233,6 +234,7 @@ class PoolManager:
             prediction.add_listener(self._on_event)
             prediction.fail(str(e))
         except BaseException:
+            self._input_dirs.discard(prediction.id)
             shutil.rmtree(dest, ignore_errors=True)
             raise
         finally:
@@ -263,9 +265,10 @@ class PoolManager:
             return False  # finished here already
         for forward in list(self._cancel_forwarders):
             try:
-                await forward(prediction_id)
+                # Bounded: a blocked broker must not hang the client's cancel request.
+                await asyncio.wait_for(forward(prediction_id), CANCEL_FORWARD_TIMEOUT_S)
             except Exception as e:  # a broker hiccup must not fail the local cancel call
-                log.warning("cancel_forward_failed prediction=%s error=%s", prediction_id, e)
+                log.warning("cancel_forward_failed prediction=%s error=%r", prediction_id, e)
         return False
 
     def _on_event(self, prediction: Prediction, event: str) -> None:

@@ -442,7 +442,7 @@ class RunnerHandle:
         )
         try:
             delta = protocol.read_json(path)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # anything a runner wrote that will not parse fails just this one
             delta = {
                 "status": protocol.STATUS_FAILED,
                 "error": f"{self.name} sent a bad response: {e}",

@@ -191,7 +191,10 @@ class Supervisor:
         """Read every live runner's directory (signals carry no sender)."""
         for runner in self.runners:
             if runner.alive:
-                runner.scan()
+                try:
+                    runner.scan()
+                except Exception:  # one runner's bad state must not stall the others
+                    log.exception("runner_scan_failed runner=%d", runner.index)
 
     def handle_exit(self, runner: RunnerHandle, code: int) -> None:
         """A runner process ended: fail its work, then restart it, or not."""

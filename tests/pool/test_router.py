@@ -110,6 +110,21 @@ async def test_cancel_unknown_goes_to_forwarders_finished_does_not(tmp_path: Pat
     assert forwarded == ["elsewhere"]
 
 
+async def test_a_forwarder_that_hangs_does_not_hang_the_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pool.manager.CANCEL_FORWARD_TIMEOUT_S", 0.2)
+    never = asyncio.Event()
+
+    async def blocked_broker(prediction_id: str) -> None:
+        await never.wait()
+
+    async with running_pool(make_config(tmp_path)) as manager:
+        manager.add_cancel_forwarder(blocked_broker)
+        # Bounded by the forward timeout; the outer deadline only keeps a regression finite.
+        assert await asyncio.wait_for(manager.cancel("elsewhere"), 30) is False
+
+
 async def test_wait_for_free_slot(tmp_path: Path) -> None:
     async with running_pool(make_config(tmp_path)) as manager:
         assert manager.free_slots() == 1
