@@ -202,7 +202,13 @@ class AmqpConsumer:
             await retry_forever(self._session, errors=BROKER_ERRORS, on_error=self._broker_error)
 
     async def _session(self) -> None:
-        """Connect, declare, consume; return or raise when the connection is gone."""
+        """Connect, declare, consume; return or raise when the connection or channel is gone.
+
+        The broker may close only the channel (a consumer_timeout, a deleted results exchange
+        or queue): consuming stops while the connection lives on, so a closed channel ends
+        the session too, and the reconnect loop builds a new connection and channel. Acks
+        of the old channel's deliveries are skipped by the generation counter.
+        """
         closed = asyncio.Event()
         connection = await aio_pika.connect(self._url, timeout=10)
         connection.close_callbacks.add(lambda *_: closed.set())
@@ -211,7 +217,13 @@ class AmqpConsumer:
             self._connection = connection
             await self._wait_capacity()
             await self._declare(connection)
-            assert self._queue is not None
+            assert self._queue is not None and self._channel is not None
+            # Watched only once declared: _declare_main_queue may replace a channel that the
+            # broker closed on purpose (a classic queue refusing the quorum arguments).
+            channel = self._channel
+            channel.close_callbacks.add(lambda *_: closed.set())
+            if channel.is_closed:
+                closed.set()
             self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
             self.state = "connected"
             log.info(
@@ -225,7 +237,7 @@ class AmqpConsumer:
             if not connection.is_closed:
                 await connection.close()
         if not self._stopping:
-            raise ConnectionError("AMQP connection closed")
+            raise ConnectionError("AMQP connection or channel closed")
 
     async def _wait_capacity(self) -> None:
         """Consume only once a runner is ready: the prefetch is the pool's slot capacity."""

@@ -87,7 +87,7 @@ class Broker:
         channel = await connection.channel()
         for suffix in ("", ".dead", ".replies"):
             await channel.queue_delete(f"{self.queue}{suffix}")
-        for suffix in (".dlx", ".cancel"):
+        for suffix in (".dlx", ".cancel", ".results"):
             await channel.exchange_delete(f"{self.queue}{suffix}")
         await connection.close()
         if self.connection is not None and not self.connection.is_closed:
@@ -243,6 +243,31 @@ async def test_connection_loss_reconnects_nothing_lost_or_run_twice(broker, tmp_
     per_id = broker.results()
     assert all(len(v) == 1 for v in per_id.values()), per_id
     assert set(per_id) == {f"c-{n}" for n in range(total)}
+
+
+async def test_channel_closed_by_the_broker_reconnects_and_consumes_again(broker, tmp_path):
+    exchange = f"{broker.queue}.results"
+    overrides = amqp_overrides(broker.queue, **{"queues.amqp.results_exchange": exchange})
+    config = pool_config(str(tmp_path / "state"), overrides)
+    async with running_pool(config) as (_, consumers):
+        await broker.publish({"id": "before", "input": {"n": 0}})
+        await broker.until_results(1)
+        # The next result published to a deleted exchange makes the broker close the
+        # consumer's CHANNEL (404 NOT_FOUND) while its connection stays up.
+        assert broker.channel is not None
+        await broker.channel.exchange_delete(exchange)
+        for n in range(1, 5):
+            await broker.publish({"id": f"after-{n}", "input": {"n": n}})
+        await wait_until(
+            lambda: consumers.health()["amqp"]["reconnects"] >= 1, what="channel loss seen"
+        )
+        await wait_until(
+            lambda: consumers.health()["amqp"]["state"] == "connected", what="reconnected"
+        )
+        results = await broker.until_results(5)
+    assert set(results) == {"before", *(f"after-{n}" for n in range(1, 5))}
+    assert all(r["status"] == "succeeded" for v in results.values() for r in v)
+    assert results["after-4"][0]["output"] == "echo 4"
 
 
 async def _declared(queue: str) -> bool:
