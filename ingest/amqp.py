@@ -432,6 +432,12 @@ class AmqpConsumer:
                 except RETRY_LATER as e:
                     log.info("amqp_submit_deferred prediction=%s error=%r", request.id, str(e))
                     await self._wait_slot_or_stop()
+        if job.returned:
+            # Nacked back by shutdown while submit() ran (e.g. a file download): another pool
+            # runs the message, so this copy must not run here with nobody to publish it.
+            log.info("amqp_submit_undone prediction=%s", prediction.id)
+            await self.manager.cancel(prediction.id)
+            return None
         job.held = False
         job.prediction = prediction
         log.debug(

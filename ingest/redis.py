@@ -389,6 +389,8 @@ class RedisConsumer:
         self, job: _Job, request: PredictionRequest, fields: dict[str, str]
     ) -> Prediction | None:
         while True:
+            if job.returned:
+                return None  # handed back by shutdown while we looked up the recorded result
             try:
                 prediction: Prediction = await self.manager.submit(request, source="redis")
                 break
@@ -402,6 +404,12 @@ class RedisConsumer:
                 if not await self._wait_free_slot():
                     job.returned = True  # left pending for another pool
                     return None
+        if job.returned:
+            # Handed back by shutdown while submit() ran (e.g. a file download): another pool
+            # runs the entry, so this copy must not run here with nobody to publish it.
+            log.info("redis_submit_undone entry=%s prediction=%s", job.entry_id, prediction.id)
+            await self.manager.cancel(prediction.id)
+            return None
         job.prediction = prediction
         job.admitted.set()
         if self.config.publish_progress:

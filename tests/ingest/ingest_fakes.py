@@ -81,3 +81,18 @@ class FakeManager:
 
     def add_cancel_forwarder(self, fn: Any) -> None:
         self.forwarders.append(fn)
+
+
+class BlockingSubmitManager(FakeManager):
+    """A FakeManager whose ``submit`` waits for ``release`` (as the real one waits on a file
+    download), so a test can act while a consumer is inside the call."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def submit(self, request: PredictionRequest, *, source: str = "http") -> Prediction:
+        self.entered.set()
+        await self.release.wait()
+        return await super().submit(request, source=source)

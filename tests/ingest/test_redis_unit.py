@@ -9,7 +9,7 @@ import uuid
 
 import fakeredis
 import pytest
-from ingest_fakes import FakeManager
+from ingest_fakes import BlockingSubmitManager, FakeManager
 from ingest_helpers import wait_until
 
 from ingest import names
@@ -147,4 +147,22 @@ async def test_running_entries_stay_claimed_and_shutdown_leaves_them_pending(set
     await consumer.stop(grace_s=0.1)
     info = await client.xpending_range(config.stream, config.group, "-", "+", 10)
     assert [i["consumer"] for i in info] == ["c1"]  # not acked: another pool will claim it
+    assert await client.xlen(config.results_stream) == 0
+
+
+async def test_shutdown_during_submit_cancels_the_prediction_it_handed_back(setup):
+    client, config, _manager, consumer = setup
+    manager = BlockingSubmitManager(slots=2, auto_finish=False)
+    consumer.manager = manager
+    await client.xadd(config.stream, {"value": json.dumps({"id": "slow", "input": {}})})
+    await consumer.start()
+    await asyncio.wait_for(manager.entered.wait(), 20)
+    # Shutdown hands the entry back while the manager is still inside submit()...
+    stopping = asyncio.create_task(consumer.stop(grace_s=20))
+    await wait_until(lambda: consumer.health()["returned"] == 1, what="entry handed back")
+    manager.release.set()  # ...then submit() returns a prediction nobody would own
+    await asyncio.wait_for(stopping, 30)
+    assert manager.canceled == ["slow"] and manager.predictions["slow"].status == "canceled"
+    info = await client.xpending_range(config.stream, config.group, "-", "+", 10)
+    assert [i["consumer"] for i in info] == ["c1"]  # left pending for another pool
     assert await client.xlen(config.results_stream) == 0
