@@ -37,10 +37,18 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrecon
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.messages import Poison, parse_request, runner_died, shutdown_casualty
+from ingest.messages import (
+    RETRY_LATER,
+    Poison,
+    after_runner_died,
+    over_delivered,
+    parse_request,
+    runner_died,
+    shutdown_casualty,
+)
 from ingest.results import ResultStore
 from pool.config import AmqpConfig
-from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.errors import InvalidRequest
 from pool.prediction import Prediction, PredictionRequest
 
 __all__ = ["AmqpConsumer"]
@@ -54,7 +62,6 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
-RETRY_LATER = (PoolFull, PoolBusy, NotReady, ShuttingDown)
 JSON = "application/json"
 
 
@@ -371,8 +378,9 @@ class AmqpConsumer:
         job.deliveries = await self._deliveries(job, request.id)
         if job.deliveries > 1:
             self.stats.redeliveries += 1
-        if job.deliveries > self.config.max_deliveries:
-            await self._dead_letter(job, self._too_many(job, "its runner kept dying"))
+        too_many = over_delivered(job.deliveries, self.config.max_deliveries)
+        if too_many is not None:
+            await self._dead_letter(job, too_many)
             return
         recorded = await self.store.get(request.id)
         if recorded is not None:
@@ -456,8 +464,11 @@ class AmqpConsumer:
             await self._settle(job, requeue=True)
             return
         if runner_died(prediction):
-            if job.deliveries >= self.config.max_deliveries:
-                await self._dead_letter(job, self._too_many(job, f"last error: {prediction.error}"))
+            reason = after_runner_died(
+                prediction, deliveries=job.deliveries, max_deliveries=self.config.max_deliveries
+            )
+            if reason is not None:
+                await self._dead_letter(job, reason)
             else:
                 log.warning(
                     "amqp_message_requeued prediction=%s error=%r", prediction.id, prediction.error
@@ -475,12 +486,6 @@ class AmqpConsumer:
         self.stats.completed += 1
         log.debug(
             "amqp_prediction_completed prediction=%s status=%s", prediction.id, prediction.status
-        )
-
-    def _too_many(self, job: _Job, why: str) -> str:
-        return (
-            f"{names.REASON_MAX_DELIVERIES}: delivered {job.deliveries} times "
-            f"(max_deliveries={self.config.max_deliveries}); {why}"
         )
 
     # --- publishing and settling ---------------------------------------------------------------

@@ -12,16 +12,22 @@ from typing import Any
 
 from ingest import names
 from pool.api import MAX_JSON_DEPTH
-from pool.errors import InvalidRequest
+from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.prediction import Prediction, PredictionRequest
 
 __all__ = [
+    "RETRY_LATER",
     "Poison",
+    "after_runner_died",
     "nests_deeper_than",
+    "over_delivered",
     "parse_request",
     "runner_died",
     "shutdown_casualty",
 ]
+
+# What the manager's submit() raises for "not now, try again": the consumers wait for a slot.
+RETRY_LATER: tuple[type[Exception], ...] = (PoolFull, PoolBusy, NotReady, ShuttingDown)
 
 
 class Poison(Exception):
@@ -94,6 +100,31 @@ def runner_died(prediction: Prediction) -> bool:
     fails the predictions of a process that exited (DESIGN §3).
     """
     return prediction.status == "failed" and prediction.runner_died
+
+
+def over_delivered(deliveries: int, max_deliveries: int) -> str | None:
+    """Before running: the dead-letter reason of a message delivered more than
+    ``max_deliveries`` times (its runners kept dying under it), else None."""
+    if deliveries > max_deliveries:
+        return _too_many(deliveries, max_deliveries, "its runner kept dying")
+    return None
+
+
+def after_runner_died(
+    prediction: Prediction, *, deliveries: int, max_deliveries: int
+) -> str | None:
+    """After its runner died (:func:`runner_died`): the dead-letter reason when this was the
+    message's last allowed delivery, else None (hand it back for another delivery)."""
+    if deliveries >= max_deliveries:
+        return _too_many(deliveries, max_deliveries, f"last error: {prediction.error}")
+    return None
+
+
+def _too_many(deliveries: int, max_deliveries: int, why: str) -> str:
+    return (
+        f"{names.REASON_MAX_DELIVERIES}: delivered {deliveries} times "
+        f"(max_deliveries={max_deliveries}); {why}"
+    )
 
 
 def shutdown_casualty(prediction: Prediction) -> bool:

@@ -29,9 +29,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.messages import Poison, parse_request, runner_died, shutdown_casualty
+from ingest.messages import (
+    RETRY_LATER,
+    Poison,
+    after_runner_died,
+    over_delivered,
+    parse_request,
+    runner_died,
+    shutdown_casualty,
+)
 from pool.config import RedisConfig
-from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.errors import InvalidRequest, ShuttingDown
 from pool.prediction import EVENT_COMPLETED, Prediction, PredictionRequest
 
 __all__ = ["RedisConsumer", "default_consumer_name"]
@@ -44,8 +52,6 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
-# Errors that mean "not now, try again" when handing a request to the manager.
-RETRY_LATER = (PoolFull, PoolBusy, NotReady, ShuttingDown)
 PROGRESS_THROTTLE_S = 0.5
 
 
@@ -370,8 +376,9 @@ class RedisConsumer:
             return
         job.request = request
         assert request.id is not None  # parse_request always sets one
-        if job.deliveries > self.config.max_deliveries:
-            await self._dead_letter(job, fields, self._too_many(job, "its runner kept dying"))
+        too_many = over_delivered(job.deliveries, self.config.max_deliveries)
+        if too_many is not None:
+            await self._dead_letter(job, fields, too_many)
             return
         recorded = await self._retry(lambda: self.redis.get(self._result_key(request.id)))
         if recorded is not None:
@@ -438,8 +445,10 @@ class RedisConsumer:
             log.info("redis_entry_returned entry=%s prediction=%s", job.entry_id, prediction.id)
             return
         if runner_died(prediction):
-            if job.deliveries >= self.config.max_deliveries:
-                reason = self._too_many(job, f"last error: {prediction.error}")
+            reason = after_runner_died(
+                prediction, deliveries=job.deliveries, max_deliveries=self.config.max_deliveries
+            )
+            if reason is not None:
                 await self._dead_letter(job, fields, reason)
             else:
                 # Left pending and no longer kept claimed: after claim_idle_s any pool takes it
@@ -459,12 +468,6 @@ class RedisConsumer:
             job.entry_id,
             prediction.id,
             prediction.status,
-        )
-
-    def _too_many(self, job: _Job, why: str) -> str:
-        return (
-            f"{names.REASON_MAX_DELIVERIES}: delivered {job.deliveries} times "
-            f"(max_deliveries={self.config.max_deliveries}); {why}"
         )
 
     # --- results and dead letters --------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ingest import names
-from ingest.messages import Poison, parse_request, runner_died
+from ingest.messages import Poison, after_runner_died, over_delivered, parse_request, runner_died
 from ingest.results import MemoryResultStore
 from pool.prediction import Prediction, PredictionRequest
 
@@ -88,3 +88,18 @@ def test_nesting_up_to_the_limit_is_accepted():
     # The body object is level 1 and "input" level 2, so 62 lists reach the limit of 64.
     request = parse(nested(62), max_bytes=1_000_000)
     assert request.input["x"] == json.loads(nested(62))["input"]["x"]
+
+
+def test_delivery_limits_give_the_dead_letter_reason():
+    p = Prediction(PredictionRequest(id="a", input={}))
+    p.runner_died = True
+    p.fail("runner 0 died: killed by SIGKILL")
+    # A runner death hands the message back until its last allowed delivery.
+    assert after_runner_died(p, deliveries=1, max_deliveries=2) is None
+    reason = after_runner_died(p, deliveries=2, max_deliveries=2)
+    assert reason is not None and reason.startswith(names.REASON_MAX_DELIVERIES)
+    assert "delivered 2 times (max_deliveries=2)" in reason and "killed by SIGKILL" in reason
+    # Delivered past the limit (its runners died before it could be dead-lettered): never run.
+    assert over_delivered(2, 2) is None
+    reason = over_delivered(3, 2)
+    assert reason is not None and "delivered 3 times" in reason and "kept dying" in reason
