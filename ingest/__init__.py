@@ -3,9 +3,14 @@
 ``await start_consumers(config, manager)`` starts the consumers the configuration enables
 (``queues.redis.url``, ``queues.amqp.url``), registers their health with the manager, their
 cancel broadcast as the manager's cancel forwarder, and their gauges with the manager's
-metrics (when it has any). Shut down with ``await consumers.stop(grace_s)`` BEFORE the
-manager's own shutdown, so unstarted messages go back to the broker instead of being
-canceled and published as canceled.
+metrics (when it has any). Shut down with ``await consumers.stop(grace_s)``; ``pool serve``
+runs it concurrently with the manager's own shutdown (both drain within the same grace).
+
+That order does not matter: a stopping consumer hands back every message no runner has
+started (unacked, for another pool) and never publishes a prediction its shutdown ended
+(``shutdown_casualty``), so the manager canceling those predictions first publishes nothing;
+and a message whose ``manager.submit`` is still in progress when it is handed back has its
+prediction canceled as soon as the submit returns, so no prediction is left without an owner.
 """
 
 from __future__ import annotations

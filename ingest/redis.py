@@ -2,9 +2,10 @@
 
 Delivery rules (DESIGN §5):
 - pull only what can run: ``XREADGROUP COUNT <free slots>``;
-- the terminal result is published, recorded and acked in ONE ``MULTI`` (guarded by ``WATCH``
-  on the result key), so a pool dying at any point leaves either nothing or all three done, and
-  an id is published at most once even when two pools ran it;
+- the terminal result is published, recorded and acked by ONE Lua script, which Redis runs
+  atomically: a pool dying at any point leaves either nothing or all three done, and since the
+  script publishes only when no result is recorded for the id yet, an id is published at most
+  once even when two pools ran it (the second only acks);
 - entries of dead consumers are taken over with ``XAUTOCLAIM`` after ``claim_idle_s``; a live
   consumer keeps its running entries claimed with ``XCLAIM ... JUSTID`` every third of that;
 - poison goes to ``<stream>:dead`` with the reason and the original fields, then is acked;
@@ -486,9 +487,10 @@ class RedisConsumer:
     ) -> None:
         """Publish the terminal result, record it, ack the entry: all or nothing, one trip.
 
-        A Lua script runs atomically on the server: if another pool recorded this id while we
-        ran it (it took over our entry while we were cut off), we only ack, so the id is
-        published once; a republish sends the recorded result again.
+        One Lua script (``_PUBLISH_AND_ACK``) does all three, atomically on the server (no
+        MULTI/WATCH round trips): if another pool recorded this id while we ran it (it took
+        over our entry while we were cut off), the script only acks, so the id is published
+        once; a republish sends the recorded result again, then acks.
         """
         assert request.id is not None
         keys = [self._result_key(request.id), self.config.stream, *self._reply_streams(request)]
@@ -508,7 +510,8 @@ class RedisConsumer:
         self._connected()
 
     async def _dead_letter(self, job: _Job, fields: dict[str, str], reason: str) -> None:
-        """Move the entry to the dead-letter stream with the reason, then ack it (one MULTI)."""
+        """Move the entry to the dead-letter stream with the reason and ack it, in one
+        MULTI/EXEC transaction (no result is involved, so nothing to guard with a script)."""
 
         async def attempt() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
