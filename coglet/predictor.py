@@ -449,7 +449,7 @@ def encode_output(value: Any) -> Any:
 def _spill_file(f: io.IOBase) -> str:
     """Write a file object's content to a fresh temporary file; return its path."""
     name = os.path.basename(str(getattr(f, "name", "") or "")) or "output"
-    directory = tempfile.mkdtemp(prefix="cog-output-")
+    directory = tempfile.mkdtemp(prefix=protocol.SPILL_DIR_PREFIX)
     path = os.path.join(directory, name)
     if f.seekable():
         f.seek(0)

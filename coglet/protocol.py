@@ -37,6 +37,7 @@ __all__ = [
     "SIG_OUTPUT",
     "SIG_READY",
     "SIG_RESCAN",
+    "SPILL_DIR_PREFIX",
     "STATUS_CANCELED",
     "STATUS_FAILED",
     "STATUS_PROCESSING",
@@ -109,6 +110,10 @@ def response_name(prediction_id: str, epoch: int) -> str:
 # status. A runner-side output ``Path`` is encoded as {PATH_MARKER: "/absolute/path"}; the pool
 # turns it into a data: URI or an uploaded URL.
 PATH_MARKER = "__cog_path__"
+# A file *object* a model returns is copied by the runner into a fresh temporary directory
+# named with this prefix; the pool removes that directory once the file is encoded or uploaded.
+# (Paths the model returns are its own files and are left alone.)
+SPILL_DIR_PREFIX = "cog-output-"
 
 # --- status words ------------------------------------------------------------------------------
 STATUS_STARTING = "starting"

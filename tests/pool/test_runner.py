@@ -105,6 +105,22 @@ async def test_path_output_becomes_a_data_uri_before_completion(tmp_path: Path) 
     assert seen_at_completion == [p.output]
 
 
+async def test_a_returned_file_object_is_encoded_and_its_temporary_copy_removed(
+    tmp_path: Path,
+) -> None:
+    runner_tmp = tmp_path / "runner-tmp"
+    runner_tmp.mkdir()
+    config = make_config(tmp_path, "file_obj_out", runners__env={"TMPDIR": str(runner_tmp)})
+    async with running_pool(config) as manager:
+        p = await submit(manager, text="from a buffer")
+        await p.wait(30)
+        left = [path.name for path in runner_tmp.iterdir()]
+    assert p.status == "succeeded", p.error
+    assert p.output.startswith("data:text/plain")
+    assert base64.b64decode(p.output.split(",", 1)[1]) == b"from a buffer"
+    assert left == []  # the runner's spilled copy is gone
+
+
 async def test_default_state_dir_is_private_and_removed(tmp_path: Path) -> None:
     config = make_config(tmp_path, state_dir=None)
     async with running_pool(config) as manager:
