@@ -11,15 +11,13 @@ import json
 from typing import Any
 
 from ingest import names
-from pool.api import MAX_JSON_DEPTH
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
-from pool.prediction import Prediction, PredictionRequest
+from pool.prediction import MAX_JSON_DEPTH, Prediction, PredictionRequest, nests_deeper_than
 
 __all__ = [
     "RETRY_LATER",
     "Poison",
     "after_runner_died",
-    "nests_deeper_than",
     "over_delivered",
     "parse_request",
     "runner_died",
@@ -72,23 +70,6 @@ def parse_request(
     if request.id is None:
         request = dataclasses.replace(request, id=names.safe_id(fallback_id))
     return request
-
-
-def nests_deeper_than(value: Any, limit: int) -> bool:
-    """True when ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
 
 
 def runner_died(prediction: Prediction) -> bool:

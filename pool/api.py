@@ -25,12 +25,17 @@ from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
-from pool.prediction import EVENT_COMPLETED, Prediction, PredictionRequest
+from pool.prediction import (
+    EVENT_COMPLETED,
+    MAX_JSON_DEPTH,
+    Prediction,
+    PredictionRequest,
+    nests_deeper_than,
+)
 
 __all__ = [
     "CONFIG_KEY",
     "MANAGER_KEY",
-    "MAX_JSON_DEPTH",
     "METRICS_KEY",
     "SHUTDOWN_KEY",
     "ManagerAPI",
@@ -41,7 +46,6 @@ log = logging.getLogger(__name__)
 
 # Deeper JSON than this is refused with 400: no Cog input type nests anywhere near it, and the
 # stdlib's recursive encoders/decoders would otherwise hit the interpreter's recursion limit.
-MAX_JSON_DEPTH = 64
 
 # aiohttp >= 3.9 does not cancel a handler when its client goes away unless the server was
 # built with handler_cancellation=True, so a waiting sync request also checks its connection.
@@ -165,23 +169,6 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """True when ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
-
-
 async def _read_json(request: web.Request) -> Any:
     """The request's JSON body ({} when empty); 400 for anything that is not safe JSON."""
     raw = await request.read()  # raises 413 past client_max_size
@@ -193,7 +180,7 @@ async def _read_json(request: web.Request) -> Any:
         raise _bad_json(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _bad_json(f"malformed JSON body: {e}") from None
-    if _too_deep(body, MAX_JSON_DEPTH):
+    if nests_deeper_than(body, MAX_JSON_DEPTH):
         raise _bad_json(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return body
 

@@ -24,9 +24,11 @@ __all__ = [
     "EVENT_LOGS",
     "EVENT_OUTPUT",
     "EVENT_START",
+    "MAX_JSON_DEPTH",
     "Listener",
     "Prediction",
     "PredictionRequest",
+    "nests_deeper_than",
     "new_prediction_id",
     "utc_now",
 ]
@@ -36,6 +38,28 @@ EVENT_OUTPUT = "output"
 EVENT_LOGS = "logs"
 EVENT_COMPLETED = "completed"
 EVENTS = (EVENT_START, EVENT_OUTPUT, EVENT_LOGS, EVENT_COMPLETED)
+
+# Request bodies (HTTP and queue messages) nested deeper than this are refused: parsing and
+# walking them must not exhaust the interpreter's recursion limit.
+MAX_JSON_DEPTH = 64
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
 
 def new_prediction_id() -> str:
     """A fresh id in the protocol's id alphabet: 128 random bits as 26 base32 characters.
