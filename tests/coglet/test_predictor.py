@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -174,7 +175,10 @@ def test_an_output_dict_cannot_forge_a_path() -> None:
         encode_output(forged)
 
 
-def test_encode_file_output_spills_to_a_temp_file(fixtures_cwd: Path) -> None:
+def test_encode_file_output_spills_to_a_temp_file(
+    fixtures_cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # spill here, not into /tmp
     p = load("FileOut")
     encoded = p.encode_output(p.predict({}))
     path = encoded[protocol.PATH_MARKER]
@@ -185,6 +189,9 @@ def test_encode_file_output_spills_to_a_temp_file(fixtures_cwd: Path) -> None:
     named.name = "/somewhere/result.bin"  # type: ignore[attr-defined]
     spilled = encode_output(named)[protocol.PATH_MARKER]
     assert os.path.basename(spilled) == "result.bin"
+    # Each spill gets its own directory, named so the pool knows it may remove it.
+    assert os.path.dirname(os.path.dirname(spilled)) == str(tmp_path)
+    assert os.path.basename(os.path.dirname(spilled)).startswith(protocol.SPILL_DIR_PREFIX)
 
 
 async def test_async_iterator_predict(fixtures_cwd: Path) -> None:
