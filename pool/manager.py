@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import aiohttp
+
 from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
 from pool import files
@@ -74,6 +76,7 @@ class PoolManager:
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
+        self._http: aiohttp.ClientSession | None = None
         self._ready_once = False
         if metrics is not None:
             metrics.add_collector(self._samples)
@@ -91,6 +94,9 @@ class PoolManager:
             self.state_dir,
         )
         await self._supervisor.start()
+        # One client for every input download and output upload: connections and TLS
+        # sessions are reused across predictions.
+        self._http = aiohttp.ClientSession()
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Drain (DESIGN §7). Concurrent and repeated calls share one shutdown."""
@@ -116,6 +122,8 @@ class PoolManager:
         for prediction in list(self._router.active.values()):
             prediction.fail("the pool shut down before the prediction finished")
         await self._webhooks.close(self.config.webhooks.timeout_s)
+        if self._http is not None:
+            await self._http.close()
         self._remove_dirs()
         log.info("shutdown_complete")
 
@@ -216,7 +224,7 @@ class PoolManager:
         dest = os.path.join(self.inputs_dir, prediction.id)
         try:
             runner_input = await files.prepare_inputs(
-                schema, request.input, dest, self.config.files
+                schema, request.input, dest, self.config.files, session=self._http
             )
             if runner_input is not request.input:  # files were fetched into dest
                 self._input_dirs.add(prediction.id)
@@ -300,7 +308,7 @@ class PoolManager:
         )
 
     async def _encode_output(self, output: Any) -> Any:
-        return await files.encode_outputs(output, self.config.files)
+        return await files.encode_outputs(output, self.config.files, session=self._http)
 
     def _on_tick(self) -> None:
         if not self._ready_once and self.status in (READY, BUSY):
