@@ -91,6 +91,19 @@ async def running_pool(config: PoolConfig) -> AsyncIterator[tuple[PoolManager, C
         await manager.shutdown(5.0)
 
 
+async def queue_depth(queue: str) -> int:
+    """Messages ready in an AMQP queue (delivered-but-unacked ones are not counted)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

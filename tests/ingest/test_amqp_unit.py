@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 from ingest_fakes import BlockingSubmitManager
 from ingest_helpers import wait_until
-from ingest_pool import AMQP_URL, unique
+from ingest_pool import AMQP_URL, queue_depth, unique
 
 from ingest.amqp import AmqpConsumer
 from ingest.results import MemoryResultStore
@@ -35,16 +35,6 @@ async def amqp_config():
     for name in (f"{queue}.dlx", f"{queue}.cancel"):
         await channel.exchange_delete(name)
     await connection.close()
-
-
-async def queue_depth(queue: str) -> int:
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-    finally:
-        await connection.close()
 
 
 async def publish(queue: str, body: dict) -> None:

@@ -16,6 +16,7 @@ from ingest_pool import (
     amqp_overrides,
     count_runs,
     pool_config,
+    queue_depth,
     running_pool,
     spawn_pool_process,
     stop_process,
@@ -104,16 +105,6 @@ async def broker():
     await b.connect()
     yield b
     await b.cleanup()
-
-
-async def queue_depth(queue: str) -> int:
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-    finally:
-        await connection.close()
 
 
 async def test_200_predictions_two_runners_one_reply_each(broker, tmp_path):
