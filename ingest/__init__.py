@@ -109,6 +109,6 @@ async def start_consumers(config: PoolConfig, manager: Any) -> Consumers:
     if consumers:
         manager.add_cancel_forwarder(result.forward_cancel)
         metrics = manager.metrics
-        if metrics is not None and hasattr(metrics, "add_collector"):
+        if metrics is not None:
             metrics.add_collector(result.samples)
     return result

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -39,6 +39,7 @@ from ingest import names
 from ingest.backoff import retry_forever, watch_task
 from ingest.messages import (
     RETRY_LATER,
+    ConsumerStats,
     Poison,
     after_runner_died,
     over_delivered,
@@ -78,18 +79,9 @@ class _Job:
 
 
 @dataclass
-class AmqpStats:
-    received: int = 0
-    completed: int = 0
-    republished: int = 0
-    dead_lettered: int = 0
-    redeliveries: int = 0
-    returned: int = 0
+class AmqpStats(ConsumerStats):
     requeued: int = 0
-    reconnects: int = 0
     queue_depth: int | None = None
-    last_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class AmqpConsumer:
@@ -168,22 +160,12 @@ class AmqpConsumer:
                 await self._settle(job, requeue=True)
 
     def health(self) -> dict[str, Any]:
-        s = self.stats
         return {
             "state": self.state,
             "queue": self.config.queue,
             "in_flight": sum(1 for j in self._jobs.values() if not j.held),
             "held": sum(1 for j in self._jobs.values() if j.held),
-            "queue_depth": s.queue_depth,
-            "received": s.received,
-            "completed": s.completed,
-            "republished": s.republished,
-            "dead_lettered": s.dead_lettered,
-            "redeliveries": s.redeliveries,
-            "requeued": s.requeued,
-            "returned": s.returned,
-            "reconnects": s.reconnects,
-            "last_error": s.last_error,
+            **self.stats.as_dict(),
         }
 
     async def forward_cancel(self, prediction_id: str) -> None:

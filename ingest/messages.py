@@ -16,6 +16,7 @@ from pool.prediction import MAX_JSON_DEPTH, Prediction, PredictionRequest, nests
 
 __all__ = [
     "RETRY_LATER",
+    "ConsumerStats",
     "Poison",
     "after_runner_died",
     "over_delivered",
@@ -23,6 +24,23 @@ __all__ = [
     "runner_died",
     "shutdown_casualty",
 ]
+
+
+@dataclasses.dataclass
+class ConsumerStats:
+    """Counters every queue consumer keeps; each adds its broker's own (health and metrics)."""
+
+    received: int = 0
+    completed: int = 0
+    republished: int = 0
+    dead_lettered: int = 0
+    redeliveries: int = 0
+    returned: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 # What the manager's submit() raises for "not now, try again": the consumers wait for a slot.
 RETRY_LATER: tuple[type[Exception], ...] = (PoolFull, PoolBusy, NotReady, ShuttingDown)

@@ -32,6 +32,7 @@ from ingest import names
 from ingest.backoff import retry_forever, watch_task
 from ingest.messages import (
     RETRY_LATER,
+    ConsumerStats,
     Poison,
     after_runner_died,
     over_delivered,
@@ -96,19 +97,10 @@ class _Job:
 
 
 @dataclass
-class RedisStats:
-    received: int = 0
-    completed: int = 0
-    republished: int = 0
-    dead_lettered: int = 0
-    redeliveries: int = 0
+class RedisStats(ConsumerStats):
     claimed: int = 0
-    returned: int = 0
-    reconnects: int = 0
     pending: int | None = None
     lag: int | None = None
-    last_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RedisConsumer:
@@ -195,24 +187,13 @@ class RedisConsumer:
                 )
 
     def health(self) -> dict[str, Any]:
-        s = self.stats
         return {
             "state": self.state,
             "stream": self.config.stream,
             "group": self.config.group,
             "consumer": self.consumer,
             "in_flight": len(self._jobs),
-            "pending": s.pending,
-            "lag": s.lag,
-            "received": s.received,
-            "completed": s.completed,
-            "republished": s.republished,
-            "dead_lettered": s.dead_lettered,
-            "redeliveries": s.redeliveries,
-            "claimed": s.claimed,
-            "returned": s.returned,
-            "reconnects": s.reconnects,
-            "last_error": s.last_error,
+            **self.stats.as_dict(),
         }
 
     async def forward_cancel(self, prediction_id: str) -> None:
