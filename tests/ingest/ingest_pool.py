@@ -104,6 +104,25 @@ async def queue_depth(queue: str) -> int:
         await connection.close()
 
 
+async def delete_amqp_names(
+    queue: str,
+    queue_suffixes: tuple[str, ...] = ("", ".dead"),
+    exchange_suffixes: tuple[str, ...] = (".dlx", ".cancel"),
+) -> None:
+    """Remove the queues and exchanges a test named after ``queue`` (see amqp_overrides)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for suffix in queue_suffixes:
+            await channel.queue_delete(f"{queue}{suffix}")
+        for suffix in exchange_suffixes:
+            await channel.exchange_delete(f"{queue}{suffix}")
+    finally:
+        await connection.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

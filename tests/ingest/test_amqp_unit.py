@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 from ingest_fakes import BlockingSubmitManager
 from ingest_helpers import wait_until
-from ingest_pool import AMQP_URL, queue_depth, unique
+from ingest_pool import AMQP_URL, delete_amqp_names, queue_depth, unique
 
 from ingest.amqp import AmqpConsumer
 from ingest.results import MemoryResultStore
@@ -28,13 +28,7 @@ async def amqp_config():
         dead_letter_queue=f"{queue}.dead",
         cancel_exchange=f"{queue}.cancel",
     )
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    for name in (queue, f"{queue}.dead"):
-        await channel.queue_delete(name)
-    for name in (f"{queue}.dlx", f"{queue}.cancel"):
-        await channel.exchange_delete(name)
-    await connection.close()
+    await delete_amqp_names(queue)
 
 
 async def publish(queue: str, body: dict) -> None:

@@ -15,6 +15,7 @@ from ingest_pool import (
     REDIS_URL,
     amqp_overrides,
     count_runs,
+    delete_amqp_names,
     pool_config,
     queue_depth,
     running_pool,
@@ -84,13 +85,9 @@ class Broker:
         )
 
     async def cleanup(self) -> None:
-        connection = await aio_pika.connect(AMQP_URL)
-        channel = await connection.channel()
-        for suffix in ("", ".dead", ".replies"):
-            await channel.queue_delete(f"{self.queue}{suffix}")
-        for suffix in (".dlx", ".cancel", ".results"):
-            await channel.exchange_delete(f"{self.queue}{suffix}")
-        await connection.close()
+        await delete_amqp_names(
+            self.queue, ("", ".dead", ".replies"), (".dlx", ".cancel", ".results")
+        )
         if self.connection is not None and not self.connection.is_closed:
             await self.connection.close()
 

@@ -11,6 +11,7 @@ from ingest_pool import (
     AMQP_URL,
     REDIS_URL,
     amqp_overrides,
+    delete_amqp_names,
     pool_config,
     redis_overrides,
     running_pool,
@@ -58,15 +59,7 @@ async def test_submit_through_amqp_prints_the_result(tmp_path, capsys):
         code = await asyncio.to_thread(submit_main, argv)
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["output"] == "echo 7"
-    import aio_pika
-
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    for name in (queue, f"{queue}.dead"):
-        await channel.queue_delete(name)
-    for name in (f"{queue}.dlx", f"{queue}.cancel"):
-        await channel.exchange_delete(name)
-    await connection.close()
+    await delete_amqp_names(queue)
 
 
 def test_bad_input_flag_is_a_usage_error(capsys):
