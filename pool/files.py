@@ -51,6 +51,7 @@ __all__ = [
     "decode_data_uri",
     "encode_outputs",
     "file_input_fields",
+    "has_path",
     "prepare_inputs",
     "safe_file_name",
     "upload_file",
@@ -324,10 +325,10 @@ async def encode_outputs(
     output: Any, config: FilesConfig, *, session: aiohttp.ClientSession | None = None
 ) -> Any:
     """Replace every ``{PATH_MARKER: path}`` in ``output`` by a data: URI or an uploaded URL."""
-    if not _has_path(output):
+    if not has_path(output):
         return output
     own_session = session is None and config.upload_url is not None
-    client = session if session is not None else None
+    client = session
     if own_session:
         client = aiohttp.ClientSession()
     try:
@@ -345,7 +346,8 @@ def _is_path_marker(value: Any) -> bool:
     )
 
 
-def _has_path(value: Any) -> bool:
+def has_path(value: Any) -> bool:
+    """True when ``value`` holds a ``{PATH_MARKER: path}`` anywhere (iterative)."""
     stack = [value]
     while stack:
         item = stack.pop()

@@ -26,6 +26,7 @@ from typing import Any
 
 from coglet import protocol
 from pool.config import PoolConfig, project_root
+from pool.files import has_path
 from pool.prediction import Prediction, utc_now
 
 __all__ = [
@@ -96,14 +97,6 @@ def describe_exit(code: int) -> str:
         protocol.EXIT_PARENT_DIED: "parent died",
     }.get(code)
     return f"exited with code {code}" + (f" ({meaning})" if meaning else "")
-
-
-def _has_path(value: Any) -> bool:
-    if isinstance(value, dict):
-        return protocol.PATH_MARKER in value or any(_has_path(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_path(v) for v in value)
-    return False
 
 
 @dataclass
@@ -462,7 +455,7 @@ class RunnerHandle:
         # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
         # of the same prediction wait behind an encoding one, so order holds.
         needs = self._encode_output is not None and (
-            _has_path(delta.get("output")) or _has_path(delta.get("output_append"))
+            has_path(delta.get("output")) or has_path(delta.get("output_append"))
         )
         if slot.encoder is None and not needs:
             slot.prediction.apply_delta(delta)
@@ -495,11 +488,11 @@ class RunnerHandle:
 
     async def _encode_delta(self, delta: dict[str, Any]) -> dict[str, Any]:
         assert self._encode_output is not None
+        # The encoder returns values without a path as they are, at the cost of one walk.
         out = dict(delta)
-        if _has_path(out.get("output")):
-            out["output"] = await self._encode_output(out["output"])
-        if _has_path(out.get("output_append")):
-            out["output_append"] = await self._encode_output(out["output_append"])
+        for key in ("output", "output_append"):
+            if key in out:
+                out[key] = await self._encode_output(out[key])
         return out
 
     # --- predictions ---------------------------------------------------------------------------
