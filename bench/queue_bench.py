@@ -55,7 +55,7 @@ def start_pool(name: str, log_path: str) -> subprocess.Popen[bytes]:
             "COG_POOL_QUEUES_AMQP_CANCEL_EXCHANGE": f"{name}.cancel",
         }
     )
-    cmd = [sys.executable, "-m", "pool", "serve", NULL_MODEL, "--runners", "2",
+    cmd = [sys.executable, "-m", "cogpool", "serve", NULL_MODEL, "--runners", "2",
            "--port", str(_free_port()), "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)

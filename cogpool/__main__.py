@@ -1,5 +1,5 @@
-"""``python -m pool`` is ``cog-pool``."""
+"""``python -m cogpool`` is ``cog-pool``."""
 
-from pool.cli import main
+from cogpool.cli import main
 
 raise SystemExit(main())

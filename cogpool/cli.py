@@ -24,7 +24,7 @@ from pool.errors import ConfigError
 
 __all__ = ["build_parser", "main", "serve"]
 
-log = logging.getLogger("pool.cli")
+log = logging.getLogger("cogpool.cli")
 
 EXIT_CONFIG = 2
 
@@ -148,13 +148,9 @@ async def _start_consumers(config: PoolConfig, manager: Any) -> Any:
     """Start the queue consumers ``config.queues`` enables (``ingest.start_consumers``)."""
     if not (config.queues.redis.url or config.queues.amqp.url):
         return None
-    import ingest
+    from ingest import start_consumers
 
-    start = getattr(ingest, "start_consumers", None)
-    if start is None:
-        log.error("queue_consumers_unavailable reason=no_ingest_start_consumers")
-        return None
-    return await start(config, manager)
+    return await start_consumers(config, manager)
 
 
 async def _first(*aws: Any) -> None:

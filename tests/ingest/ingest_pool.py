@@ -1,5 +1,5 @@
 """Real pools for the broker tests: a PoolManager with coglet runners plus the consumers,
-in this process or as a ``python -m pool serve`` child process."""
+in this process or as a ``python -m cogpool serve`` child process."""
 
 from __future__ import annotations
 
@@ -130,14 +130,14 @@ def free_port() -> int:
 
 
 def spawn_pool_process(overrides: dict[str, Any], log_path: str) -> subprocess.Popen[bytes]:
-    """``python -m pool serve`` with the queue settings in COG_POOL_* variables."""
+    """``python -m cogpool serve`` with the queue settings in COG_POOL_* variables."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT
     for key, value in overrides.items():
         env[env_var_name(key)] = str(value)
     log = open(log_path, "wb")  # the child writes it; closed when the test process ends
     return subprocess.Popen(
-        [sys.executable, "-m", "pool", "serve", ECHO_MODEL, "--runners", "2",
+        [sys.executable, "-m", "cogpool", "serve", ECHO_MODEL, "--runners", "2",
          "--port", str(free_port()), "--log-level", "debug"],  # per-prediction lines are DEBUG
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -421,7 +421,7 @@ async def test_post_shutdown_drains_and_the_served_process_exits_0(tmp_path: Pat
     # a long async one, then POST /shutdown with a short grace.
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "COG_POOL_SHUTDOWN_GRACE_S": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
+        sys.executable, "-m", "cogpool", "serve", str(MODELS / "echo"), "--port", "0",
         "--state-dir", str(tmp_path / "state"), "--log-level", "info",
         cwd=str(tmp_path), env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
