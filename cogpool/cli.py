@@ -21,6 +21,7 @@ from typing import Any
 
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
+from pool.manager import PoolManager
 
 __all__ = ["build_parser", "main", "serve"]
 
@@ -109,7 +110,6 @@ async def serve(config: PoolConfig) -> int:
     from aiohttp import web
 
     from pool.api import SHUTDOWN_KEY, create_app
-    from pool.manager import PoolManager
     from pool.metrics import Metrics
 
     loop = asyncio.get_running_loop()
@@ -144,7 +144,7 @@ async def serve(config: PoolConfig) -> int:
     return 0
 
 
-async def _start_consumers(config: PoolConfig, manager: Any) -> Any:
+async def _start_consumers(config: PoolConfig, manager: PoolManager) -> Any:
     """Start the queue consumers ``config.queues`` enables (``ingest.start_consumers``)."""
     if not (config.queues.redis.url or config.queues.amqp.url):
         return None

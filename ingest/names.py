@@ -17,13 +17,18 @@ __all__ = [
     "FIELD_ORIGINAL_ID",
     "FIELD_REASON",
     "FIELD_VALUE",
+    "REASON_INTERNAL",
     "REASON_INVALID_JSON",
+    "REASON_INVALID_REPLY_TO",
     "REASON_INVALID_REQUEST",
     "REASON_MAX_DELIVERIES",
     "REASON_MISSING_VALUE",
     "REASON_TOO_LARGE",
+    "REASON_UNROUTABLE",
     "dead_stream_name",
+    "default_reply_prefix",
     "deliveries_key",
+    "published_key",
     "result_key",
     "safe_id",
 ]
@@ -50,6 +55,9 @@ REASON_INVALID_REQUEST = "invalid request"
 REASON_MISSING_VALUE = "missing value field"
 REASON_TOO_LARGE = "message too large"
 REASON_MAX_DELIVERIES = "delivered too many times"
+REASON_INVALID_REPLY_TO = "invalid reply_to"
+REASON_UNROUTABLE = "reply not routable"
+REASON_INTERNAL = "internal error"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -67,6 +75,16 @@ def result_key(prefix: str, prediction_id: str) -> str:
 def deliveries_key(prefix: str, prediction_id: str) -> str:
     """Redis key counting deliveries of one id (AMQP on classic queues, which lack a count)."""
     return f"{prefix}:deliveries:{prediction_id}"
+
+
+def default_reply_prefix(stream: str) -> str:
+    """The keys a Redis message's ``reply_to`` may name when no prefix is configured."""
+    return f"{stream}:reply:"
+
+
+def published_key(prefix: str, prediction_id: str) -> str:
+    """Redis key marking that the result of one id was confirmed by the broker (AMQP)."""
+    return f"{prefix}:published:{prediction_id}"
 
 
 def safe_id(raw: str) -> str:

@@ -113,6 +113,8 @@ class PoolManager:
         left = [p for p in self._router.active.values() if not p.done]
         if left:
             log.info("shutdown_step step=cancel predictions=%d", len(left))
+            for prediction in left:
+                prediction.ended_by_shutdown = True
             self._router.cancel_queued()
             for prediction in left:
                 self._router.cancel(prediction.id)
@@ -120,6 +122,8 @@ class PoolManager:
         if self._started:
             await self._supervisor.stop()
         for prediction in list(self._router.active.values()):
+            if not prediction.done:
+                prediction.ended_by_shutdown = True
             prediction.fail("the pool shut down before the prediction finished")
         await self._webhooks.close(self.config.webhooks.timeout_s)
         if self._http is not None:

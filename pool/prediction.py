@@ -219,6 +219,9 @@ class Prediction:
         # Failed because its runner process died under it: says nothing about the request,
         # so a later submit of the same id runs it again instead of returning this failure.
         self.runner_died = False
+        # Ended by the pool's drain (canceled past the grace, or failed when the runners
+        # stopped), not by the model: a queue consumer hands its message back instead.
+        self.ended_by_shutdown = False
         self._listeners: list[Listener] = []
         self._done = asyncio.Event()
 

@@ -177,15 +177,17 @@ async def test_graceful_shutdown_requeues_unstarted_and_acks_finished(broker, tm
         await broker.publish({"id": "q-run", "input": {"sleep_s": 1.0}})
         for n in range(3):
             await broker.publish({"id": f"q-{n}", "input": {"n": n}})
-        # prefetch 2: one message runs in the free slot, one is held unstarted.
+        # Default prefetch 4 (twice the 2 slots): one message runs in the free slot, the
+        # other three are held unstarted.
         await wait_until(
-            lambda: consumers.health()["amqp"]["held"] == 1, what="one message held"
+            lambda: consumers.health()["amqp"]["held"] == 3, what="three messages held"
         )
+        assert consumers.health()["amqp"]["prefetch"] == 4
         assert manager.get("q-run") is not None
         await consumers.stop(grace_s=10)
         results = await broker.until_results(1)
         assert list(results) == ["q-run"]
-        assert await queue_depth(broker.queue) == 3  # held one back + two never delivered
+        assert await queue_depth(broker.queue) == 3  # the three held ones handed back
         await http.wait(30)
 
 
