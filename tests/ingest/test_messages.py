@@ -96,7 +96,7 @@ async def test_memory_store_is_bounded_in_bytes():
         ('{"input": {"x": NaN}}', names.REASON_INVALID_JSON, "NaN is not valid JSON"),
         ('{"input": {"x": Infinity}}', names.REASON_INVALID_JSON, "Infinity"),
         ('{"input": {"x": [1, -1e400]}}', names.REASON_INVALID_REQUEST, "body.input.x[1] is -inf"),
-        ('{"input": {"t": "a\\ud800b"}}', names.REASON_INVALID_REQUEST, "body.input.t holds a lone"),
+        ('{"input": {"t": "a\\ud800b"}}', names.REASON_INVALID_REQUEST, "input.t holds a lone"),
         ('{"input": {}, "context": {"\\udc00": "v"}}', names.REASON_INVALID_REQUEST, "surrogate"),
     ],
 )
