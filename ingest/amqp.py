@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import socket
 import uuid
 from typing import Any
 
@@ -96,6 +98,9 @@ class AmqpConsumer:
         self.stats = AmqpStats()
         self.core = DeliveryCore(self, manager, self.stats, log)
         self._url: str = config.url
+        # Shown by the broker (rabbitmqctl list_connections client_properties): an operator can
+        # tell, and close, this pool's connection.
+        self.connection_name = f"cog-pool {socket.gethostname()}-{os.getpid()} {config.queue}"
         self._generation = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -192,7 +197,9 @@ class AmqpConsumer:
         of the old channel's deliveries are skipped by the generation counter.
         """
         closed = asyncio.Event()
-        connection = await aio_pika.connect(self._url, timeout=10)
+        connection = await aio_pika.connect(
+            self._url, timeout=10, client_properties={"connection_name": self.connection_name}
+        )
         connection.close_callbacks.add(lambda *_: closed.set())
         try:
             self._generation += 1
