@@ -38,12 +38,18 @@ class Client:
         self.connection = await aio_pika.connect(AMQP_URL)
         self.channel = await self.connection.channel()
         replies = await self.channel.declare_queue(f"{self.queue}.replies", durable=True)
-        await replies.consume(self.replies.append, no_ack=True)
+        await replies.consume(self._reply, no_ack=True)
 
     async def watch_dead(self) -> None:
         assert self.channel is not None
         dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
-        await dead.consume(self.dead.append, no_ack=True)
+        await dead.consume(self._dead, no_ack=True)
+
+    async def _reply(self, message: IncomingMessage) -> None:
+        self.replies.append(message)
+
+    async def _dead(self, message: IncomingMessage) -> None:
+        self.dead.append(message)
 
     async def publish(
         self, body: dict | bytes, *, reply_to: str | None = None, message_id: str | None = None

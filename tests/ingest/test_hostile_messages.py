@@ -53,7 +53,8 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 # The echo model's inputs: n (int), payload (str); anything else is refused by its schema.
@@ -180,7 +181,7 @@ def test_every_redis_message_ends_as_one_result_or_one_dead_letter(redis_side, m
 
 def test_redis_nothing_stays_pending(redis_side):
     # Runs after the generated messages (file order): every entry was acked.
-    group = [g for g in redis_side.r.xinfo_groups(redis_side.stream)][0]
+    (group,) = redis_side.r.xinfo_groups(redis_side.stream)
     assert group["pending"] == 0 and group["lag"] == 0
     assert redis_side.sent >= EXAMPLES
 
