@@ -3,6 +3,7 @@ in this process or as a ``python -m cogpool serve`` child process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -161,3 +162,20 @@ def count_runs(runs_file: str) -> dict[int, int]:
                 if line.strip():
                     counts[int(line)] = counts.get(int(line), 0) + 1
     return counts
+
+
+async def close_connections_named(marker: str) -> int:
+    """Close, on the broker, the connections whose client-given name contains ``marker``."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
+        "--no-table-headers", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(listing.communicate(), 60)
+    pids = [line.split("\t", 1)[0] for line in out.decode().splitlines() if marker in line]
+    for pid in pids:
+        close = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_connection", pid, "chaos test",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await asyncio.wait_for(close.wait(), 60) == 0
+    return len(pids)

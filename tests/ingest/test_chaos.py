@@ -13,7 +13,6 @@ a broker connection drop under the other; every id must come out, nothing stays 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from ingest_pool import (
     AMQP_URL,
     REDIS_URL,
     amqp_overrides,
+    close_connections_named,
     delete_amqp_names,
     queue_depth,
     redis_overrides,
@@ -107,23 +107,6 @@ async def test_redis_chaos_kill_9_and_a_redis_restart_every_id_exactly_once(
     assert groups[0]["pending"] == 0 and groups[0]["lag"] == 0
 
 
-async def _close_connections_named(marker: str) -> int:
-    """Close, on the broker, the connections whose client-given name contains ``marker``."""
-    listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
-        "--no-table-headers", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(listing.communicate(), 60)
-    pids = [line.split("\t", 1)[0] for line in out.decode().splitlines() if marker in line]
-    for pid in pids:
-        close = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "close_connection", pid, "chaos test",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        assert await asyncio.wait_for(close.wait(), 60) == 0
-    return len(pids)
-
-
 async def test_amqp_chaos_kill_9_and_closed_connections_every_id_out(tmp_path):
     queue = unique("chaos")
     overrides = amqp_overrides(queue, **{"queues.amqp.result_store_redis_url": REDIS_URL})
@@ -160,7 +143,7 @@ async def test_amqp_chaos_kill_9_and_closed_connections_every_id_out(tmp_path):
         await wait_until(lambda: len(ids()) >= 60, timeout_s=60, what="both pools working")
         _kill_9(procs[0])
         await wait_until(lambda: len(ids()) >= 200, timeout_s=60, what="the survivor working")
-        assert await _close_connections_named(queue) >= 1
+        assert await close_connections_named(queue) >= 1
         await wait_until(lambda: len(ids()) >= TOTAL, timeout_s=90, what="every id")
         await wait_until(lambda: _queue_empty(queue), timeout_s=30, what="queue drained")
         dead_count = int((await dead.declare()).message_count or 0)
