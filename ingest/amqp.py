@@ -47,7 +47,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrecon
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.core import BrokerLost, ConsumerStats, Delivery, DeliveryCore, Job
+from ingest.core import BrokerLost, ConsumerStats, Delivery, DeliveryCore, Job, StoreUnavailable
 from ingest.messages import Poison
 from ingest.port import Manager
 from ingest.results import ResultStore
@@ -394,7 +394,13 @@ class AmqpConsumer:
             raise BrokerLost(f"publish failed: {e!r}") from e
         if not routed:
             raise self._unroutable(request.id, "nowhere (no reply_to, no results_exchange)")
-        await self.store.mark_published(request.id)
+        try:
+            await self.store.mark_published(request.id)
+        except StoreUnavailable as e:
+            # The mark only matters if the ack below is lost too; retrying the publish for
+            # it would publish the result twice.
+            self.stats.store_errors += 1
+            log.warning("amqp_publish_mark_failed prediction=%s error=%r", request.id, str(e))
         await self._ack(delivery)
 
     def _unroutable(self, prediction_id: str, where: str) -> Poison:

@@ -441,7 +441,8 @@ class RedisConsumer:
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move the entry to the dead-letter stream with the reason and ack it, in one
         MULTI/EXEC transaction (the original fields are copied byte for byte)."""
-        fields = dict(delivery.meta or {})
+        reserved = {names.FIELD_REASON, names.FIELD_ORIGINAL_ID}
+        fields = {k: v for k, v in (delivery.meta or {}).items() if _text(k) not in reserved}
         fields[names.FIELD_REASON] = reason
         fields[names.FIELD_ORIGINAL_ID] = delivery.key
 

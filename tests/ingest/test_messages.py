@@ -146,3 +146,13 @@ def test_delivery_limits_give_the_dead_letter_reason():
     assert over_delivered(2, 2) is None
     reason = over_delivered(3, 2)
     assert reason is not None and "delivered 3 times" in reason and "kept dying" in reason
+
+
+def test_the_in_memory_store_takes_its_bounds_from_the_config():
+    import ingest
+    from pool.config import AmqpConfig, PoolConfig, QueuesConfig
+
+    amqp = AmqpConfig(result_store_max_entries=7, result_store_max_bytes=1234)
+    store = ingest._result_store(PoolConfig(queues=QueuesConfig(amqp=amqp)))
+    assert isinstance(store, MemoryResultStore)
+    assert (store._max, store._max_bytes) == (7, 1234)
