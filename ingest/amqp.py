@@ -109,6 +109,7 @@ class AmqpConsumer:
         self._results_exchange: AbstractExchange | None = None
         self._dead_exchange: AbstractExchange | None = None
         self._cancel_exchange: AbstractExchange | None = None
+        self._prefetch_count: int | None = None
         self._count_in_store = False  # classic queue (no x-delivery-count): count in the store
         self._task: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -159,7 +160,7 @@ class AmqpConsumer:
         return {
             "state": self.state,
             "queue": self.config.queue,
-            "prefetch": self._prefetch(),
+            "prefetch": self._prefetch_count,  # as set on the channel (None before)
             **self.core.counts(),
             **self.stats.as_dict(),
         }
@@ -219,7 +220,7 @@ class AmqpConsumer:
                 "amqp_connected queue=%s generation=%d prefetch=%d",
                 self.config.queue,
                 self._generation,
-                self._prefetch(),
+                self._prefetch_count,
             )
             await closed.wait()
         finally:
@@ -234,8 +235,11 @@ class AmqpConsumer:
             await self.core.wait_slot_or_stop()
 
     def _prefetch(self) -> int:
-        """queues.amqp.prefetch, else twice the pool's slot capacity."""
-        return self.config.prefetch or 2 * self._capacity()
+        """queues.amqp.prefetch, else twice the pool's slot capacity (computed once per
+        connection; health reports the value set, never recomputes it: the manager's health
+        includes this consumer's)."""
+        self._prefetch_count = self.config.prefetch or 2 * self._capacity()
+        return self._prefetch_count
 
     def _capacity(self) -> int:
         try:
