@@ -234,7 +234,18 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def shutdown(request: web.Request) -> web.Response:
-    """Stop taking predictions now; the server's owner drains and exits."""
+    """Stop taking predictions now; the server's owner drains and exits.
+
+    Off unless ``http.allow_shutdown``: anyone who can reach the port (or make the pool send
+    a request to itself) could otherwise stop it. SIGTERM always works.
+    """
+    if not request.app[CONFIG_KEY].http.allow_shutdown:
+        log.info("http_shutdown_refused reason=disabled")
+        return _error(
+            403,
+            "POST /shutdown is disabled; set http.allow_shutdown: true "
+            "(COG_POOL_HTTP_ALLOW_SHUTDOWN=true) to enable it, or send the process SIGTERM",
+        )
     event = request.app[SHUTDOWN_KEY]
     if not event.is_set():
         log.info("http_shutdown_requested")

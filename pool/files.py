@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import mimetypes
 import os
@@ -41,8 +42,16 @@ from tenacity import (
 )
 
 from coglet import protocol
-from pool.config import FilesConfig
+from pool.config import FilesConfig, NetworkConfig
 from pool.errors import InvalidInput, PoolError
+from pool.network import (
+    NetworkPolicy,
+    NetworkRefused,
+    client_session,
+    redact_text,
+    redact_url,
+    refusal,
+)
 
 __all__ = [
     "FileFetchError",
@@ -63,13 +72,16 @@ _CHUNK = 1 << 16
 _NAME_MAX = 100
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _UPLOAD_ATTEMPTS = 3
+# data: URIs longer than this are decoded in a worker thread: a 93 MB one took 1.34 s of the
+# event loop, during which /health-check and every other prediction waited.
+DECODE_INLINE_MAX_CHARS = 256 * 1024
 
 
 class FileFetchError(PoolError):
     """An input file could not be fetched; the message names the input, URL and status."""
 
     def __init__(self, field: str, url: str, reason: str, *, status: int | None = None) -> None:
-        super().__init__(f"failed to fetch input {field!r} from {_redact(url)}: {reason}")
+        super().__init__(f"failed to fetch input {field!r} from {redact_url(url)}: {reason}")
         self.field = field
         self.url = url
         self.status = status
@@ -83,17 +95,6 @@ class _RetryableUpload(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
-
-
-def _redact(url: str) -> str:
-    """A URL for messages: no credentials, no query (signed URLs carry secrets there)."""
-    if url.startswith("data:"):
-        return url[:32] + "..." if len(url) > 32 else url
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 # --- the schema ------------------------------------------------------------------------------
@@ -139,11 +140,17 @@ async def prepare_inputs(
     config: FilesConfig,
     *,
     session: aiohttp.ClientSession | None = None,
+    network: NetworkConfig | NetworkPolicy | None = None,
 ) -> dict[str, Any]:
     """Return ``values`` with every Path/File URL replaced by a local file path.
 
+    Downloads go through ``session``, which must come from :func:`pool.network.client_session`
+    (the caller's network policy); without one, a guarded session for ``network`` (default:
+    the default policy) is made for this call.
+
     Raises :class:`InvalidInput` for a value that is neither an http(s) URL nor a ``data:``
-    URI (or a malformed ``data:`` URI), :class:`FileFetchError` when a download fails.
+    URI (or a malformed ``data:`` URI), :class:`FileFetchError` when a download fails or the
+    network policy refuses its address.
     """
     fields = file_input_fields(schema)
     jobs: list[_Job] = []
@@ -157,9 +164,11 @@ async def prepare_inputs(
             jobs.append(_job(name, None, value))
     if not jobs:
         return values
+    # Every data: URI is decoded before any download starts, so a bad one fails first.
+    jobs = [await _decoded(job) for job in jobs]
     os.makedirs(dest_dir, exist_ok=True)
     own_session = session is None
-    client = session or aiohttp.ClientSession()
+    client = session or client_session(network or NetworkConfig())
     try:
         paths = await _gather_all([_fetch_one(client, job, dest_dir, config) for job in jobs])
     finally:
@@ -185,11 +194,19 @@ class _Job:
 
 
 def _job(field: str, index: int | None, value: Any) -> _Job:
-    """Check one value and decode data: URIs now, so a bad value fails before any download."""
+    """Check one value (its data: URI is decoded by :func:`_decoded`)."""
     _check_file_value(field, value)
-    if value.startswith("data:"):
-        return _Job(field, index, value, decode_data_uri(field, value))
     return _Job(field, index, value)
+
+
+async def _decoded(job: _Job) -> _Job:
+    if not job.url.startswith("data:"):
+        return job
+    if len(job.url) <= DECODE_INLINE_MAX_CHARS:
+        data = decode_data_uri(job.field, job.url)
+    else:
+        data = await asyncio.to_thread(decode_data_uri, job.field, job.url)
+    return dataclasses.replace(job, data=data)
 
 
 def _check_file_value(field: str, value: Any) -> None:
@@ -291,11 +308,18 @@ async def _download(
             await _stream_to_file(resp, path, field, url, config)
     except FileFetchError:
         raise
+    except NetworkRefused as e:
+        raise FileFetchError(field, url, f"refused by the network policy: {e.reason}") from None
     except TimeoutError:
         raise FileFetchError(field, url, f"timed out after {config.download_timeout_s}s") from None
     except (aiohttp.ClientError, OSError) as e:
-        raise FileFetchError(field, url, f"{type(e).__name__}: {e}") from None
-    log.info("input_downloaded field=%s url=%s", field, _redact(url))
+        refused = refusal(e, url)
+        if refused is not None:
+            raise FileFetchError(
+                field, url, f"refused by the network policy: {refused.reason}"
+            ) from None
+        raise FileFetchError(field, url, f"{type(e).__name__}: {redact_text(str(e))}") from None
+    log.info("input_downloaded field=%s url=%s", field, redact_url(url))
     return path
 
 
@@ -420,9 +444,9 @@ async def upload_file(session: aiohttp.ClientSession, path: str, upload_url: str
         location: str = await retrying(_put_file, session, path, url)
     except (aiohttp.ClientError, TimeoutError, _RetryableUpload, OSError) as e:
         raise FileUploadError(
-            f"failed to upload output file {name} to {_redact(url)}: {e}"
+            f"failed to upload output file {name} to {redact_url(url)}: {redact_text(str(e))}"
         ) from None
-    log.info("output_uploaded file=%s url=%s", name, _redact(location))
+    log.info("output_uploaded file=%s url=%s", name, redact_url(location))
     return location
 
 
@@ -434,7 +458,7 @@ async def _put_file(session: aiohttp.ClientSession, path: str, url: str) -> str:
             raise _RetryableUpload(resp.status)
         if resp.status >= 400:
             raise FileUploadError(
-                f"failed to upload output file to {_redact(url)}: HTTP {resp.status}"
+                f"failed to upload output file to {redact_url(url)}: HTTP {resp.status}"
             )
         location = resp.headers.get("Location")
     if location:

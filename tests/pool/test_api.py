@@ -147,9 +147,13 @@ class Api:
             return resp.status, body, resp.headers
 
 
-async def _serve(*, handler_cancellation: bool = False) -> tuple[Server, FakeManager]:
+async def _serve(
+    *, handler_cancellation: bool = False, allow_shutdown: bool = False
+) -> tuple[Server, FakeManager]:
     fake = FakeManager()
-    config = PoolConfig(http=HttpConfig(max_body_bytes=MAX_BODY, retry_after_s=7))
+    config = PoolConfig(
+        http=HttpConfig(max_body_bytes=MAX_BODY, retry_after_s=7, allow_shutdown=allow_shutdown)
+    )
     server = Server(create_app(config, fake), handler_cancellation=handler_cancellation)
     await server.start()
     return server, fake
@@ -390,7 +394,25 @@ async def test_an_unexpected_error_is_500_json_and_the_server_keeps_serving(api:
 
 
 # --- shutdown and disconnects --------------------------------------------------------------------
-async def test_shutdown_sets_the_event_and_stops_intake(api: Api) -> None:
+async def test_shutdown_is_refused_by_default_naming_the_setting(api: Api) -> None:
+    status, body, _ = await api.call("POST", "/shutdown")
+    assert status == 403 and "http.allow_shutdown" in body["detail"]
+    assert not api.app[SHUTDOWN_KEY].is_set()
+    status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
+    assert status == 200 and body["status"] == "succeeded"
+
+
+async def test_shutdown_sets_the_event_and_stops_intake() -> None:
+    server, fake = await _serve(allow_shutdown=True)
+    async with aiohttp.ClientSession() as session:
+        api = Api(server, session, fake)
+        try:
+            await _shutdown_stops_intake(api)
+        finally:
+            await server.close()
+
+
+async def _shutdown_stops_intake(api: Api) -> None:
     status, body, _ = await api.call("POST", "/shutdown")
     assert status == 200
     assert api.app[SHUTDOWN_KEY].is_set()

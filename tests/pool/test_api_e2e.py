@@ -42,6 +42,9 @@ FAST = {
     "webhooks.retry_initial_s": 0.01,
     "webhooks.retry_max_s": 0.05,
     "webhooks.throttle_s": 0.2,
+    # The receivers below listen on loopback, which the default network policy refuses:
+    # allow it, as an operator with a local file server or webhook receiver would.
+    "network.allow_cidrs": ["127.0.0.1/32"],
 }
 
 
@@ -419,7 +422,12 @@ async def test_path_output_is_uploaded(tmp_path: Path, receiver: Receiver) -> No
 async def test_post_shutdown_drains_and_the_served_process_exits_0(tmp_path: Path) -> None:
     # Steps: serve the echo model with the real CLI on a free port; run one prediction, start
     # a long async one, then POST /shutdown with a short grace.
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "COG_POOL_SHUTDOWN_GRACE_S": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT),
+        "COG_POOL_SHUTDOWN_GRACE_S": "1",
+        "COG_POOL_HTTP_ALLOW_SHUTDOWN": "true",
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
         "--state-dir", str(tmp_path / "state"), "--log-level", "info",

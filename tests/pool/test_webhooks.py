@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pool.config import WebhooksConfig
+from pool.config import NetworkConfig, WebhooksConfig
 from pool.metrics import Metrics
 from pool.prediction import Prediction, PredictionRequest
 from pool.webhooks import WebhookSender
@@ -70,7 +70,9 @@ def make_sender(**overrides: Any) -> tuple[WebhookSender, Metrics]:
     options: dict[str, Any] = {"throttle_s": 0.2, "retry_initial_s": 0.01, "retry_max_s": 0.05}
     options.update(overrides)
     metrics = Metrics()
-    return WebhookSender(WebhooksConfig(**options), metrics=metrics), metrics
+    # The receivers listen on loopback, which the default network policy refuses.
+    network = NetworkConfig(allow_cidrs=("127.0.0.1/32",))
+    return WebhookSender(WebhooksConfig(**options), network=network, metrics=metrics), metrics
 
 
 def prediction_for(url: str, events: tuple[str, ...] | None = None, pid: str = "p1") -> Prediction:
