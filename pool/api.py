@@ -32,6 +32,7 @@ from pool.prediction import (
     PredictionRequest,
     nests_deeper_than,
 )
+from pool.server import read_body
 
 __all__ = [
     "CONFIG_KEY",
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 _DISCONNECT_CHECK_S = 1.0
 
 _PREFER_ASYNC = "respond-async"
+# Request bodies larger than this are parsed off the event loop (see _read_json).
+PARSE_INLINE_MAX_BYTES = 256 * 1024
 
 
 class ManagerAPI(Protocol):
@@ -170,8 +173,19 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 async def _read_json(request: web.Request) -> Any:
-    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON."""
-    raw = await request.read()  # raises 413 past client_max_size
+    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON.
+
+    The body must arrive within ``http.body_timeout_s`` (else 408). Bodies over
+    ``PARSE_INLINE_MAX_BYTES`` are parsed in a worker thread: a 93 MB body held the event
+    loop (and /health-check, and every other request) for over a second.
+    """
+    raw = await read_body(request, request.app[CONFIG_KEY].http.body_timeout_s)  # 413 past max
+    if len(raw) > PARSE_INLINE_MAX_BYTES:
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         return {}
     try:

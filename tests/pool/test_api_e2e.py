@@ -29,6 +29,7 @@ from pool.api import create_app
 from pool.config import load_config
 from pool.manager import PoolManager
 from pool.metrics import Metrics
+from pool.server import start_http
 
 MODELS = Path(__file__).resolve().parent.parent / "models" / "api"
 PROJECT = MODELS.parent.parent.parent
@@ -95,8 +96,7 @@ async def serving(tmp_path: Path, model: str = "echo", **overrides: Any) -> Asyn
     runner = web.AppRunner(create_app(config, manager, metrics=metrics))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        await start_http(runner, config.http, host="127.0.0.1", port=0)  # as the CLI serves
         async with aiohttp.ClientSession() as session:
             api = Api(runner.addresses[0][1], session, manager)
             await wait_until(lambda: manager.status == "READY", "pool READY")
