@@ -454,3 +454,34 @@ async def test_sync_client_disconnect_cancels_with_handler_cancellation() -> Non
         await _disconnect_cancels(server, fake)
     finally:
         await server.close()
+
+
+async def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parsing a 93 MB body on the loop held every other request for over a second.
+    import threading
+
+    import pool.api
+
+    threads: list[int] = []
+    parse = pool.api._parse_json
+
+    def recording(raw: bytes) -> Any:
+        threads.append(threading.get_ident())
+        return parse(raw)
+
+    monkeypatch.setattr(pool.api, "_parse_json", recording)
+    fake = FakeManager()
+    config = PoolConfig(http=HttpConfig(max_body_bytes=4 * pool.api.PARSE_INLINE_MAX_BYTES))
+    server = Server(create_app(config, fake), handler_cancellation=False)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            text = "x" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            for body in ({"input": {"text": text}}, {"input": {"text": "small"}}):
+                status, answer, _ = await api.call("POST", "/predictions", json=body)
+                assert status == 200 and answer["output"] == "hello " + body["input"]["text"]
+    finally:
+        await server.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread and threads[1] == loop_thread

@@ -244,3 +244,31 @@ async def test_upload_refused_raises(fs: FileServer, tmp_path: Path) -> None:
         await encode_outputs(
             {protocol.PATH_MARKER: str(f)}, FilesConfig(upload_url=fs.url("/upload"))
         )
+
+
+async def test_large_data_uris_are_decoded_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 93 MB data: URI decoded on the loop held /health-check for 1.34 s (issue 7, finding 6).
+    import threading
+
+    import pool.files
+
+    threads: list[int] = []
+    decode = pool.files.decode_data_uri
+
+    def recording(field: str, uri: str) -> tuple[str, bytes]:
+        threads.append(threading.get_ident())
+        return decode(field, uri)
+
+    monkeypatch.setattr(pool.files, "decode_data_uri", recording)
+    payload = os.urandom(pool.files.DECODE_INLINE_MAX_CHARS)  # base64: 4/3 as many chars
+    big = "data:application/octet-stream;base64," + base64.b64encode(payload).decode()
+    small = "data:text/plain,small"
+    out = await prepare_inputs(
+        SCHEMA, {"image": big, "images": [small]}, str(tmp_path), FilesConfig()
+    )
+    assert Path(out["image"]).read_bytes() == payload
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # the big one, in a worker thread
+    assert threads[1] == loop_thread  # a small one is not worth a thread hop
