@@ -390,6 +390,35 @@ _VALIDATION_ERROR = {
     }
 }
 
+# Every other error answer: {"detail": "..."} (see _error and pool/server.py).
+ERROR_COMPONENT = "PoolErrorDetail"
+_ERROR_SCHEMA = {
+    "title": ERROR_COMPONENT,
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"title": "Detail"}},
+}
+_ERROR_REASONS = {
+    "400": "Malformed request or JSON body",
+    "403": "Forbidden (POST /shutdown without http.allow_shutdown)",
+    "404": "Prediction not found",
+    "408": "Request body not received within http.body_timeout_s",
+    "409": "All runners busy (http.reject_when_busy)",
+    "413": "Request body over http.max_body_bytes",
+    "503": "Not ready, queue full, too many connections or shutting down",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {"description": _ERROR_REASONS[code], "content": _json_content(_ref(ERROR_COMPONENT))}
+        for code in codes
+    }
+
+
+# Connection-level answers any route may give (pool/server.py).
+_ANY_ROUTE_ERRORS = ("400", "503")
+_PREDICTION_ERRORS = ("400", "408", "409", "413", "503")
 
 
 def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]:
@@ -417,16 +446,35 @@ def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]
                 "description": "Successful Response",
                 "content": _json_content(_ref("PredictionResponse")),
             },
+            "202": {
+                "description": "Accepted (Prefer: respond-async); progress by webhook",
+                "content": _json_content(_ref("PredictionResponse")),
+            },
             **_VALIDATION_ERROR,
+            # an id with a "/" in it matches no route: 404
+            **_errors(*_PREDICTION_ERRORS, *(("404",) if with_id else ())),
         },
     }
 
 
-def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, Any]:
+def _simple_op(
+    summary: str,
+    op_id: str,
+    *,
+    with_id: bool = False,
+    errors: tuple[str, ...] = (),
+    content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "operationId": op_id,
-        "responses": {"200": {"description": "Successful Response", "content": _json_content({})}},
+        "responses": {
+            "200": {
+                "description": "Successful Response",
+                "content": content if content is not None else _json_content({}),
+            },
+            **_errors(*_ANY_ROUTE_ERRORS, *errors),
+        },
     }
     if with_id:
         op["parameters"] = [
@@ -441,11 +489,35 @@ def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, 
     return op
 
 
+# Fields of a prediction that are null until (or unless) they are set: Cog's document types
+# them as plain strings, so a validator reading it rejects Cog's own answers.
+_NULLABLE_RESPONSE_FIELDS = ("output", "error", "started_at", "completed_at", "logs", "metrics")
+
+
+def _nullable_response(components: dict[str, Any]) -> None:
+    response = components.get("PredictionResponse")
+    props = response.get("properties") if isinstance(response, dict) else None
+    if not isinstance(props, dict):
+        return
+    for name in _NULLABLE_RESPONSE_FIELDS:
+        prop = props.get(name)
+        if not isinstance(prop, dict):
+            continue
+        if "$ref" in prop:  # OpenAPI 3.0 ignores siblings of $ref
+            props[name] = {"allOf": [prop], "nullable": True}
+        else:
+            prop["nullable"] = True
+    props.setdefault("status", _ref("Status"))
+
+
 def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` (the runner's: every component, Cog's shape) with Cog's API paths added."""
     doc = copy.deepcopy(schema)
     doc.setdefault("openapi", "3.0.2")
     doc.setdefault("info", {"title": "Cog", "version": "0.1.0"})
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault(ERROR_COMPONENT, _ERROR_SCHEMA)
+    _nullable_response(components)
     doc["paths"] = {
         "/": {"get": _simple_op("Root", "root__get")},
         "/health-check": {"get": _simple_op("Healthcheck", "healthcheck_health_check_get")},
@@ -459,15 +531,29 @@ def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                 with_id=True,
             ),
             "get": _simple_op(
-                "Get Prediction", "get_prediction_predictions__prediction_id__get", with_id=True
+                "Get Prediction",
+                "get_prediction_predictions__prediction_id__get",
+                with_id=True,
+                errors=("404",),
             ),
         },
         "/predictions/{prediction_id}/cancel": {
             "post": _simple_op(
-                "Cancel", "cancel_predictions__prediction_id__cancel_post", with_id=True
+                "Cancel",
+                "cancel_predictions__prediction_id__cancel_post",
+                with_id=True,
+                errors=("404",),
             )
         },
-        "/shutdown": {"post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post")},
-        "/metrics": {"get": _simple_op("Metrics", "metrics_metrics_get")},
+        "/shutdown": {
+            "post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post", errors=("403",))
+        },
+        "/metrics": {
+            "get": _simple_op(
+                "Metrics",
+                "metrics_metrics_get",
+                content={"text/plain": {"schema": {"type": "string"}}},
+            )
+        },
     }
     return doc

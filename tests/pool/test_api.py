@@ -208,7 +208,12 @@ async def test_openapi_is_503_until_the_schema_is_known(api: Api) -> None:
     status, body, _ = await api.call("GET", "/openapi.json")
     assert status == 200
     assert body["components"]["schemas"]["Input"] == SCHEMA["components"]["schemas"]["Input"]
-    assert body["components"] == SCHEMA["components"]  # the runner's components, as they are
+    # The runner's components, as they are, plus the pool's error body.
+    schemas = body["components"]["schemas"]
+    assert {k: schemas[k] for k in SCHEMA["components"]["schemas"]} == SCHEMA["components"][
+        "schemas"
+    ]
+    assert schemas["PoolErrorDetail"]["required"] == ["detail"]
     post = body["paths"]["/predictions"]["post"]
     assert "422" in post["responses"]
     assert set(body["paths"]) >= {
