@@ -5,9 +5,11 @@ client that connects and sends nothing, or sends headers a byte at a time, holds
 forever, and 20,000 of them exhaust the process's file descriptors (then every ``accept()``
 fails and asyncio logs each failure).
 
-- ``http.max_connections``: open client connections. Past it a new connection gets a short
-  503 (JSON, ``Connection: close``) and is closed at once, so the pool keeps answering the
-  clients it has. The cap is kept below the process's open-file limit.
+- ``http.max_connections``: open client connections. Past it a new connection takes the place
+  of the oldest connection that has not sent a request yet; when every connection has a
+  request in progress, the newcomer gets a short 503 (JSON, ``Connection: close``) and is
+  closed at once, so the pool keeps answering the clients it has. The cap is kept below the
+  process's open-file limit.
 - ``http.header_timeout_s``: a new connection must deliver its first request's headers within
   this time, or it is closed. Later requests on a kept-alive connection have
   ``http.keepalive_timeout_s`` (aiohttp's keep-alive timer) from the previous response.
@@ -103,15 +105,34 @@ class RateLimitedLog:
 
 
 class ConnectionGate:
-    """Counts open client connections against the cap."""
+    """Counts open client connections against the cap.
+
+    Connections that have not sent a complete request yet are also kept in arrival order:
+    when the pool is full, a newcomer takes the place of the oldest of them (a client that
+    connects and waits is the cheapest way to fill the pool, and a health probe arriving
+    during such a flood should still get its answer). Only when every connection has a
+    request behind it is a newcomer refused.
+    """
 
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
         self.open = 0
         self.refused = 0
+        self.evicted = 0
+        self.waiting: dict[GuardedRequestHandler, None] = {}  # insertion order: oldest first
 
     def full(self) -> bool:
         return self.open >= self.max_connections
+
+    def evict_oldest_waiting(self) -> bool:
+        """Close the oldest connection still waiting for its first request; False if none."""
+        while self.waiting:
+            handler = next(iter(self.waiting))
+            del self.waiting[handler]
+            if handler.evict():
+                self.evicted += 1
+                return True
+        return False
 
 
 def effective_max_connections(configured: int) -> int:
@@ -182,8 +203,25 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_made(transport)
         loop = asyncio.get_running_loop()
         self._header_timer = loop.call_later(self._header_timeout_s, self._header_deadline)
+        self._gate.waiting[self] = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # _request_count counts requests whose headers were parsed on this connection.
+        if self._request_count and self in self._gate.waiting:
+            del self._gate.waiting[self]
+
+    def evict(self) -> bool:
+        """Close this connection to make room, if it still has no request; True if closed."""
+        if self._request_count or self.transport is None or not self._counted:
+            return False
+        self._counted = False
+        self._gate.open -= 1
+        self.force_close()
+        return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._gate.waiting.pop(self, None)
         if self._counted:
             self._counted = False
             self._gate.open -= 1
@@ -194,7 +232,6 @@ class GuardedRequestHandler(RequestHandler):
 
     def _header_deadline(self) -> None:
         self._header_timer = None
-        # _request_count counts requests whose headers were parsed on this connection.
         if self._request_count == 0 and self.transport is not None:
             self._errors.note(
                 "http_header_timeout", timeout_s=self._header_timeout_s, level=logging.INFO
@@ -270,6 +307,8 @@ class GuardedSite(web.BaseSite):
     def _protocol(self) -> asyncio.Protocol:
         """One per accepted connection: a request handler, or a 503 past the cap."""
         gate = self.gate
+        if gate.full() and gate.evict_oldest_waiting():
+            self.errors.note("http_connection_evicted", max_connections=gate.max_connections)
         if gate.full():
             gate.refused += 1
             self.errors.note("http_connection_refused", max_connections=gate.max_connections)

@@ -115,29 +115,73 @@ async def test_a_kept_alive_connection_is_closed_after_the_keepalive_timeout() -
         writer.close()
 
 
-async def test_past_the_connection_cap_new_connections_get_503_and_the_pool_recovers(
+async def ask_health_and_stay(s: Served) -> tuple[int, asyncio.StreamWriter]:
+    """One kept-alive /health-check on a fresh connection, left open afterwards."""
+    reader, writer = await s.connect()
+    writer.write(b"GET /health-check HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(DEADLINE_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, headers, _ = parse(head)
+        if "content-length" in headers:
+            await reader.readexactly(int(headers["content-length"]))
+    return status, writer
+
+
+async def test_at_the_cap_a_newcomer_takes_the_place_of_an_idle_connection() -> None:
+    async with served(max_connections=4, header_timeout_s=600, keepalive_timeout_s=600) as s:
+        # Steps: four connections that never send a request fill the pool; then four clients
+        # come, each asking /health-check and staying connected; then one more.
+        idle = [await s.connect() for _ in range(4)]
+        await wait_until(lambda: s.site.gate.open == 4, what="four connections open")
+        asked = [await ask_health_and_stay(s) for _ in range(4)]
+        # Result: every newcomer is answered, each in the place of an idle connection...
+        assert [status for status, _ in asked] == [200] * 4
+        for reader, writer in idle:
+            assert await read_until_closed(reader) == b""
+            writer.close()
+        assert s.site.gate.evicted == 4 and s.site.gate.refused == 0
+        # ...but a connection that has made a request is never closed for a newcomer.
+        reader, writer = await s.connect()
+        status, _, _ = parse(await read_until_closed(reader))
+        assert status == 503 and s.site.gate.refused == 1
+        for _, kept in asked:
+            kept.close()
+        writer.close()
+
+
+async def test_past_the_cap_of_busy_connections_newcomers_get_503_and_the_pool_recovers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="pool.server")
-    async with served(max_connections=4, header_timeout_s=1.0, error_log_interval_s=60) as s:
-        # Steps: four idle connections take every place; then 30 more clients come.
-        idle = [await s.connect() for _ in range(4)]
-        await wait_until(lambda: s.site.gate.open == 4, what="four connections open")
+    async with served(max_connections=4, error_log_interval_s=60) as s:
+        # Steps: four clients each wait for a prediction that holds; then 30 more clients come.
+        busy = []
+        for i in range(4):
+            reader, writer = await s.connect()
+            body = json.dumps({"id": f"hold-{i}", "input": {"text": "x", "hold": True}})
+            writer.write(
+                b"POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+            )
+            await writer.drain()
+            busy.append((reader, writer))
+        await wait_until(lambda: not s.site.gate.waiting and s.site.gate.open == 4, what="busy")
         answers = []
         for _ in range(30):
             reader, writer = await s.connect()
             answers.append(await read_until_closed(reader))
             writer.close()
-        # Result: each of them is answered 503 (JSON naming the setting) and closed at once...
+        # Result: each is answered 503 (JSON naming the setting) and closed at once...
         for answer in answers:
             status, headers, body = parse(answer)
             assert status == 503 and "http.max_connections=4" in body["detail"]
             assert headers["connection"] == "close"
         assert s.site.gate.refused == 30
-        # ...the idle ones are closed by the header deadline, and the pool answers again.
-        for reader, writer in idle:
-            assert await read_until_closed(reader) == b""
+        # ...and once the busy clients go, the pool answers again.
+        for _, writer in busy:
             writer.close()
+        await wait_until(lambda: s.site.gate.open == 0, what="busy connections closed")
         assert await s.health() == 200
         s.site.errors.close()
         lines = [
