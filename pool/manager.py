@@ -161,6 +161,11 @@ class PoolManager:
         return self._shutting_down
 
     @property
+    def last_tick_at(self) -> float | None:
+        """``time.monotonic()`` of the supervisor loop's last pass (None before start)."""
+        return self._supervisor.last_tick_at
+
+    @property
     def runners(self) -> list[dict[str, Any]]:
         return self._supervisor.runners_info()
 

@@ -119,6 +119,8 @@ class Supervisor:
         self._exited = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        # time.monotonic() of the last tick; the liveness probe reads it (None: not started).
+        self.last_tick_at: float | None = None
         self.runners = [
             RunnerHandle(i, gpu, config, state_dir, wake=self.wake, encode_output=encode_output)
             for i, gpu in enumerate(runner_gpus(config))
@@ -132,6 +134,7 @@ class Supervisor:
         _add_waker(self.handle_signal)
         for runner in self.runners:
             runner.spawn()
+        self.last_tick_at = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pool-supervisor")
 
     def wake(self) -> None:
@@ -173,6 +176,7 @@ class Supervisor:
 
     def tick(self) -> None:
         """One pass: reap, scan, restart, time out setups, then let the router dispatch."""
+        self.last_tick_at = time.monotonic()
         self.reap()
         self.scan()
         self.restart_due()

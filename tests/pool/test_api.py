@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -56,6 +57,8 @@ class FakeManager:
         self.stopped = False
         self.changed = asyncio.Event()  # set on every submit and cancel
         self.fail_prediction_with: str | None = None
+        self.shutting_down = False
+        self.last_tick_at: float | None = time.monotonic()
 
     async def start(self) -> None:
         self.started = True
