@@ -230,7 +230,7 @@ async def test_metrics_are_prometheus_text_with_collectors(api: Api) -> None:
     assert status == 200
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1' in text
-    assert "cog_pool_queue_depth 3" in text.splitlines()
+    assert "cog_pool_queue_depth 3.0" in text.splitlines()
 
 
 # --- predictions ---------------------------------------------------------------------------------
