@@ -93,13 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cog-pool: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "config":
-        print(json.dumps(dataclasses.asdict(config), indent=2))
+        shown = dataclasses.asdict(config)
+        if shown["http"]["auth_token"] is not None:  # a secret: say it is set, never print it
+            shown["http"]["auth_token"] = "<set>"
+        print(json.dumps(shown, indent=2))
         return 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from pool.logs import configure_logging
+
+    configure_logging(config.log_level, config.logging.format, sys.stderr)
     return asyncio.run(serve(config))
 
 
