@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amqp-url", help="queues.amqp.url (enables the AMQP consumer)")
         p.add_argument("--state-dir", help="state_dir: runner working directories")
         p.add_argument("--log-level", help="log_level: debug, info, warning, error")
-    # Listed for --help; its own parser (ingest/submit.py) reads the arguments.
+    # Listed for --help; their own parsers (pool/status.py, ingest/submit.py) read the arguments.
+    sub.add_parser(
+        "status", help="show a running pool's runners and queue consumers", add_help=False
+    )
     sub.add_parser(
         "submit",
         help="push one prediction to a Redis stream or AMQP queue and print its result",
@@ -85,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.submit import submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from pool.status import status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     config_path = args.config or os.environ.get("COG_POOL_CONFIG") or None
     try:

@@ -16,7 +16,7 @@ import pytest
 from pool_helpers import MODELS, PROJECT, wait_until
 from test_cli import cli_env
 
-from pool.logs import JsonFormatter, configure_logging, parse_event
+from pool.logs import configure_logging, parse_event
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \S+ (?P<message>.*)$")
 
@@ -71,8 +71,8 @@ def test_json_keeps_prose_tracebacks_and_reserved_names_on_one_line() -> None:
     assert prose["message"] == "Error handling request" and "event" not in prose
 
 
-async def serve_and_stop(tmp_path: Path, fmt: str | None) -> str:
-    """Run ``cog-pool serve``, predict once, POST /shutdown; return its stderr."""
+def launch(tmp_path: Path, fmt: str | None) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``cog-pool serve`` on a free port with its stderr in a file."""
     env = cli_env()
     if fmt is not None:
         env["COG_POOL_LOGGING_FORMAT"] = fmt
@@ -85,6 +85,12 @@ async def serve_and_stop(tmp_path: Path, fmt: str | None) -> str:
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
+    return proc, log_path
+
+
+async def serve_and_stop(tmp_path: Path, fmt: str | None) -> str:
+    """Run ``cog-pool serve``, predict once, POST /shutdown; return its stderr."""
+    proc, log_path = launch(tmp_path, fmt)
     try:
         port_re = re.compile(r'http_listening host=\S+ port=(\d+)|"port": (\d+)')
         found = await wait_until(
