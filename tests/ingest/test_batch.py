@@ -62,7 +62,7 @@ def test_recorded_ignores_a_torn_last_line(tmp_path: Path) -> None:
     assert recorded(str(out)) == {"a": "succeeded"}
 
 
-# --- through the real command and real pools -------------------------------------------------------
+# --- through the real command and real pools ---------------------------------------------
 def broker_setup(broker: str) -> tuple[str, dict[str, Any], list[str]]:
     name = unique("batch")
     if broker == "redis":
