@@ -28,9 +28,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from ingest import names
 from pool.config import AmqpConfig
@@ -69,6 +77,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--reply-ttl-s", type=float, default=86_400.0,
         help="an interrupted run's reply stream/queue is kept this long for a re-run",
+    )  # fmt: skip
+    g.add_argument(
+        "--retry-s", type=float, default=60.0,
+        help="retry a broker operation this long (reconnecting) before giving up (default 60)",
     )  # fmt: skip
     g.add_argument("--dead-stream", help="Redis dead-letter stream (default <stream>:dead)")
     g.add_argument(
@@ -195,6 +207,48 @@ class Progress:
 
 # --- transports --------------------------------------------------------------------------------
 Reply = tuple[str, dict[str, Any]]
+T = TypeVar("T")
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    # ChannelInvalidStateError (a RuntimeError): a robust channel that is reconnecting.
+    return (
+        AMQPError,
+        ChannelInvalidStateError,
+        RedisConnectionError,
+        RedisTimeoutError,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+async def with_retry(op: Callable[[], Awaitable[T]], *, limit_s: float, what: str) -> T:
+    """Run ``op``, retrying broker errors with capped backoff for up to ``limit_s`` seconds.
+
+    Safe for sends: the queues are idempotent by prediction id, so a publish that did reach
+    the broker before the error costs a duplicate answer, which the run ignores.
+    """
+
+    def report(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        print(f"cog-pool submit: {what} failed ({error!r}); retrying", file=sys.stderr)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(_broker_errors()),
+        stop=stop_after_delay(limit_s),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.1),
+        before_sleep=report,
+        reraise=True,
+    )
+
+    async def call() -> T:
+        return await op()
+
+    return await retrying(call)
 
 
 class Transport(Protocol):
@@ -218,6 +272,7 @@ class RedisBatch:
         self.reply = f"{args.stream}:batch:{key}"
         self.dead = names.dead_stream_name(args.stream, args.dead_stream)
         self.ttl_ms = int(args.reply_ttl_s * 1000)
+        self.retry_s = args.retry_s
         self.client: Any = None
         self._dead_from = "0-0"
         self._stopping = False
@@ -227,23 +282,36 @@ class RedisBatch:
 
         self.client = aioredis.from_url(self.url, decode_responses=True)
         # Dead letters from before this run are not this run's answers.
-        last = await self.client.xrevrange(self.dead, count=1)
+        last = await with_retry(
+            lambda: self.client.xrevrange(self.dead, count=1),
+            limit_s=self.retry_s,
+            what="XREVRANGE",
+        )
         self._dead_from = last[0][0] if last else "0-0"
 
     async def send(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:  # one round trip
-            for prediction_id, inputs in lines:
-                body = {"id": prediction_id, "input": inputs, "reply_to": self.reply}
-                pipe.xadd(self.stream, {names.FIELD_VALUE: json.dumps(body)})
-            await pipe.execute()
+        values = [
+            json.dumps({"id": prediction_id, "input": inputs, "reply_to": self.reply})
+            for prediction_id, inputs in lines
+        ]
+
+        async def attempt() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:  # one round trip
+                for value in values:
+                    pipe.xadd(self.stream, {names.FIELD_VALUE: value})
+                await pipe.execute()
+
+        await with_retry(attempt, limit_s=self.retry_s, what="XADD")
 
     async def replies(self) -> AsyncIterator[Reply]:
         positions = {self.reply: "0-0", self.dead: self._dead_from}
         # Ends on a flag, not a cancel: a cancel that lands inside a blocking XREAD can leave
         # redis-py's connection waiting forever (seen with redis-py 8.1).
         while not self._stopping:
-            got: Any = await self.client.xread(
-                positions, block=REDIS_BLOCK_MS, count=REDIS_READ_COUNT
+            got: Any = await with_retry(
+                lambda: self.client.xread(positions, block=REDIS_BLOCK_MS, count=REDIS_READ_COUNT),
+                limit_s=self.retry_s,
+                what="XREAD",
             )
             for stream, entries in got or []:
                 for entry_id, fields in entries:
@@ -252,7 +320,11 @@ class RedisBatch:
                     if reply is not None:
                         yield reply
             # Kept only as long as a re-run may want it, whatever happens to this run.
-            await self.client.pexpire(self.reply, self.ttl_ms)
+            await with_retry(
+                lambda: self.client.pexpire(self.reply, self.ttl_ms),
+                limit_s=self.retry_s,
+                what="PEXPIRE",
+            )
 
     def stop_reading(self) -> None:
         self._stopping = True
@@ -290,6 +362,7 @@ class AmqpBatch:
         self.reply_name = f"{args.queue}.batch.{key}"
         self.dlx = args.dead_letter_exchange
         self.ttl_ms = int(args.reply_ttl_s * 1000)
+        self.retry_s = args.retry_s
         self.connection: Any = None
         self.channel: Any = None
         self.reply_queue: Any = None
@@ -297,7 +370,12 @@ class AmqpBatch:
     async def open(self) -> None:
         import aio_pika
 
-        self.connection = await aio_pika.connect(self.url)
+        # Robust: after a broker restart or a forced close it reconnects and restores the
+        # reply queue, its binding and the consumer; sends retry meanwhile (with_retry).
+        self.connection = await aio_pika.connect_robust(
+            self.url, client_properties={"connection_name": f"cog-pool submit {self.reply_name}"}
+        )
+        self.connection.reconnect_callbacks.add(self._reconnected)
         self.channel = await self.connection.channel()  # publisher confirms on
         await self.channel.set_qos(prefetch_count=AMQP_REPLY_PREFETCH)
         # Durable and named after the file, so results that arrive after Ctrl-C wait for the
@@ -310,10 +388,16 @@ class AmqpBatch:
         )
         await self.reply_queue.bind(dlx, routing_key=self.queue)
 
+    def _reconnected(self, *_: Any) -> None:
+        print(f"cog-pool submit: reconnected to {self.queue}'s broker", file=sys.stderr)
+
     async def send(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
+        # Concurrent publishes: their broker confirms overlap instead of one round trip each.
+        await with_retry(lambda: self._publish(lines), limit_s=self.retry_s, what="publish")
+
+    async def _publish(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
         import aio_pika
 
-        # Concurrent publishes: their broker confirms overlap instead of one round trip each.
         await asyncio.gather(
             *(
                 self.channel.default_exchange.publish(
@@ -360,9 +444,15 @@ class AmqpBatch:
     async def close(self, *, complete: bool) -> None:
         if self.connection is None:
             return
-        with contextlib.suppress(Exception):  # closing: the broker may be gone already
-            if complete:
+        if complete:
+            try:
                 await self.channel.queue_delete(self.reply_name)
+            except Exception as e:  # the run's results are written; only the cleanup failed
+                print(
+                    f"cog-pool submit: could not delete the reply queue {self.reply_name} "
+                    f"({e!r}); it expires after --reply-ttl-s",
+                    file=sys.stderr,
+                )
         await self.connection.close()
 
 
@@ -548,6 +638,8 @@ def batch_main(args: argparse.Namespace) -> int:
         problem = "--max-in-flight must be >= 1"
     elif args.reply_ttl_s <= 0:
         problem = "--reply-ttl-s must be > 0"
+    elif args.retry_s < 0:
+        problem = "--retry-s must be >= 0"
     elif not os.path.isfile(args.file):
         problem = f"--file {args.file}: no such file"
     elif os.path.realpath(args.file) == os.path.realpath(args.out):
