@@ -142,3 +142,41 @@ async def test_ready_with_reject_when_busy_needs_a_free_slot(tmp_path: Path) -> 
     finally:
         hold.touch()
         await runner.cleanup()
+
+
+async def test_live_fails_when_the_supervisor_loop_stops_turning(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "gated", http__live_tick_age_s=2.0)
+    manager = PoolManager(config)
+    runner = web.AppRunner(create_app(config, manager))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await eventually(session, base + "/health/ready", 200)
+            # Steps: the loop task dies (as an escaped bug would end it) while the server and
+            # the runner stay up, and predictions keep the runner signalling.
+            task = manager._supervisor._task
+            assert task is not None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            served = 0
+
+            async def keep_predicting() -> None:
+                nonlocal served
+                while True:
+                    async with session.post(base + "/predictions", json={"input": {}}) as r:
+                        assert r.status == 200
+                        served += 1
+
+            predicting = asyncio.ensure_future(keep_predicting())
+            try:
+                # Result: liveness fails once the loop's last pass is older than the limit,
+                # although runner signals still drive ticks (and predictions still finish).
+                stalled = await eventually(session, base + "/health/live", 503, timeout_s=20)
+            finally:
+                predicting.cancel()
+                await asyncio.gather(predicting, return_exceptions=True)
+            assert stalled["last_tick_age_s"] > 2.0 and served > 3
+    finally:
+        await runner.cleanup()
