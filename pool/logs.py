@@ -3,7 +3,10 @@
 Every lifecycle line of the pool is ``event key=value ...`` shaped (STYLE 11). The JSON format
 carries the same fields, one object per line, for log shippers: ``time``, ``level``,
 ``logger``, ``event`` and one member per ``key=value`` pair (integers, numbers, booleans and
-None as JSON values; everything else as the text it has in the line). A message that is not
+None as JSON values; everything else as the text it has in the line). The fields are read
+from the format string and its arguments (``"runner_exited runner=%d error=%r"``), so a value
+with spaces or ``k=v`` text in it stays one field; a message formatted some other way is
+split on ``key=`` in its text. A message that is not
 event-shaped (a library's prose) goes whole into ``message``; a traceback into ``exception``.
 """
 
@@ -15,7 +18,13 @@ import logging
 import re
 from typing import Any, TextIO
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "configure_logging", "parse_event"]
+__all__ = [
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "configure_logging",
+    "fields_from_record",
+    "parse_event",
+]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -35,6 +44,56 @@ def _value(text: str) -> Any:
     if _FLOAT.match(text):
         return float(text)
     return _WORDS.get(text, text)
+
+
+_PLACEHOLDER = re.compile(r"%[#0 +\-]*\d*(?:\.\d+)?[sdirfgeExXo]")
+_KEY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _typed(arg: Any, spec: str) -> Any:
+    """One argument as the JSON value its ``key=%x`` placeholder shows in the text line."""
+    if spec.endswith("s"):
+        if arg is None or isinstance(arg, (bool, int)):
+            return arg
+        if isinstance(arg, float):
+            return arg if arg == arg and arg not in (float("inf"), float("-inf")) else str(arg)
+        text = str(arg)
+        if len(text) >= 2 and text[0] == text[-1] == '"':  # a json.dumps'd string: its text
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+    return _value(spec % (arg,))
+
+
+def fields_from_record(record: logging.LogRecord) -> tuple[str, dict[str, Any]] | None:
+    """``event`` and fields read from the format string and its arguments, so a value holding
+    spaces or ``k=v`` text (a runner's output line) stays one field; None when the format is
+    not ``event key=%x ...`` shaped."""
+    msg, args = record.msg, record.args
+    if not isinstance(msg, str) or not isinstance(args, tuple):
+        return None
+    event, *tokens = msg.split(" ")
+    if not _EVENT.match(event):
+        return None
+    fields: dict[str, Any] = {}
+    used = 0
+    for token in tokens:
+        key, sep, spec = token.partition("=")
+        if not sep or not _KEY_NAME.match(key):
+            return None
+        count = len(_PLACEHOLDER.findall(spec))
+        if used + count > len(args):
+            return None
+        if count == 0:
+            fields[key] = _value(spec.replace("%%", "%"))
+        elif count == 1 and _PLACEHOLDER.fullmatch(spec):
+            fields[key] = _typed(args[used], spec)
+        else:  # placeholders amid text: the value as the text line shows it
+            fields[key] = _value(spec % args[used : used + count])
+        used += count
+    return (event, fields) if used == len(args) else None
 
 
 def parse_event(message: str) -> tuple[str, dict[str, Any]] | None:
@@ -61,7 +120,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
-        parsed = parse_event(message)
+        parsed = fields_from_record(record) or parse_event(message)
         if parsed is None:
             out["message"] = message
         else:

@@ -61,6 +61,21 @@ def test_json_lines_are_one_object_each_with_the_text_fields() -> None:
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", obj["time"])
 
 
+def test_json_fields_come_from_the_arguments_so_values_may_hold_k_v_text() -> None:
+    # A runner's output line is logged json.dumps'd: its own "a=1 b=2" is not two fields.
+    out = record_through(
+        "json", "runner_output runner=%d line=%s error=%r t=%.2f x=lit", 3,
+        json.dumps("loss=0.5 acc=0.9"), RuntimeError("a b=c"), 0.256,
+    )  # fmt: skip
+    obj = json.loads(out)
+    assert obj["event"] == "runner_output"
+    assert obj["runner"] == 3 and obj["line"] == "loss=0.5 acc=0.9"
+    assert obj["error"] == "RuntimeError('a b=c')" and obj["t"] == 0.26 and obj["x"] == "lit"
+    assert "loss" not in obj and "acc" not in obj and "b" not in obj
+    text = record_through("text", "runner_output runner=%d line=%s", 3, json.dumps("a=1 b=2"))
+    assert text.rstrip().endswith('runner_output runner=3 line="a=1 b=2"')
+
+
 def test_json_keeps_prose_tracebacks_and_reserved_names_on_one_line() -> None:
     out = record_through("json", "supervisor_tick_failed level=%s", "x", exc=True)
     assert out.count("\n") == 1
