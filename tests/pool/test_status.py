@@ -134,8 +134,11 @@ def test_status_shows_runners_and_consumers_of_a_live_pool(live_pool: LivePool) 
     assert served == 1
     consumer = next(line.split() for line in lines if line.startswith("redis "))
     assert consumer[1:3] == ["connected", live_pool.name], consumer
-    # --token wins over nothing in the environment as well.
-    assert status_cli("--url", live_pool.url, "--token", TOKEN).returncode == 0
+    # --token works as well as the environment; --json prints the health body itself.
+    raw = status_cli("--url", live_pool.url, "--token", TOKEN, "--json")
+    assert raw.returncode == 0, raw.stderr
+    body = json.loads(raw.stdout)
+    assert [r["pid"] for r in body["runners"]] == [r["pid"] for r in health["runners"]]
 
 
 def test_status_watch_redraws_until_ctrl_c(live_pool: LivePool, tmp_path: Path) -> None:
