@@ -480,7 +480,8 @@ class _Run:
         )
         self.wanted = {line.id: line.lineno for line in self.lines}
 
-    def record(self, prediction_id: str, result: dict[str, Any]) -> None:
+    def record(self, prediction_id: str, result: dict[str, Any], *, sent: bool = True) -> None:
+        """Write one result; ``sent=False``: a line that failed here, never sent."""
         lineno = self.wanted.pop(prediction_id, None)
         if lineno is None:
             return  # not ours, or a duplicate answer (a redelivery's republish)
@@ -489,7 +490,7 @@ class _Run:
         self.out.flush()
         if prediction_id in self.in_flight:
             self.in_flight.discard(prediction_id)
-        else:
+        elif sent:
             self.collected += 1
         if result.get("status") == "succeeded":
             self.progress.succeeded += 1
@@ -518,7 +519,8 @@ class _Run:
             if line.id not in self.wanted:
                 continue  # its result came in from an earlier run meanwhile
             if line.input is None:
-                self.record(line.id, {"id": line.id, "status": "failed", "error": line.error})
+                failure = {"id": line.id, "status": "failed", "error": line.error}
+                self.record(line.id, failure, sent=False)
                 continue
             chunk.append((line.id, line.input))
         if chunk and not self.stop.is_set():

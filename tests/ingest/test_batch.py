@@ -219,7 +219,7 @@ async def test_bad_lines_and_dead_letters_fail_with_a_nonzero_exit(
     assert by_line[2]["status"] == "failed" and "not valid JSON" in by_line[2]["error"]
     assert by_line[3]["status"] == "failed"
     assert by_line[3]["error"].startswith("dead-lettered: invalid request"), by_line[3]
-    assert "1 succeeded, 2 failed" in err.decode()
+    assert "1 succeeded, 2 failed, 2 submitted, 0 collected" in err.decode()
     # The progress line (not a terminal: whole lines) ends at 3/3 with the counts and rate.
     assert re.search(r"\] 3/3  ok 1  failed 2  skipped 0  [\d.]+/s  ETA \d+s\n", err.decode())
     # A re-run skips all three and still exits non-zero: the file has failed lines.
