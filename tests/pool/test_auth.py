@@ -159,3 +159,21 @@ def test_blank_token_is_refused() -> None:
     with pytest.raises(ConfigError) as e:
         load(http__auth_token=" ")
     assert e.value.key == "http.auth_token"
+
+
+def test_cog_pool_config_never_prints_the_token() -> None:
+    import subprocess
+    import sys
+
+    from pool_helpers import PROJECT
+    from test_cli import cli_env
+
+    env = cli_env()
+    env["COG_POOL_HTTP_AUTH_TOKEN"] = TOKEN
+    done = subprocess.run(
+        [sys.executable, "-m", "pool", "config", str(MODELS / "worker")],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in done.stdout
+    assert '"auth_token": "<set>"' in done.stdout
