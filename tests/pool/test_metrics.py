@@ -203,3 +203,21 @@ def test_no_gpu_series_without_nvml_or_without_a_driver(monkeypatch: Any) -> Non
         assert "cog_pool_gpu_" not in text and "cog_pool_predictions_total" in text
     no_driver.render()
     assert nvml.inits == 1  # a host without a driver is not asked again at every scrape
+
+
+def test_the_installed_nvml_if_any_gives_series_only_with_a_driver() -> None:
+    # On this machine as it is: nvidia-ml-py may be installed (the gpu extra) or not, and a
+    # driver may be there or not. Whatever the case, the scrape works and shows GPUs only
+    # when NVML can see them.
+    m = Metrics()
+    s = parse(m.render())
+    gpu_series = [k for k in s if k.startswith("cog_pool_gpu_memory_total_bytes{")]
+    if m.gpus is None:
+        assert load_nvml() is None and gpu_series == []
+        return
+    try:
+        m.gpus.nvml.nvmlInit()
+        count = m.gpus.nvml.nvmlDeviceGetCount()
+    except Exception:  # NVMLError: no driver here
+        count = 0
+    assert len(gpu_series) == count
