@@ -205,7 +205,7 @@ async def test_webhook_to_loopback_is_logged_not_sent_and_never_retried(
     assert target.url("/hook") in refused[0] and "loopback" in refused[0]
     assert "TOPSECRET" not in caplog.text
     assert target.hits == []
-    assert "cog_pool_webhook_failures_total 1\n" in metrics.render()
+    assert "cog_pool_webhook_failures_total 1.0\n" in metrics.render()
 
 
 async def test_webhook_to_an_allowlisted_receiver_is_sent(target: Target) -> None:
