@@ -157,6 +157,8 @@ class NetworkPolicy:
         host = parts.hostname
         if not host:
             return "the URL has no host"
+        if self.host_allowed(host):
+            return None
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:

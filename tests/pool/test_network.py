@@ -120,6 +120,9 @@ def test_literal_urls_and_schemes_are_checked_before_any_connection() -> None:
     assert "loopback" in (policy.url_refusal("http://[::1]:80/x") or "")
     assert "scheme" in (policy.url_refusal("file:///etc/passwd") or "")
     assert policy.url_refusal("https://example.com/x") is None  # names: checked once resolved
+    listed = NetworkPolicy(NetworkConfig(allow_hosts=("127.0.0.1", "*.corp.example")))
+    assert listed.url_refusal("http://127.0.0.1:9/x") is None
+    assert listed.host_allowed("files.corp.example") and not listed.host_allowed("corp.example")
     with pytest.raises(NetworkRefused, match=r"169\.254\.169\.254 is a cloud metadata address"):
         policy.check_url("http://169.254.169.254/latest/meta-data/?token=x")
 
