@@ -250,6 +250,53 @@ def _bad_json(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"detail": message}), content_type="application/json")
 
 
+async def _prediction_response(
+    request: web.Request, prediction: Prediction, *, status: int = 200
+) -> web.StreamResponse:
+    """The prediction as JSON; a large finished one is serialised in a worker thread and
+    sent a slice at a time.
+
+    ``json.dumps`` of a 100 MB output (a data: URI, a long text) held the event loop for
+    hundreds of milliseconds, and one ``transport.write`` of the whole body cost seconds more:
+    asyncio (3.11) keeps the unsent rest in one bytearray and moves it down after every send.
+    """
+    body = prediction.to_dict()
+    # Only a finished prediction is left alone by the loop while a thread reads it.
+    if not prediction.done or not _larger_than(body, PARSE_INLINE_MAX_BYTES):
+        return web.json_response(body, status=status)
+    data = await asyncio.to_thread(lambda: json.dumps(body).encode())
+    response = web.StreamResponse(status=status)
+    response.content_type = "application/json"
+    response.content_length = len(data)
+    await response.prepare(request)
+    view = memoryview(data)
+    for start in range(0, len(data), _WRITE_CHUNK_BYTES):
+        await response.write(view[start : start + _WRITE_CHUNK_BYTES])  # waits for the drain
+    await response.write_eof()
+    return response
+
+
+_WRITE_CHUNK_BYTES = 1 << 20
+
+
+def _larger_than(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
+    """Whether ``value``'s strings add up to more than ``limit`` characters (a bounded look)."""
+    total = 0
+    stack = [value]
+    while stack and max_nodes > 0:
+        max_nodes -= 1
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+            if total > limit:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return bool(stack)  # too many nodes to look at: large enough
+
+
 # --- routes ----------------------------------------------------------------------------------
 async def index(request: web.Request) -> web.Response:
     """Discovery links, as Cog's root."""
@@ -339,11 +386,11 @@ async def shutdown(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-async def get_prediction(request: web.Request) -> web.Response:
+async def get_prediction(request: web.Request) -> web.StreamResponse:
     prediction = request.app[MANAGER_KEY].get(request.match_info["prediction_id"])
     if prediction is None:
         return _error(404, "prediction not found")
-    return web.json_response(prediction.to_dict())
+    return await _prediction_response(request, prediction)
 
 
 async def cancel_prediction(request: web.Request) -> web.Response:
@@ -356,17 +403,17 @@ async def cancel_prediction(request: web.Request) -> web.Response:
     return web.json_response(prediction.to_dict() if prediction is not None else {})
 
 
-async def create_prediction(request: web.Request) -> web.Response:
+async def create_prediction(request: web.Request) -> web.StreamResponse:
     """POST /predictions: run one prediction, sync or (Prefer: respond-async) async."""
     return await _create(request, path_id=None)
 
 
-async def put_prediction(request: web.Request) -> web.Response:
+async def put_prediction(request: web.Request) -> web.StreamResponse:
     """PUT /predictions/{id}: idempotent create; a known id answers with its current state."""
     return await _create(request, path_id=request.match_info["prediction_id"])
 
 
-async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
+async def _create(request: web.Request, *, path_id: str | None) -> web.StreamResponse:
     if request.app[SHUTDOWN_KEY].is_set():
         return _error(503, "the pool is shutting down", headers=_retry_after(request))
     body = await _read_json(request)
@@ -391,9 +438,9 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
         existing is not None,
     )
     if respond_async:
-        return web.json_response(prediction.to_dict(), status=202)
+        return await _prediction_response(request, prediction, status=202)
     await _wait(request, manager, prediction, owned=existing is None)
-    return web.json_response(prediction.to_dict())
+    return await _prediction_response(request, prediction)
 
 
 def _disconnected(request: web.Request) -> bool:

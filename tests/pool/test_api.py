@@ -493,3 +493,39 @@ async def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch: pytest.Mo
         await server.close()
     loop_thread = threading.get_ident()
     assert threads[0] != loop_thread and threads[1] == loop_thread
+
+
+async def test_large_finished_predictions_are_serialised_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import pool.api
+
+    threads: list[int] = []
+    dumps = json.dumps
+
+    def recording(value: Any, *args: Any, **kwargs: Any) -> str:
+        if isinstance(value, dict) and "output" in value:
+            threads.append(threading.get_ident())
+        return dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(pool.api.json, "dumps", recording)
+    server, fake = await _serve()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            fake_text = "y" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            # A finished prediction with a large output, then a small one.
+            prediction = Prediction(PredictionRequest.from_body({"id": "big", "input": {}}))
+            prediction.mark_started(0)
+            prediction.apply_delta({"status": "succeeded", "output": fake_text})
+            fake.predictions["big"] = prediction
+            status, body, _ = await api.call("GET", "/predictions/big")
+            assert status == 200 and body["output"] == fake_text
+            status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "s"}})
+            assert status == 200 and body["output"] == "hello s"
+    finally:
+        await server.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # the large one, in a worker thread

@@ -201,3 +201,49 @@ def test_protocol_files_read_as_json_or_a_value_error(data: bytes) -> None:
             return
     problem = protocol.delta_problem(value)
     assert problem is None or isinstance(problem, str)
+
+
+# --- data: URIs, decoded a slice at a time --------------------------------------------------------
+def _reference_decode(payload: str) -> bytes | None:
+    """The one-call decoding the sliced one must agree with (None: invalid)."""
+    import base64
+    import binascii
+    import re
+    import urllib.parse
+
+    try:
+        raw = re.sub(rb"\s+", b"", urllib.parse.unquote_to_bytes(payload))
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+B64_TEXT = st.text(
+    st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/= \n\t%2B"),
+    max_size=64,
+)
+
+
+@SETTINGS
+@given(st.binary(max_size=200), st.integers(1, 40), st.data())
+def test_sliced_base64_decoding_matches_one_call_decoding(
+    data: bytes, chunk: int, draw: st.DataObject
+) -> None:
+    import base64
+
+    import pool.files
+
+    encoded = base64.b64encode(data).decode()
+    # Whitespace anywhere is ignored; arbitrary base64-ish text must agree on being invalid.
+    spaced = "".join(c + draw.draw(st.sampled_from(["", "", " ", "\n"])) for c in encoded)
+    for payload in (encoded, spaced, draw.draw(B64_TEXT)):
+        expected = _reference_decode(payload)
+        original, pool.files.CODEC_CHUNK = pool.files.CODEC_CHUNK, chunk
+        try:
+            got: bytes | None = pool.files.decode_data_uri("f", "data:;base64," + payload)[1]
+        except InvalidInput as e:
+            assert e.detail[0]["loc"] == ["body", "input", "f"]
+            got = None
+        finally:
+            pool.files.CODEC_CHUNK = original
+        assert got == expected, payload
