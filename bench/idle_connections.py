@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(60)
     text = open(log_path).read()
+    shutil.rmtree(work, ignore_errors=True)
     print(f"pool log: {len(text.splitlines())} lines in all")
     for event in ("http_connection_evicted", "http_connection_refused", "http_header_timeout",
                   "http_accept_failed", "Traceback"):  # fmt: skip
