@@ -23,7 +23,7 @@ from pool.errors import InvalidInput, InvalidRequest
 from pool.manager import _validate
 from pool.prediction import Prediction, PredictionRequest
 
-SETTINGS = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
 
 SCHEMA: dict[str, Any] = {
     "components": {
