@@ -5,6 +5,8 @@ Standard library only; runs under the model's own interpreter (CPython 3.9-3.13)
 
 from __future__ import annotations
 
+from cog.coder import Coder
+from cog.decorators import concurrent, streaming
 from cog.exceptions import CancelationException
 from cog.input import Input
 from cog.model import BaseModel
@@ -18,13 +20,16 @@ __all__ = [
     "BasePredictor",
     "BaseRunner",
     "CancelationException",
+    "Coder",
     "ConcatenateIterator",
     "File",
     "Input",
     "Path",
     "Scope",
     "Secret",
+    "concurrent",
     "current_scope",
     "emit_metric",
+    "streaming",
     "use_scope",
 ]

@@ -656,7 +656,17 @@ def _load_and_setup(
     assert predictor is not None
     # The capacity this runner really has: a sync predict() runs one at a time.
     result["max_concurrency"] = config.max_concurrency if predictor.is_async else 1
+    result["features"] = _features(predictor)
     return predictor, result
+
+
+def _features(predictor: LoadedPredictor) -> Dict[str, bool]:
+    """What the pool may offer for this model (setup_result.json ``features``)."""
+    return {
+        protocol.FEATURE_STREAMING: predictor.is_streaming,
+        protocol.FEATURE_TRAINING: False,
+        protocol.FEATURE_HEALTHCHECK: predictor.healthcheck is not None,
+    }
 
 
 async def _await(awaitable: Any) -> Any:

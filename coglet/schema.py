@@ -57,6 +57,10 @@ def json_type(ct: CogType) -> Dict[str, Any]:
         return schema
     if ct.kind == t.OBJECT:
         return _object_schema(ct)
+    if ct.kind == t.UNION:
+        return {"anyOf": [json_type(v) for v in ct.variants]}
+    if ct.kind == t.CUSTOM:
+        return {"type": "object"}  # as Cog: a coder's value is a JSON object
     return {}  # Any: an opaque JSON value, unchecked
 
 

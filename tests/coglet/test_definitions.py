@@ -119,19 +119,26 @@ class Predictor(BaseRunner):
         "invalid input field dt: unsupported Cog type datetime",
     ),
     (
-        "unsupported_union",
-        predictor("u: Union[int, str]"),
-        "invalid input field u: unsupported union type Union[int, str]",
+        "union_with_path_member",
+        predictor("u: Union[Path, str]"),
+        "invalid input field u: unsupported union member Path in union Union[cog.types.Path, str]",
     ),
     (
-        "unsupported_pep604_union",
-        predictor("u: int | str"),
-        "invalid input field u: unsupported union type int | str",
+        "union_with_optional_list_member",
+        predictor("u: int | list[Optional[int]]"),
+        "invalid input field u: unsupported union member list[typing.Optional[int]] in union "
+        "int | list[typing.Optional[int]]",
     ),
     (
-        "nested_list",
-        predictor("xs: List[List[int]]"),
-        "invalid input field xs: List cannot have nested type list",
+        "literal_mixed_values",
+        "from typing import Literal\n" + predictor("m: Literal['a', 1]"),
+        "invalid input field m: unsupported Cog type Literal['a', 1]: "
+        "Literal values must be all str or all int",
+    ),
+    (
+        "custom_type_without_coder",
+        "class Point:\n    pass\n" + predictor("p: Point"),
+        "invalid input field p: unsupported Cog type Point",
     ),
     (
         "enum_not_extending_str",
@@ -376,6 +383,18 @@ class Colors(str, Enum):
     ("pep604_optional", predictor("s: str | None = None, xs: list[int] | None = None")),
     ("list_output", predictor("", "List[Path]")),
     ("opaque_inputs", "from typing import Any\n" + predictor("xs: list, blob: dict, a: Any")),
+    # Cog 0.23 serves these (issue 9): unions, nested lists, optional secrets, Literal.
+    ("union_typing", predictor("u: Union[int, str], v: Union[str, float, None] = None")),
+    ("union_pep604", predictor("u: str | float | None = None, xs: list[int] | list[float] = []")),
+    ("nested_list_input", predictor("xs: List[List[int]] = Input(default=[[1, 2], [3]])")),
+    ("nested_list_output", predictor("", "List[List[float]]")),
+    ("optional_secret", predictor("key: Secret = Input(default=None)")),
+    ("literal_choices", "from typing import Literal\n" + predictor("m: Literal['a', 'b'] = 'a'")),
+    (
+        "json_coder_dicts",
+        "from typing import Any\nfrom cog.coder import json_coder\n"
+        + predictor("d: dict[str, Any]", "dict[str, Any]"),
+    ),
 ]
 
 

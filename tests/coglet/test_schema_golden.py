@@ -39,6 +39,10 @@ CASES = {
     "out_iterator_of_model": "sch_out_iter.py:Frames",
     "runner": "sch_runner.py:Runner",
     "function": "sch_runner.py:predict",
+    "compat_inputs": "sch_compat.py:Inputs",
+    "out_nested_list": "sch_compat.py:NestedOut",
+    "out_union": "sch_compat.py:UnionOut",
+    "out_coder": "sch_compat.py:CoderOut",
 }
 
 
