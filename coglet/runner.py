@@ -42,7 +42,7 @@ from coglet.signals import SignalWakeup
 from coglet.sync import SyncGuard, TimerThread
 from coglet.validation import InputValidationError
 
-__all__ = ["ConfigError", "RunnerConfig", "main", "read_config"]
+__all__ = ["ConfigError", "RunnerConfig", "cog_error_text", "main", "read_config"]
 
 _log = logging.getLogger("coglet")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -147,6 +147,9 @@ class Prediction:
         self.scope = Scope(context)
         self.cancel_requested = False
         self.announced = False
+        # Set once predict() has returned an iterator and the runner is taking its items:
+        # Cog words a failure there differently (see cog_error_text).
+        self.iterating = False
         self.task: Optional[asyncio.Task] = None  # async predictors only
 
 
@@ -489,13 +492,14 @@ class Runner:
             except CancelationException:
                 outcome.status = protocol.STATUS_CANCELED
             except BaseException as e:
-                outcome.fail(prediction, e)
+                outcome.fail(prediction, e, is_async=self._predictor.is_async)
         sync.running = None
         self._complete(prediction, outcome, time.perf_counter() - started)
 
     def _call_sync(self, prediction: Prediction) -> Optional[str]:
         result: Any = self._predictor.predict(prediction.kwargs)
         if self._predictor.is_iterator:
+            prediction.iterating = True
             for item in result:
                 prediction.responder.append_output(self._encode(item))
             return None
@@ -512,7 +516,7 @@ class Runner:
             except (asyncio.CancelledError, CancelationException):
                 outcome.status = protocol.STATUS_CANCELED
             except BaseException as e:
-                outcome.fail(prediction, e)
+                outcome.fail(prediction, e, is_async=self._predictor.is_async)
         self._complete(prediction, outcome, time.perf_counter() - started)
         self._finished(prediction)
 
@@ -592,14 +596,36 @@ class _Outcome:
         self.output_json: Optional[str] = None
         self.error: Optional[str] = None
 
-    def fail(self, prediction: Prediction, exc: BaseException) -> None:
+    def fail(self, prediction: Prediction, exc: BaseException, *, is_async: bool) -> None:
         self.status = protocol.STATUS_FAILED
         self.output_json = None
-        self.error = _error_message(exc)
+        self.error = cog_error_text(exc, is_async=is_async, iterating=prediction.iterating)
         # Cog shows the traceback in the prediction's logs and the message as its error.
         prediction.responder.append_log(
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         )
+
+
+# --- Cog's words for a failed prediction (Cog 0.23.1, measured) --------------------------------
+# Cog's worker names the exception after a phase prefix, and its server prefixes that again
+# with "Prediction failed: ", so a sync predict() that raises reads
+# "Prediction failed: Prediction failed: ValueError: this is a value error". Clients match on
+# these strings, so they are kept word for word (docs/architecture.md, Cog compatibility).
+COG_FAILED_PREFIX = "Prediction failed: "
+COG_SYNC_PREFIX = "Prediction failed: "
+COG_ITERATION_PREFIX = "Generator iteration error: "
+COG_ASYNC_PREFIX = "Async prediction failed: "
+
+
+def cog_error_text(exc: BaseException, *, is_async: bool, iterating: bool) -> str:
+    """A failed prediction's ``error``, as Cog 0.23.1 words it (the traceback goes to logs)."""
+    if is_async:
+        phase = COG_ASYNC_PREFIX
+    elif iterating:
+        phase = COG_ITERATION_PREFIX
+    else:
+        phase = COG_SYNC_PREFIX
+    return f"{COG_FAILED_PREFIX}{phase}{type(exc).__name__}: {exc}"
 
 
 def _error_message(exc: BaseException) -> str:

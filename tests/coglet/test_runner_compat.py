@@ -131,3 +131,54 @@ def test_openapi_of_the_new_shapes(compat) -> None:
         {"type": "array", "items": {"type": "integer"}},
         {"type": "array", "items": {"type": "number"}},
     ]
+
+
+# --- error text as Cog 0.23.1 words it (measured beside it; see bench/RESULTS.md) ---------------
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("value", "Prediction failed: Prediction failed: ValueError: this is a value error"),
+        ("exit", "Prediction failed: Prediction failed: SystemExit: 1"),
+        ("empty", "Prediction failed: Prediction failed: RuntimeError: "),
+    ],
+)
+def test_sync_error_names_the_exception(compat, kind: str, error: str) -> None:
+    runner = compat("errors.py:Sync")
+    state = run(runner, kind, {"kind": kind})
+    assert state.status == "failed"
+    assert state.error == error
+    assert "Traceback (most recent call last)" in state.logs  # kept in logs (Cog drops it)
+
+
+def test_generator_failing_midway(compat) -> None:
+    runner = compat("errors.py:Gen")
+    state = run(runner, "g", {"fail_at": 1})
+    assert state.status == "failed"
+    assert state.error == (
+        "Prediction failed: Generator iteration error: RuntimeError: failed at item 1"
+    )
+    assert "Traceback (most recent call last)" in state.logs
+    # A generator failing before its first item fails while iterating too.
+    assert run(runner, "g0", {"fail_at": 0}).error.startswith(
+        "Prediction failed: Generator iteration error: RuntimeError"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ref", "error"),
+    [
+        (
+            "errors.py:AsyncErr",
+            "Prediction failed: Async prediction failed: ValueError: async value error",
+        ),
+        (
+            "errors.py:AsyncGen",
+            "Prediction failed: Async prediction failed: RuntimeError: async generator failed",
+        ),
+    ],
+)
+def test_async_errors(compat, ref: str, error: str) -> None:
+    runner = compat(ref)
+    state = run(runner, "a", {})
+    assert state.status == "failed"
+    assert state.error == error
