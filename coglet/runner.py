@@ -657,6 +657,7 @@ def _load_and_setup(
     router.fallback = logs
     result: Dict[str, Any] = {"status": protocol.STATUS_SUCCEEDED, "started_at": _now_iso()}
     predictor: Optional[LoadedPredictor] = None
+    watchdog = SetupWatchdog.from_env(working_dir, logs, result["started_at"])
     try:
         with capture.attributed(logs):
             predictor = load_predictor(config.predictor_ref)
@@ -675,6 +676,8 @@ def _load_and_setup(
         logs.append_log(traceback.format_exc())
     finally:
         router.fallback = None
+        if watchdog is not None:
+            watchdog.finish()
     result["completed_at"] = _now_iso()
     result["logs"] = logs.text()
     if result["status"] != protocol.STATUS_SUCCEEDED:
@@ -693,6 +696,80 @@ def _features(predictor: LoadedPredictor) -> Dict[str, bool]:
         protocol.FEATURE_TRAINING: False,
         protocol.FEATURE_HEALTHCHECK: predictor.healthcheck is not None,
     }
+
+
+class SetupWatchdog:
+    """``COG_SETUP_TIMEOUT``: past it, setup fails with Cog's text and the runner exits.
+
+    A timer thread, because setup() may be stuck where nothing can interrupt it (C code, a
+    download): at the deadline it writes the failed setup_result.json itself and leaves with
+    EXIT_SETUP_FAILED, so the pool never restart-loops a model that cannot load in time.
+    """
+
+    def __init__(
+        self, timeout_s: float, working_dir: str, logs: capture.SetupLogs, started_at: str
+    ) -> None:
+        self.timeout_s = timeout_s
+        self._path = os.path.join(working_dir, protocol.SETUP_RESULT_FILE)
+        self._logs = logs
+        self._started_at = started_at
+        self._lock = threading.Lock()
+        self._finished = False
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @classmethod
+    def from_env(
+        cls, working_dir: str, logs: capture.SetupLogs, started_at: str
+    ) -> Optional[SetupWatchdog]:
+        """A running watchdog when COG_SETUP_TIMEOUT holds a number of seconds > 0, else None."""
+        text = os.environ.get(protocol.SETUP_TIMEOUT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            timeout_s = float(text)
+        except ValueError:
+            timeout_s = float("nan")
+        if not timeout_s > 0 or timeout_s == float("inf"):
+            # As Cog: a bad value (or 0, which would fail at once) means no timeout.
+            _log.warning(
+                "setup_timeout_ignored %s=%r reason=not_a_positive_number",
+                protocol.SETUP_TIMEOUT_ENV,
+                text,
+            )
+            return None
+        return cls(timeout_s, working_dir, logs, started_at)
+
+    def finish(self) -> None:
+        """Setup ended in time: the deadline no longer applies."""
+        with self._lock:  # a deadline firing right now finishes (and exits) first
+            self._finished = True
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            result = {
+                "status": protocol.STATUS_FAILED,
+                "started_at": self._started_at,
+                "completed_at": _now_iso(),
+                "logs": self._logs.text() + protocol.SETUP_TIMEOUT_ERROR + "\n",
+                "error": protocol.SETUP_TIMEOUT_ERROR,
+            }
+            try:
+                protocol.write_json_atomic(self._path, result)
+            finally:
+                _log.info(
+                    "runner_exit reason=setup_timeout code=%d timeout_s=%s pid=%d",
+                    protocol.EXIT_SETUP_FAILED,
+                    self.timeout_s,
+                    os.getpid(),
+                )
+                logging.shutdown()
+                # setup() still runs on the main thread and cannot be interrupted: leave now.
+                os._exit(protocol.EXIT_SETUP_FAILED)
 
 
 async def _await(awaitable: Any) -> Any:

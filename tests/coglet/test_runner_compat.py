@@ -182,3 +182,40 @@ def test_async_errors(compat, ref: str, error: str) -> None:
     state = run(runner, "a", {})
     assert state.status == "failed"
     assert state.error == error
+
+
+# --- COG_SETUP_TIMEOUT ---------------------------------------------------------------------------
+def env_with(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": PROJECT_ROOT, **extra}
+
+
+def test_setup_timeout_fails_setup_with_cogs_text(spawn) -> None:
+    runner = spawn("errors.py:SlowSetup", model_dir=COMPAT, env=env_with(COG_SETUP_TIMEOUT="1"))
+    result = runner.wait_setup(timeout_s=30)
+    assert result["status"] == "failed"
+    assert result["error"] == "worker setup timed out"
+    assert result["logs"].startswith("setup begins\n")
+    assert result["logs"].endswith("worker setup timed out\n")
+    assert runner.wait_exit() == protocol.EXIT_SETUP_FAILED
+    assert "runner_exit reason=setup_timeout code=3 timeout_s=1.0" in runner.stderr
+
+
+def test_setup_within_the_timeout_succeeds(spawn) -> None:
+    runner = spawn(
+        "errors.py:SlowSetup",
+        model_dir=COMPAT,
+        env=env_with(COG_SETUP_TIMEOUT="60", SLOW_SETUP_S="0.2"),
+    )
+    runner.wait_ready()
+    assert run(runner, "p", {}).output == "ready"
+
+
+@pytest.mark.parametrize("value", ["0", "soon", "-5"])
+def test_bad_setup_timeout_is_ignored(spawn, value: str) -> None:
+    runner = spawn(
+        "errors.py:SlowSetup",
+        model_dir=COMPAT,
+        env=env_with(COG_SETUP_TIMEOUT=value, SLOW_SETUP_S="0"),
+    )
+    runner.wait_ready()
+    assert f"setup_timeout_ignored COG_SETUP_TIMEOUT={value!r}" in runner.stderr

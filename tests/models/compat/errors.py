@@ -33,3 +33,17 @@ class AsyncGen(BasePredictor):
     async def predict(self) -> AsyncIterator[str]:
         yield "first"
         raise RuntimeError("async generator failed")
+
+
+class SlowSetup(BasePredictor):
+    """setup() takes SLOW_SETUP_S seconds (default: longer than any test waits)."""
+
+    def setup(self) -> None:
+        import os
+        import time
+
+        print("setup begins")
+        time.sleep(float(os.environ.get("SLOW_SETUP_S", "3600")))
+
+    def predict(self) -> str:
+        return "ready"
