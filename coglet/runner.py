@@ -36,8 +36,10 @@ from cog.exceptions import CancelationException
 from cog.scope import Scope, use_scope
 
 from coglet import capture, protocol
-from coglet.predictor import LoadedPredictor, PredictorError, load_predictor
+from coglet.health import HealthChecker
+from coglet.predictor import MODE_TRAIN, LoadedPredictor, PredictorError, load_predictor
 from coglet.responder import Responder, encode_json
+from coglet.schema import add_training
 from coglet.signals import SignalWakeup
 from coglet.sync import SyncGuard, TimerThread
 from coglet.validation import InputValidationError
@@ -63,6 +65,8 @@ class RunnerConfig:
     predictor_ref: str
     max_concurrency: int
     runner_index: Optional[int] = None
+    train_ref: Optional[str] = None  # cog.yaml train:; requests of kind "training" run it
+    healthcheck_interval_s: float = protocol.HEALTHCHECK_INTERVAL_S
 
 
 def read_config(working_dir: str) -> RunnerConfig:
@@ -85,7 +89,21 @@ def read_config(working_dir: str) -> RunnerConfig:
     index = raw.get("runner_index")
     if index is not None and not _is_int(index):
         raise ConfigError(f"{path}: runner_index must be an integer")
-    return RunnerConfig(ref, concurrency, index)
+    train_ref, interval_s = _read_feature_config(path, raw)
+    return RunnerConfig(ref, concurrency, index, train_ref, interval_s)
+
+
+def _read_feature_config(path: str, raw: Dict[str, Any]) -> Tuple[Optional[str], float]:
+    """config.json's ``train_ref`` and ``healthcheck_interval_s`` (Cog features)."""
+    train_ref = raw.get("train_ref")
+    if train_ref is not None and (not isinstance(train_ref, str) or ":" not in train_ref):
+        raise ConfigError(f"{path}: train_ref must be a string like 'train.py:train'")
+    interval_s = raw.get("healthcheck_interval_s", protocol.HEALTHCHECK_INTERVAL_S)
+    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)):
+        raise ConfigError(f"{path}: healthcheck_interval_s must be a number of seconds")
+    if not 0 < interval_s < float("inf"):
+        raise ConfigError(f"{path}: healthcheck_interval_s must be > 0")
+    return train_ref, float(interval_s)
 
 
 def _is_int(value: object) -> bool:
@@ -140,8 +158,10 @@ class Prediction:
         responder: Responder,
         kwargs: Dict[str, Any],
         context: Dict[str, Any],
+        predictor: LoadedPredictor,
     ) -> None:
         self.id = prediction_id
+        self.predictor = predictor  # the model's predict(), or its train() for a training
         self.responder = responder
         self.kwargs = kwargs
         self.scope = Scope(context)
@@ -165,9 +185,12 @@ class Runner:
         wakeup: SignalWakeup,
         parent_pid: int,
         real_err: TextIO,
+        *,
+        trainer: Optional[LoadedPredictor] = None,
     ) -> None:
         self._dir = working_dir
         self._predictor = predictor
+        self._trainer = trainer
         self._router = router
         self._wakeup = wakeup
         self._parent_pid = parent_pid
@@ -321,9 +344,12 @@ class Runner:
         kwargs: Dict[str, Any] = {}
         warnings: List[str] = []
         problem = _request_problem(raw, prediction_id)
+        predictor = self._predictor
+        if problem is None:
+            predictor, problem = self._predictor_for(raw)
         if problem is None:
             try:
-                kwargs, warnings = self._predictor.prepare_input(raw.get("input") or {})
+                kwargs, warnings = predictor.prepare_input(raw.get("input") or {})
             except InputValidationError as e:
                 problem = str(e)
             except Exception as e:
@@ -335,13 +361,29 @@ class Runner:
             return
         context = raw.get("context")
         prediction = Prediction(
-            prediction_id, responder, kwargs, context if isinstance(context, dict) else {}
+            prediction_id,
+            responder,
+            kwargs,
+            context if isinstance(context, dict) else {},
+            predictor,
         )
         self._predictions[prediction_id] = prediction
         self._waiting.append(prediction)
         if self._timer is None:  # sync: the timer thread's tick announces (see _on_sync_tick)
             self._call_later(ANNOUNCE_DELAY_S, self._announce, prediction_id)
         self._dispatch()
+
+    def _predictor_for(self, raw: Dict[str, Any]) -> Tuple[LoadedPredictor, Optional[str]]:
+        """What a request of its ``kind`` runs: predict(), or train() for a training."""
+        kind = raw.get("kind", protocol.KIND_PREDICTION)
+        if kind == protocol.KIND_PREDICTION:
+            return self._predictor, None
+        if kind == protocol.KIND_TRAINING:
+            if self._trainer is None:
+                return self._predictor, "this model has no trainer (cog.yaml has no train:)"
+            return self._trainer, None
+        kinds = [protocol.KIND_PREDICTION, protocol.KIND_TRAINING]
+        return self._predictor, f"request kind must be one of {kinds}, not {kind!r}"
 
     def _new_responder(self, prediction_id: str) -> Responder:
         return Responder(
@@ -492,18 +534,18 @@ class Runner:
             except CancelationException:
                 outcome.status = protocol.STATUS_CANCELED
             except BaseException as e:
-                outcome.fail(prediction, e, is_async=self._predictor.is_async)
+                outcome.fail(prediction, e, is_async=prediction.predictor.is_async)
         sync.running = None
         self._complete(prediction, outcome, time.perf_counter() - started)
 
     def _call_sync(self, prediction: Prediction) -> Optional[str]:
-        result: Any = self._predictor.predict(prediction.kwargs)
-        if self._predictor.is_iterator:
+        result: Any = prediction.predictor.predict(prediction.kwargs)
+        if prediction.predictor.is_iterator:
             prediction.iterating = True
             for item in result:
-                prediction.responder.append_output(self._encode(item))
+                prediction.responder.append_output(_encode(prediction, item))
             return None
-        return self._encode(result)
+        return _encode(prediction, result)
 
     # --- async predictions: tasks on the loop ---------------------------------------------------
     async def _run_async(self, prediction: Prediction) -> None:
@@ -516,27 +558,25 @@ class Runner:
             except (asyncio.CancelledError, CancelationException):
                 outcome.status = protocol.STATUS_CANCELED
             except BaseException as e:
-                outcome.fail(prediction, e, is_async=self._predictor.is_async)
+                outcome.fail(prediction, e, is_async=prediction.predictor.is_async)
         self._complete(prediction, outcome, time.perf_counter() - started)
         self._finished(prediction)
 
     async def _call_async(self, prediction: Prediction) -> Optional[str]:
-        result: Any = self._predictor.predict(prediction.kwargs)
-        if self._predictor.is_iterator:
+        result: Any = prediction.predictor.predict(prediction.kwargs)
+        if prediction.predictor.is_iterator:
             if hasattr(result, "__aiter__"):
                 async for item in result:
-                    prediction.responder.append_output(self._encode(item))
+                    prediction.responder.append_output(_encode(prediction, item))
             else:
                 for item in await result if inspect.isawaitable(result) else result:
-                    prediction.responder.append_output(self._encode(item))
+                    prediction.responder.append_output(_encode(prediction, item))
             return None
         if inspect.isawaitable(result):
             result = await result
-        return self._encode(result)
+        return _encode(prediction, result)
 
     # --- both -----------------------------------------------------------------------------------
-    def _encode(self, value: Any) -> str:
-        return encode_json(self._predictor.encode_output(value))
 
     def _complete(self, prediction: Prediction, outcome: _Outcome, predict_time_s: float) -> None:
         metrics = dict(prediction.scope.metrics)
@@ -545,7 +585,7 @@ class Runner:
             prediction.responder.finish(
                 outcome.status,
                 output_json=outcome.output_json,
-                stream=self._predictor.is_iterator,
+                stream=prediction.predictor.is_iterator,
                 error=outcome.error,
                 metrics=metrics,
             )
@@ -583,9 +623,21 @@ class Runner:
         except ProcessLookupError:
             pass  # the parent is gone: the safety rescan exits
 
+    def notify_health(self) -> None:
+        """health.json changed (coglet.health): tell the pool to rescan."""
+        self._signal_parent(protocol.SIG_OUTPUT)
+
+    def write_runner_log(self, text: str) -> None:
+        """Text for the runner's own log (stderr), never a prediction's."""
+        self._late_log(text)
+
     def _late_log(self, text: str) -> None:
         self._real_err.write(text)
         self._real_err.flush()
+
+
+def _encode(prediction: Prediction, value: Any) -> str:
+    return encode_json(prediction.predictor.encode_output(value))
 
 
 class _Outcome:
@@ -646,28 +698,30 @@ def _request_problem(raw: Any, prediction_id: str) -> Optional[str]:
 
 
 # --- setup -------------------------------------------------------------------------------------
+@dataclass
+class _Models:
+    """What setup produced: the predictor and, with cog.yaml train:, the trainer."""
+
+    predictor: Optional[LoadedPredictor] = None
+    trainer: Optional[LoadedPredictor] = None
+
+
 def _load_and_setup(
     config: RunnerConfig,
     working_dir: str,
     router: capture.LogRouter,
     loop: asyncio.AbstractEventLoop,
-) -> Tuple[Optional[LoadedPredictor], Dict[str, Any]]:
-    """Load the predictor, write openapi.json, run setup(); returns (predictor|None, result)."""
+) -> Tuple[_Models, Dict[str, Any]]:
+    """Load the predictor (and trainer), write openapi.json, run setup(); returns the models
+    (``predictor`` None when setup failed) and the setup result."""
     logs = capture.SetupLogs()
     router.fallback = logs
     result: Dict[str, Any] = {"status": protocol.STATUS_SUCCEEDED, "started_at": _now_iso()}
-    predictor: Optional[LoadedPredictor] = None
+    models = _Models()
     watchdog = SetupWatchdog.from_env(working_dir, logs, result["started_at"])
     try:
         with capture.attributed(logs):
-            predictor = load_predictor(config.predictor_ref)
-            protocol.write_json_atomic(
-                os.path.join(working_dir, protocol.OPENAPI_FILE), predictor.openapi_schema()
-            )
-            awaitable = predictor.setup()
-            if inspect.isawaitable(awaitable):
-                # The loop predictions will use: what setup binds to it stays usable.
-                loop.run_until_complete(_await(awaitable))
+            _load_models(config, working_dir, loop, models)
     except PredictorError as e:
         result.update(status=protocol.STATUS_FAILED, error=str(e))
         logs.append_log(f"{e}\n")
@@ -681,21 +735,75 @@ def _load_and_setup(
     result["completed_at"] = _now_iso()
     result["logs"] = logs.text()
     if result["status"] != protocol.STATUS_SUCCEEDED:
-        return None, result
+        return _Models(), result
+    predictor = models.predictor
     assert predictor is not None
     # The capacity this runner really has: a sync predict() runs one at a time.
     result["max_concurrency"] = config.max_concurrency if predictor.is_async else 1
-    result["features"] = _features(predictor)
-    return predictor, result
+    result["features"] = _features(models)
+    return models, result
 
 
-def _features(predictor: LoadedPredictor) -> Dict[str, bool]:
+def _load_models(
+    config: RunnerConfig,
+    working_dir: str,
+    loop: asyncio.AbstractEventLoop,
+    models: _Models,
+) -> None:
+    """Load and check predict (and train), write openapi.json, then run each setup()."""
+    predictor = models.predictor = load_predictor(config.predictor_ref)
+    schema = predictor.openapi_schema()
+    if config.train_ref is not None:
+        trainer = models.trainer = load_predictor(config.train_ref, mode=MODE_TRAIN)
+        if trainer.is_async != predictor.is_async:
+            # One runner drives both the same way (inline on the main thread, or as tasks).
+            raise PredictorError(
+                f"train() and {predictor.method_name}() must both be async or both be sync "
+                f"in one runner: {config.train_ref} and {config.predictor_ref} differ"
+            )
+        add_training(schema, trainer.inputs, trainer.output)
+    protocol.write_json_atomic(os.path.join(working_dir, protocol.OPENAPI_FILE), schema)
+    for model in (predictor, models.trainer):
+        if model is None:
+            continue
+        awaitable = model.setup()
+        if inspect.isawaitable(awaitable):
+            # The loop predictions will use: what setup binds to it stays usable.
+            loop.run_until_complete(_await(awaitable))
+
+
+def _features(models: _Models) -> Dict[str, bool]:
     """What the pool may offer for this model (setup_result.json ``features``)."""
+    predictor = models.predictor
+    assert predictor is not None
     return {
         protocol.FEATURE_STREAMING: predictor.is_streaming,
-        protocol.FEATURE_TRAINING: False,
+        protocol.FEATURE_TRAINING: models.trainer is not None,
         protocol.FEATURE_HEALTHCHECK: predictor.healthcheck is not None,
     }
+
+
+def _start_healthchecks(
+    config: RunnerConfig,
+    working_dir: str,
+    predictor: LoadedPredictor,
+    runner: Runner,
+    loop: asyncio.AbstractEventLoop,
+) -> Optional[HealthChecker]:
+    """Run the predictor's healthcheck() periodically (coglet.health), when it has one."""
+    if predictor.healthcheck is None:
+        return None
+    checker = HealthChecker(
+        predictor.healthcheck,
+        working_dir=working_dir,
+        interval_s=config.healthcheck_interval_s,
+        notify=runner.notify_health,
+        log_write=runner.write_runner_log,
+        # An async predictor's loop is free between awaits; a sync one's is not.
+        loop=loop if predictor.is_async else None,
+    )
+    checker.start()
+    return checker
 
 
 class SetupWatchdog:
@@ -817,7 +925,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    predictor, setup_result = _load_and_setup(config, working_dir, router, loop)
+    models, setup_result = _load_and_setup(config, working_dir, router, loop)
+    predictor = models.predictor
     wakeup.install_stop()
     protocol.write_json_atomic(os.path.join(working_dir, protocol.SETUP_RESULT_FILE), setup_result)
     if predictor is None:
@@ -827,7 +936,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dumps(setup_result.get("error")),
         )
         return protocol.EXIT_SETUP_FAILED
-    runner = Runner(config, working_dir, predictor, router, wakeup, parent_pid, real_err)
+    runner = Runner(
+        config, working_dir, predictor, router, wakeup, parent_pid, real_err, trainer=models.trainer
+    )
     _log.info(
         "runner_ready runner=%s pid=%d async=%s capacity=%d",
         config.runner_index,
@@ -839,4 +950,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.kill(parent_pid, protocol.SIG_READY)
     except ProcessLookupError:
         _exit_parent_died()
-    return runner.serve(loop)
+    checker = _start_healthchecks(config, working_dir, predictor, runner, loop)
+    try:
+        return runner.serve(loop)
+    finally:
+        if checker is not None:
+            checker.stop()

@@ -91,8 +91,12 @@ def _deref(prop: Any, components: Dict[str, Any], depth: int = 0) -> Dict[str, A
 
 
 # --- the validator -----------------------------------------------------------------------------
-def validate_input(schema: Dict[str, Any], raw: Any) -> Tuple[Dict[str, Any], List[str]]:
+def validate_input(
+    schema: Dict[str, Any], raw: Any, component: str = "Input"
+) -> Tuple[Dict[str, Any], List[str]]:
     """Check ``raw`` against ``schema`` (a whole openapi.json).
+
+    ``component`` names the inputs' component: ``Input``, or ``TrainingInput`` for a training.
 
     Returns ``(values, warnings)``: values coerced to their JSON types (an int given for a
     number becomes a float), schema defaults filled in (as fresh copies), unknown keys dropped
@@ -103,7 +107,7 @@ def validate_input(schema: Dict[str, Any], raw: Any) -> Tuple[Dict[str, Any], Li
             [{"field": "input", "msg": "input must be a JSON object", "type": "type_error.dict"}]
         )
     components = _components(schema)
-    input_schema = components.get("Input")
+    input_schema = components.get(component)
     input_schema = input_schema if isinstance(input_schema, dict) else {}
     props = input_schema.get("properties")
     props = props if isinstance(props, dict) else {}

@@ -1,0 +1,57 @@
+"""Trainings (cog.yaml train:): a function, and a class with setup() and train().
+
+Each returns a BaseModel with a Path field, as fine-tuning models do.
+"""
+
+import os
+import tempfile
+from typing import Iterator
+
+from cog import BaseModel, BasePredictor, Input, Path
+
+
+class TrainingOutput(BaseModel):
+    weights: Path
+    steps: int
+
+
+def _write_weights(text: str) -> Path:
+    directory = tempfile.mkdtemp(prefix="train-test-")
+    path = os.path.join(directory, "weights.txt")
+    with open(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def train(
+    steps: int = Input(default=2, ge=1, description="training steps"),
+    mode: str = Input(default="lora", choices=["lora", "full"]),
+) -> TrainingOutput:
+    print(f"training {steps} steps ({mode})")
+    if steps == 13:
+        raise ValueError("unlucky step count")
+    return TrainingOutput(weights=_write_weights(f"{mode}:{steps}"), steps=steps)
+
+
+class Trainer:
+    def setup(self) -> None:
+        self.base = "base-weights"
+
+    def train(self, steps: int = 1) -> TrainingOutput:
+        return TrainingOutput(weights=_write_weights(f"{self.base}+{steps}"), steps=steps)
+
+
+class Predictor(BasePredictor):
+    """The predict side of the same model."""
+
+    def predict(self, text: str = "x", mode: str = Input(default="a", choices=["a", "b"])) -> str:
+        return f"predicted {text}"
+
+
+class Streamer(BasePredictor):
+    def predict(self) -> Iterator[str]:
+        yield "x"
+
+
+async def async_train(steps: int = 1) -> TrainingOutput:
+    return TrainingOutput(weights=_write_weights("async"), steps=steps)
