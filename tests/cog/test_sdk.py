@@ -30,6 +30,9 @@ def test_public_names() -> None:
         "current_scope",
         "CancelationException",
         "emit_metric",
+        "streaming",
+        "concurrent",
+        "Coder",
     ):
         assert name in cog.__all__, name
         assert hasattr(cog, name), name
@@ -195,3 +198,59 @@ def test_scopes_are_isolated_across_threads() -> None:
     for t in threads:
         t.join(30)
     assert results == {i: {"i": i} for i in range(4)}
+
+
+def test_streaming_marks_the_function_and_returns_it() -> None:
+    def predict() -> str:
+        return "x"
+
+    assert cog.streaming(predict) is predict
+    assert predict.__cog_streaming__ is True  # type: ignore[attr-defined]
+
+    @cog.streaming()
+    def other() -> str:
+        return "y"
+
+    assert other.__cog_streaming__ is True  # type: ignore[attr-defined]
+    assert other() == "y"
+
+
+def test_concurrent_checks_like_cog() -> None:
+    async def predict() -> str:
+        return "x"
+
+    assert cog.concurrent(max=4)(predict) is predict
+    assert predict.__cog_concurrent_max__ == 4  # type: ignore[attr-defined]
+
+    def sync_predict() -> str:
+        return "x"
+
+    with pytest.raises(TypeError, match="requires an async function"):
+        cog.concurrent(max=2)(sync_predict)
+    with pytest.raises(ValueError, match="at least 1"):
+        cog.concurrent(max=0)
+    with pytest.raises(TypeError, match="must be an integer"):
+        cog.concurrent(max=True)
+
+
+def test_coder_lookup_and_json_coder() -> None:
+    from cog.coder import Coder, json_coder
+
+    Coder.register(json_coder.JsonCoder)
+    coder = Coder.lookup(typing.Dict[str, typing.Any])
+    assert isinstance(coder, json_coder.JsonCoder)
+    assert coder.decode({"a": 1}) == {"a": 1} and coder.encode({"b": 2}) == {"b": 2}
+    assert Coder.lookup(int) is None
+
+
+def test_runner_scope_and_record_metric() -> None:
+    class Runner(cog.BaseRunner):
+        def run(self) -> str:
+            self.record_metric("tokens", 3)
+            assert self.scope is cog.current_scope()
+            return "x"
+
+    scope = cog.Scope()
+    with cog.use_scope(scope):
+        Runner().run()
+    assert scope.metrics == {"tokens": 3}

@@ -93,7 +93,7 @@ def test_literal_choices(compat) -> None:
 
 
 def test_json_coder_dicts(compat) -> None:
-    runner = compat("shapes.py:JsonDicts")
+    runner = compat("coders.py:JsonDicts")
     state = run(runner, "d", {"data": {"b": [1, {"c": None}], "a": "x"}})
     assert state.output == {"keys": ["a", "b"], "echo": {"b": [1, {"c": None}], "a": "x"}}
 

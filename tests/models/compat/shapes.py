@@ -1,5 +1,5 @@
 """Input and output shapes Cog 0.23 serves (issue 9): unions, nested lists, optional secrets,
-Literal choices, json_coder dicts, a custom coder, @cog.streaming and BaseRunner.run().
+Literal choices, a custom coder, @cog.streaming and BaseRunner.run().
 
 Each predictor echoes what it received with the Python type names, so a test (or the
 side-by-side script) sees the wire type the model got.
@@ -9,7 +9,7 @@ from typing import Any, Iterator, List, Literal, Optional, Union
 
 import cog
 from cog import BasePredictor, BaseRunner, Input, Secret
-from cog.coder import Coder, json_coder  # noqa: F401  (importing json_coder registers it)
+from cog.coder import Coder
 
 
 def _typed(value: Any) -> Any:
@@ -46,11 +46,6 @@ class OptionalSecret(BasePredictor):
 class Choices(BasePredictor):
     def predict(self, mode: Literal["fast", "slow"] = "fast", level: Literal[1, 2, 3] = 1) -> str:
         return f"{mode}:{level}"
-
-
-class JsonDicts(BasePredictor):
-    def predict(self, data: dict[str, Any]) -> dict[str, Any]:
-        return {"keys": sorted(data), "echo": data}
 
 
 class Point:
