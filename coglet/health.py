@@ -84,9 +84,6 @@ class HealthChecker:
         # (an async predictor): what setup() bound to that loop stays usable.
         self._loop = loop
         self._stop = threading.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="coglet-healthcheck"
-        )
         self._pending: Optional[concurrent.futures.Future] = None
         self._last: Optional[Tuple[bool, Optional[str]]] = None
         self._thread = threading.Thread(target=self._run, name="coglet-health", daemon=True)
@@ -96,7 +93,6 @@ class HealthChecker:
 
     def stop(self) -> None:
         self._stop.set()
-        self._executor.shutdown(wait=False)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -106,7 +102,7 @@ class HealthChecker:
     def check_once(self) -> Tuple[bool, Optional[str]]:
         """Run (or keep waiting for) one check, record it; returns (healthy, error)."""
         if self._pending is None or self._pending.done():
-            self._pending = self._executor.submit(self._call)
+            self._pending = self._start_call()
         try:
             error = self._pending.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
@@ -115,6 +111,20 @@ class HealthChecker:
             error = check_error_text(exc=e)
         self._record(error is None, error)
         return error is None, error
+
+    def _start_call(self) -> concurrent.futures.Future:
+        """Run one check on a fresh daemon thread: one that hangs must never hold the
+        runner's exit (a ThreadPoolExecutor's workers are joined at interpreter exit)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self._call())
+            except BaseException as e:  # the check raised: its error is the result
+                future.set_exception(e)
+
+        threading.Thread(target=work, name="coglet-healthcheck-call", daemon=True).start()
+        return future
 
     def _call(self) -> Optional[str]:
         with capture.attributed(self._sink):

@@ -248,3 +248,10 @@ def test_no_healthcheck_no_health_file(spawn, tmp_path) -> None:
     runner.submit("p", {})
     runner.wait_done("p")
     assert health(runner) is None
+
+
+def test_stop_is_not_held_by_a_hanging_healthcheck(spawn, tmp_path) -> None:
+    runner, _ = spawn_checked(spawn, tmp_path, "health.py:SyncCheck", "slow", SLOW_CHECK_S="3600")
+    runner.wait_ready()
+    runner.wait_stderr("healthcheck_changed healthy=False", timeout_s=30)  # it hangs now
+    assert runner.stop(timeout_s=20) == protocol.EXIT_OK
