@@ -135,6 +135,7 @@ SPILL_DIR_PREFIX = "cog-output-"
 #   "healthcheck_interval_s":  seconds between user healthcheck() runs (default below)
 # setup_result.json (runner -> pool) carries, once setup succeeded:
 #   "features": {FEATURE_STREAMING: bool, FEATURE_TRAINING: bool, FEATURE_HEALTHCHECK: bool}
+#   "training_error": why train_ref could not be used (trainings disabled, predictions run)
 FEATURE_STREAMING = "streaming"  # predict() has @cog.streaming: the pool may answer SSE
 FEATURE_TRAINING = "training"  # a train_ref loaded: requests of kind "training" run train()
 FEATURE_HEALTHCHECK = "healthcheck"  # the predictor has healthcheck(): health.json is kept

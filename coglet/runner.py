@@ -187,10 +187,12 @@ class Runner:
         real_err: TextIO,
         *,
         trainer: Optional[LoadedPredictor] = None,
+        training_error: Optional[str] = None,
     ) -> None:
         self._dir = working_dir
         self._predictor = predictor
         self._trainer = trainer
+        self._training_error = training_error
         self._router = router
         self._wakeup = wakeup
         self._parent_pid = parent_pid
@@ -379,6 +381,8 @@ class Runner:
         if kind == protocol.KIND_PREDICTION:
             return self._predictor, None
         if kind == protocol.KIND_TRAINING:
+            if self._training_error is not None:
+                return self._predictor, f"trainings are disabled: {self._training_error}"
             if self._trainer is None:
                 return self._predictor, "this model has no trainer (cog.yaml has no train:)"
             return self._trainer, None
@@ -704,6 +708,7 @@ class _Models:
 
     predictor: Optional[LoadedPredictor] = None
     trainer: Optional[LoadedPredictor] = None
+    training_error: Optional[str] = None  # why train_ref did not load (predictions still run)
 
 
 def _load_and_setup(
@@ -741,6 +746,8 @@ def _load_and_setup(
     # The capacity this runner really has: a sync predict() runs one at a time.
     result["max_concurrency"] = config.max_concurrency if predictor.is_async else 1
     result["features"] = _features(models)
+    if models.training_error is not None:
+        result["training_error"] = models.training_error
     return models, result
 
 
@@ -750,26 +757,57 @@ def _load_models(
     loop: asyncio.AbstractEventLoop,
     models: _Models,
 ) -> None:
-    """Load and check predict (and train), write openapi.json, then run each setup()."""
+    """Load and check predict (and train), write openapi.json, then run each setup().
+
+    A trainer that cannot be loaded or set up disables trainings only: Cog serves predictions
+    and trainings from separate processes, so a broken train: never stops predict: there.
+    """
     predictor = models.predictor = load_predictor(config.predictor_ref)
     schema = predictor.openapi_schema()
     if config.train_ref is not None:
-        trainer = models.trainer = load_predictor(config.train_ref, mode=MODE_TRAIN)
-        if trainer.is_async != predictor.is_async:
-            # One runner drives both the same way (inline on the main thread, or as tasks).
-            raise PredictorError(
-                f"train() and {predictor.method_name}() must both be async or both be sync "
-                f"in one runner: {config.train_ref} and {config.predictor_ref} differ"
-            )
-        add_training(schema, trainer.inputs, trainer.output)
+        try:
+            models.trainer = _load_trainer(config.train_ref, predictor)
+        except Exception as e:
+            _disable_training(models, e)
+        else:
+            add_training(schema, models.trainer.inputs, models.trainer.output)
     protocol.write_json_atomic(os.path.join(working_dir, protocol.OPENAPI_FILE), schema)
-    for model in (predictor, models.trainer):
-        if model is None:
-            continue
-        awaitable = model.setup()
-        if inspect.isawaitable(awaitable):
-            # The loop predictions will use: what setup binds to it stays usable.
-            loop.run_until_complete(_await(awaitable))
+    _run_setup(predictor, loop)
+    if models.trainer is not None:
+        try:
+            _run_setup(models.trainer, loop)
+        except Exception as e:
+            # openapi.json already lists the training components; a training request now
+            # fails with this error instead.
+            _disable_training(models, e)
+
+
+def _load_trainer(train_ref: str, predictor: LoadedPredictor) -> LoadedPredictor:
+    trainer = load_predictor(train_ref, mode=MODE_TRAIN)
+    if trainer.is_async != predictor.is_async:
+        # One runner drives both the same way (inline on the main thread, or as tasks).
+        raise PredictorError(
+            f"train() and {predictor.method_name}() must both be async or both be sync "
+            f"in one runner: {train_ref} and {predictor.ref} differ"
+        )
+    return trainer
+
+
+def _disable_training(models: _Models, exc: Exception) -> None:
+    text = str(exc) if isinstance(exc, PredictorError) else f"{type(exc).__name__}: {exc}"
+    models.trainer = None
+    models.training_error = text
+    if not isinstance(exc, PredictorError):
+        traceback.print_exc()  # into the setup logs, as a failed setup() would be
+    print(f"trainings disabled: {text}")
+    _log.warning("training_disabled error=%s", json.dumps(text))
+
+
+def _run_setup(model: LoadedPredictor, loop: asyncio.AbstractEventLoop) -> None:
+    awaitable = model.setup()
+    if inspect.isawaitable(awaitable):
+        # The loop predictions will use: what setup binds to it stays usable.
+        loop.run_until_complete(_await(awaitable))
 
 
 def _features(models: _Models) -> Dict[str, bool]:
@@ -937,7 +975,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         return protocol.EXIT_SETUP_FAILED
     runner = Runner(
-        config, working_dir, predictor, router, wakeup, parent_pid, real_err, trainer=models.trainer
+        config,
+        working_dir,
+        predictor,
+        router,
+        wakeup,
+        parent_pid,
+        real_err,
+        trainer=models.trainer,
+        training_error=models.training_error,
     )
     _log.info(
         "runner_ready runner=%s pid=%d async=%s capacity=%d",

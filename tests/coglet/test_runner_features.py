@@ -123,15 +123,36 @@ def test_training_request_without_train_ref_fails_clearly(spawn) -> None:
     )
 
 
-def test_async_train_beside_sync_predict_is_refused_at_setup(spawn) -> None:
+@pytest.mark.parametrize(
+    ("train_ref", "reason"),
+    [
+        (
+            "train.py:async_train",
+            "train() and predict() must both be async or both be sync in one runner: "
+            "train.py:async_train and train.py:Predictor differ",
+        ),
+        ("missing.py:train", "cannot read predictor file missing.py: No such file or directory"),
+        ("train.py:BrokenTrainer", "RuntimeError: base weights missing"),
+    ],
+)
+def test_a_trainer_that_cannot_load_disables_trainings_only(
+    spawn, train_ref: str, reason: str
+) -> None:
+    """Cog serves predict and train from separate processes: a broken train: never stops
+    predictions. The reason shows in setup's logs and result, and in each training's error."""
     runner = spawn(
         "train.py:Predictor",
         model_dir=COMPAT,
-        config=config("train.py:Predictor", train_ref="train.py:async_train"),
+        config=config("train.py:Predictor", train_ref=train_ref),
     )
-    result = runner.wait_setup()
-    assert result["status"] == "failed"
-    assert result["error"].startswith("train() and predict() must both be async or both be sync")
+    result = runner.wait_ready()
+    assert result["features"]["training"] is False
+    assert result["training_error"] == reason
+    assert f"trainings disabled: {reason}\n" in result["logs"]
+    assert "training_disabled error=" in runner.stderr
+    runner.submit("p", {"text": "still"})
+    assert runner.wait_done("p").output == "predicted still"
+    assert train(runner, "t", {}).error == f"trainings are disabled: {reason}"
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,11 @@ class Streamer(BasePredictor):
 
 async def async_train(steps: int = 1) -> TrainingOutput:
     return TrainingOutput(weights=_write_weights("async"), steps=steps)
+
+
+class BrokenTrainer:
+    def setup(self) -> None:
+        raise RuntimeError("base weights missing")
+
+    def train(self, steps: int = 1) -> TrainingOutput:
+        raise NotImplementedError
