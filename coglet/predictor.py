@@ -78,12 +78,18 @@ def _is_coder(obj: Any) -> bool:
 
 def _find_coders(module: ModuleType) -> None:
     """Register the coders a model defines or imports, as Cog does: classes in the module,
-    and classes in the modules it imports (``from cog.coder import json_coder``)."""
-    for _, obj in inspect.getmembers(module, _is_coder):
-        Coder.register(obj)
-    for _, sub in inspect.getmembers(module, inspect.ismodule):
-        for _, obj in inspect.getmembers(sub, _is_coder):
+    and classes in the modules it imports (``from cog.coder import json_coder``).
+
+    Module dicts are read with ``vars()``, never ``getattr``: a lazily importing package
+    (``transformers``) would otherwise import every submodule it names.
+    """
+    for obj in list(vars(module).values()):
+        if _is_coder(obj):
             Coder.register(obj)
+        elif isinstance(obj, ModuleType):
+            for inner in list(vars(obj).values()):
+                if _is_coder(inner):
+                    Coder.register(inner)
 
 
 def _uses_future_annotations(source: str) -> bool:

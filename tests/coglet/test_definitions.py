@@ -402,3 +402,26 @@ class Colors(str, Enum):
 def test_accepted_definition(body: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
     assert loaded.openapi_schema()["components"]["schemas"]["Input"]["type"] == "object"
+
+
+def test_finding_coders_never_touches_lazy_module_attributes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Coders are looked up in the model's imported modules (as Cog); a lazily importing
+    package (transformers-style ``__getattr__``) must not be made to import everything."""
+    (tmp_path / "lazypkg.py").write_text(
+        textwrap.dedent(
+            """
+            import sys, types
+            class _Lazy(types.ModuleType):
+                def __dir__(self):
+                    return ["heavy"]
+                def __getattr__(self, name):
+                    raise RuntimeError(f"lazy import of {name} triggered")
+            sys.modules[__name__].__class__ = _Lazy
+            """
+        )
+    )
+    body = "import lazypkg\n" + predictor("s: str")
+    loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
+    assert loaded.inputs[0].name == "s"
