@@ -545,6 +545,7 @@ class LoadedPredictor:
         self.instance: Any = None
         self._setup: Optional[Callable[..., Any]] = None
         self._setup_takes_weights = False
+        self._setup_ran = False
         if inspect.isclass(target):
             self.method_name, fn = (
                 _train_method(target) if mode == MODE_TRAIN else _predict_method(target)
@@ -588,6 +589,15 @@ class LoadedPredictor:
         if self._setup_takes_weights:
             return self._setup(weights=_resolve_weights())
         return self._setup()
+
+    @property
+    def needs_setup(self) -> bool:
+        """True until :meth:`setup_done` (a trainer's setup() runs at its first training)."""
+        return self._setup is not None and not self._setup_ran
+
+    def setup_done(self) -> None:
+        """setup() has completed (a failed one is tried again next time)."""
+        self._setup_ran = True
 
     def prepare_input(self, raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         """Validate ``raw`` (InputValidationError), coerce to Python types, fill defaults."""

@@ -543,6 +543,11 @@ class Runner:
         self._complete(prediction, outcome, time.perf_counter() - started)
 
     def _call_sync(self, prediction: Prediction) -> Optional[str]:
+        if prediction.predictor.needs_setup:
+            awaitable = _train_setup(prediction.predictor)
+            if awaitable is not None:  # `async def setup` beside a sync train()
+                _run_in_fresh_loop(awaitable)
+                prediction.predictor.setup_done()
         result: Any = prediction.predictor.predict(prediction.kwargs)
         if prediction.predictor.is_iterator:
             prediction.iterating = True
@@ -567,6 +572,11 @@ class Runner:
         self._finished(prediction)
 
     async def _call_async(self, prediction: Prediction) -> Optional[str]:
+        if prediction.predictor.needs_setup:
+            awaitable = _train_setup(prediction.predictor)
+            if awaitable is not None:
+                await awaitable
+                prediction.predictor.setup_done()
         result: Any = prediction.predictor.predict(prediction.kwargs)
         if prediction.predictor.is_iterator:
             if hasattr(result, "__aiter__"):
@@ -638,6 +648,35 @@ class Runner:
     def _late_log(self, text: str) -> None:
         self._real_err.write(text)
         self._real_err.flush()
+
+
+def _train_setup(trainer: LoadedPredictor) -> Optional[Any]:
+    """A training class's setup(), at its first training (its output goes to that training's
+    logs, a failure fails it and the next training tries again); an awaitable when async."""
+    _log.info("train_setup_starting ref=%s", trainer.ref)
+    result = trainer.setup()
+    if inspect.isawaitable(result):
+        return result
+    trainer.setup_done()
+    return None
+
+
+def _run_in_fresh_loop(awaitable: Any) -> None:
+    """Await ``awaitable`` to its end from sync code that runs inside the runner's own loop
+    (which cannot be re-entered): on a helper thread with its own loop."""
+    failure: List[BaseException] = []
+
+    def work() -> None:
+        try:
+            asyncio.run(_await(awaitable))
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=work, name="coglet-train-setup", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def _encode(prediction: Prediction, value: Any) -> str:
@@ -757,10 +796,12 @@ def _load_models(
     loop: asyncio.AbstractEventLoop,
     models: _Models,
 ) -> None:
-    """Load and check predict (and train), write openapi.json, then run each setup().
+    """Load and check predict (and train), write openapi.json, then run predict's setup().
 
-    A trainer that cannot be loaded or set up disables trainings only: Cog serves predictions
-    and trainings from separate processes, so a broken train: never stops predict: there.
+    A trainer that cannot be loaded disables trainings only: Cog serves predictions and
+    trainings from separate processes, so a broken train: never stops predict: there. For the
+    same reason a training class's own setup() waits for the first training (see
+    Runner._train_setup): a runner that only predicts never loads a second model.
     """
     predictor = models.predictor = load_predictor(config.predictor_ref)
     schema = predictor.openapi_schema()
@@ -773,13 +814,6 @@ def _load_models(
             add_training(schema, models.trainer.inputs, models.trainer.output)
     protocol.write_json_atomic(os.path.join(working_dir, protocol.OPENAPI_FILE), schema)
     _run_setup(predictor, loop)
-    if models.trainer is not None:
-        try:
-            _run_setup(models.trainer, loop)
-        except Exception as e:
-            # openapi.json already lists the training components; a training request now
-            # fails with this error instead.
-            _disable_training(models, e)
 
 
 def _load_trainer(train_ref: str, predictor: LoadedPredictor) -> LoadedPredictor:
@@ -808,6 +842,7 @@ def _run_setup(model: LoadedPredictor, loop: asyncio.AbstractEventLoop) -> None:
     if inspect.isawaitable(awaitable):
         # The loop predictions will use: what setup binds to it stays usable.
         loop.run_until_complete(_await(awaitable))
+    model.setup_done()
 
 
 def _features(models: _Models) -> Dict[str, bool]:

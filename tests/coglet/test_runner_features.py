@@ -80,6 +80,47 @@ def test_training_class_runs_setup_then_train(spawn) -> None:
     assert read_path(state.output["weights"]) == "base-weights+4"
 
 
+def test_training_class_setup_waits_for_the_first_training(spawn, tmp_path) -> None:
+    """A runner that only predicts never loads the trainer's model (Cog runs trainings in
+    their own server); a failed trainer setup fails that training and is tried again."""
+    ready = tmp_path / "ready"
+    runner = spawn(
+        "train.py:Predictor",
+        model_dir=COMPAT,
+        config=config("train.py:Predictor", train_ref="train.py:CountingTrainer"),
+        env={**os.environ, "PYTHONPATH": PROJECT_ROOT, "TRAINER_READY": str(ready)},
+    )
+    result = runner.wait_ready()
+    assert result["features"]["training"] is True
+    assert "trainer setup" not in result["logs"]
+    runner.submit("p", {"text": "x"})
+    assert runner.wait_done("p").output == "predicted x"
+
+    state = train(runner, "t1", {})
+    assert state.error == "Prediction failed: Prediction failed: RuntimeError: base weights missing"
+    assert "trainer setup #1\n" in state.logs  # the training's own logs
+    ready.touch()
+    state = train(runner, "t2", {})
+    assert state.status == "succeeded", (state.error, state.logs)
+    assert read_path(state.output["weights"]) == "setups=2"
+    state = train(runner, "t3", {})
+    assert read_path(state.output["weights"]) == "setups=2"  # set up once, then kept
+    assert runner.stderr.count("train_setup_starting") == 2
+
+
+def test_async_setup_of_a_sync_trainer(spawn) -> None:
+    runner = spawn(
+        "train.py:Predictor",
+        model_dir=COMPAT,
+        config=config("train.py:Predictor", train_ref="train.py:AsyncSetupTrainer"),
+    )
+    runner.wait_ready()
+    state = train(runner, "t", {"steps": 2})
+    assert state.status == "succeeded", (state.error, state.logs)
+    assert read_path(state.output["weights"]) == "async-base+2"
+    assert "async trainer setup\n" in state.logs
+
+
 def test_openapi_has_cogs_training_components(spawn) -> None:
     runner = spawn(
         "train.py:Predictor",
@@ -132,7 +173,6 @@ def test_training_request_without_train_ref_fails_clearly(spawn) -> None:
             "train.py:async_train and train.py:Predictor differ",
         ),
         ("missing.py:train", "cannot read predictor file missing.py: No such file or directory"),
-        ("train.py:BrokenTrainer", "RuntimeError: base weights missing"),
     ],
 )
 def test_a_trainer_that_cannot_load_disables_trainings_only(

@@ -63,3 +63,29 @@ class BrokenTrainer:
 
     def train(self, steps: int = 1) -> TrainingOutput:
         raise NotImplementedError
+
+
+class AsyncSetupTrainer:
+    async def setup(self) -> None:
+        print("async trainer setup")
+        self.base = "async-base"
+
+    def train(self, steps: int = 1) -> TrainingOutput:
+        return TrainingOutput(weights=_write_weights(f"{self.base}+{steps}"), steps=steps)
+
+
+class CountingTrainer:
+    """setup() fails until the file named by TRAINER_READY exists; counts its runs."""
+
+    setups = 0
+
+    def setup(self) -> None:
+        CountingTrainer.setups += 1
+        print(f"trainer setup #{CountingTrainer.setups}")
+        if not os.path.exists(os.environ.get("TRAINER_READY", "/nonexistent")):
+            raise RuntimeError("base weights missing")
+
+    def train(self, steps: int = 1) -> TrainingOutput:
+        return TrainingOutput(
+            weights=_write_weights(f"setups={CountingTrainer.setups}"), steps=steps
+        )
