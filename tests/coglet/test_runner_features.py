@@ -105,6 +105,9 @@ def test_training_class_setup_waits_for_the_first_training(spawn, tmp_path) -> N
     assert read_path(state.output["weights"]) == "setups=2"
     state = train(runner, "t3", {})
     assert read_path(state.output["weights"]) == "setups=2"  # set up once, then kept
+    runner.wait_for(
+        lambda: runner.stderr.count("train_setup_starting") >= 2, timeout_s=30, what="2 setups"
+    )
     assert runner.stderr.count("train_setup_starting") == 2
 
 
@@ -189,7 +192,7 @@ def test_a_trainer_that_cannot_load_disables_trainings_only(
     assert result["features"]["training"] is False
     assert result["training_error"] == reason
     assert f"trainings disabled: {reason}\n" in result["logs"]
-    assert "training_disabled error=" in runner.stderr
+    runner.wait_stderr("training_disabled error=")
     runner.submit("p", {"text": "still"})
     assert runner.wait_done("p").output == "predicted still"
     assert train(runner, "t", {}).error == f"trainings are disabled: {reason}"
@@ -261,8 +264,8 @@ def test_healthcheck_results_with_cogs_wording(spawn, tmp_path, ref: str) -> Non
     )
     mode.write_text("none")  # only False is unhealthy, as Cog
     wait_health(runner, True)
-    assert "healthcheck_changed healthy=False" in runner.stderr
-    assert "healthcheck ran" in runner.stderr  # the check's output: the runner's log
+    runner.wait_stderr("healthcheck_changed healthy=False")
+    runner.wait_stderr("healthcheck ran")  # the check's output: the runner's log
 
 
 def test_slow_healthcheck_times_out_without_blocking_predictions(spawn, tmp_path) -> None:
@@ -296,10 +299,14 @@ def test_health_change_signals_the_parent_once_per_change(spawn, tmp_path) -> No
         )
     wait_until(lambda: counts[protocol.SIG_OUTPUT] > base, timeout_s=30, what="a SIGHUP")
     assert counts[protocol.SIG_OUTPUT] - base == 1
+    runner.wait_stderr("healthcheck_changed")
     assert runner.stderr.count("healthcheck_changed") == 1
     mode.write_text("false")
     wait_health(runner, False)
     wait_until(lambda: counts[protocol.SIG_OUTPUT] - base == 2, timeout_s=30, what="a 2nd SIGHUP")
+    runner.wait_for(
+        lambda: runner.stderr.count("healthcheck_changed") >= 2, timeout_s=30, what="2nd change"
+    )
     assert runner.stderr.count("healthcheck_changed") == 2
 
 
