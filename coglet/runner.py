@@ -694,7 +694,12 @@ class _Outcome:
     def fail(self, prediction: Prediction, exc: BaseException, *, is_async: bool) -> None:
         self.status = protocol.STATUS_FAILED
         self.output_json = None
-        self.error = cog_error_text(exc, is_async=is_async, iterating=prediction.iterating)
+        self.error = cog_error_text(
+            exc,
+            is_async=is_async,
+            iterating=prediction.iterating,
+            training=prediction.predictor.mode == MODE_TRAIN,
+        )
         # Cog shows the traceback in the prediction's logs and the message as its error.
         prediction.responder.append_log(
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -710,16 +715,21 @@ COG_FAILED_PREFIX = "Prediction failed: "
 COG_SYNC_PREFIX = "Prediction failed: "
 COG_ITERATION_PREFIX = "Generator iteration error: "
 COG_ASYNC_PREFIX = "Async prediction failed: "
+COG_TRAINING_PREFIX = "Training failed: "
+COG_ASYNC_TRAINING_PREFIX = "Async training failed: "
 
 
-def cog_error_text(exc: BaseException, *, is_async: bool, iterating: bool) -> str:
-    """A failed prediction's ``error``, as Cog 0.23.1 words it (the traceback goes to logs)."""
+def cog_error_text(
+    exc: BaseException, *, is_async: bool, iterating: bool, training: bool = False
+) -> str:
+    """A failed prediction's (or training's) ``error``, as Cog 0.23.1 words it; the
+    traceback goes to the logs."""
     if is_async:
-        phase = COG_ASYNC_PREFIX
+        phase = COG_ASYNC_TRAINING_PREFIX if training else COG_ASYNC_PREFIX
     elif iterating:
         phase = COG_ITERATION_PREFIX
     else:
-        phase = COG_SYNC_PREFIX
+        phase = COG_TRAINING_PREFIX if training else COG_SYNC_PREFIX
     return f"{COG_FAILED_PREFIX}{phase}{type(exc).__name__}: {exc}"
 
 

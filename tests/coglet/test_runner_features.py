@@ -65,7 +65,7 @@ def test_training_input_is_checked_against_train_signature(spawn) -> None:
     assert state.status == "succeeded"
     assert "unknown input field ignored: 'text'" in state.logs
     state = train(runner, "fails", {"steps": 13})
-    assert state.error == "Prediction failed: Prediction failed: ValueError: unlucky step count"
+    assert state.error == "Prediction failed: Training failed: ValueError: unlucky step count"
 
 
 def test_training_class_runs_setup_then_train(spawn) -> None:
@@ -97,7 +97,7 @@ def test_training_class_setup_waits_for_the_first_training(spawn, tmp_path) -> N
     assert runner.wait_done("p").output == "predicted x"
 
     state = train(runner, "t1", {})
-    assert state.error == "Prediction failed: Prediction failed: RuntimeError: base weights missing"
+    assert state.error == "Prediction failed: Training failed: RuntimeError: base weights missing"
     assert "trainer setup #1\n" in state.logs  # the training's own logs
     ready.touch()
     state = train(runner, "t2", {})
@@ -323,3 +323,16 @@ def test_stop_is_not_held_by_a_hanging_healthcheck(spawn, tmp_path) -> None:
     runner.wait_ready()
     runner.wait_stderr("healthcheck_changed healthy=False", timeout_s=30)  # it hangs now
     assert runner.stop(timeout_s=20) == protocol.EXIT_OK
+
+
+def test_async_training_error_text(spawn) -> None:
+    runner = spawn(
+        "train.py:AsyncPredictor",
+        model_dir=COMPAT,
+        config=config("train.py:AsyncPredictor", train_ref="train.py:async_train_fails"),
+    )
+    runner.wait_ready()
+    state = train(runner, "t", {})
+    assert state.error == (
+        "Prediction failed: Async training failed: ValueError: async training failed here"
+    )

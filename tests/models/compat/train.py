@@ -89,3 +89,12 @@ class CountingTrainer:
         return TrainingOutput(
             weights=_write_weights(f"setups={CountingTrainer.setups}"), steps=steps
         )
+
+
+async def async_train_fails(steps: int = 1) -> TrainingOutput:
+    raise ValueError("async training failed here")
+
+
+class AsyncPredictor(BasePredictor):
+    async def predict(self) -> str:
+        return "async predicted"
