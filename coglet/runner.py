@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextvars
 import ctypes
 import inspect
 import json
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, TextIO, Tuple
@@ -549,6 +551,8 @@ class Runner:
                 _run_in_fresh_loop(awaitable)
                 prediction.predictor.setup_done()
         result: Any = prediction.predictor.predict(prediction.kwargs)
+        if inspect.isawaitable(result) or hasattr(result, "__aiter__"):
+            return _drive_on_own_loop(prediction, result)  # an async train() beside sync predict
         if prediction.predictor.is_iterator:
             prediction.iterating = True
             for item in result:
@@ -572,6 +576,10 @@ class Runner:
         self._finished(prediction)
 
     async def _call_async(self, prediction: Prediction) -> Optional[str]:
+        if not prediction.predictor.is_async:
+            # A sync train() beside an async predict(): on its own thread, so the loop and the
+            # other predictions keep running.
+            return await _in_daemon_thread(lambda: self._call_sync(prediction))
         if prediction.predictor.needs_setup:
             awaitable = _train_setup(prediction.predictor)
             if awaitable is not None:
@@ -659,6 +667,78 @@ def _train_setup(trainer: LoadedPredictor) -> Optional[Any]:
         return result
     trainer.setup_done()
     return None
+
+
+def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
+    """Await (or iterate) an async train()'s result from the sync path: on a helper thread
+    with its own loop, while this (main) thread waits where a cancel's signal can raise
+    CancelationException; that cancels the helper's task."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: Dict[str, Any] = {}
+
+    async def consume() -> Optional[str]:
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                prediction.responder.append_output(_encode(prediction, item))
+            return None
+        return _encode(prediction, await result)
+
+    def work() -> None:
+        try:
+            box["task"] = task = loop.create_task(consume())
+            started.set()
+            box["value"] = loop.run_until_complete(task)
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            started.set()
+            loop.close()
+
+    # The prediction's context (its scope, its log attribution) goes with it to the thread.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(work,), name="coglet-async-train")
+    thread.daemon = True
+    thread.start()
+    try:
+        thread.join()
+    except CancelationException:
+        started.wait()
+        task = box.get("task")
+        if task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: it has ended anyway
+        thread.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return typing.cast(Optional[str], box.get("value"))
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``await fn()`` run on a daemon thread with this context: a training thread must never
+    hold the runner's exit (an executor's workers are joined at interpreter exit). A cancel
+    ends the wait at once; Python cannot stop the thread, which runs to its end."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            value = context.run(fn)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, future.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(settle, future.set_result, value)
+
+    threading.Thread(target=work, name="coglet-sync-train", daemon=True).start()
+    return await future
 
 
 def _run_in_fresh_loop(awaitable: Any) -> None:
@@ -817,24 +897,15 @@ def _load_models(
     schema = predictor.openapi_schema()
     if config.train_ref is not None:
         try:
-            models.trainer = _load_trainer(config.train_ref, predictor)
+            # An async train() beside a sync predict() runs on its own loop, a sync one beside
+            # an async predict() on its own thread (Runner._call_sync / _call_async).
+            models.trainer = load_predictor(config.train_ref, mode=MODE_TRAIN)
         except Exception as e:
             _disable_training(models, e)
         else:
             add_training(schema, models.trainer.inputs, models.trainer.output)
     protocol.write_json_atomic(os.path.join(working_dir, protocol.OPENAPI_FILE), schema)
     _run_setup(predictor, loop)
-
-
-def _load_trainer(train_ref: str, predictor: LoadedPredictor) -> LoadedPredictor:
-    trainer = load_predictor(train_ref, mode=MODE_TRAIN)
-    if trainer.is_async != predictor.is_async:
-        # One runner drives both the same way (inline on the main thread, or as tasks).
-        raise PredictorError(
-            f"train() and {predictor.method_name}() must both be async or both be sync "
-            f"in one runner: {train_ref} and {predictor.ref} differ"
-        )
-    return trainer
 
 
 def _disable_training(models: _Models, exc: Exception) -> None:

@@ -170,12 +170,8 @@ def test_training_request_without_train_ref_fails_clearly(spawn) -> None:
 @pytest.mark.parametrize(
     ("train_ref", "reason"),
     [
-        (
-            "train.py:async_train",
-            "train() and predict() must both be async or both be sync in one runner: "
-            "train.py:async_train and train.py:Predictor differ",
-        ),
         ("missing.py:train", "cannot read predictor file missing.py: No such file or directory"),
+        ("train.py:Nowhere", "cannot find 'Nowhere' in train.py"),
     ],
 )
 def test_a_trainer_that_cannot_load_disables_trainings_only(
@@ -336,3 +332,64 @@ def test_async_training_error_text(spawn) -> None:
     assert state.error == (
         "Prediction failed: Async training failed: ValueError: async training failed here"
     )
+
+
+# --- predict and train of different kinds (sync beside async) ---------------------------------
+def test_async_train_beside_sync_predict(spawn) -> None:
+    runner = spawn(
+        "train.py:Predictor",
+        model_dir=COMPAT,
+        config=config("train.py:Predictor", train_ref="train.py:async_train"),
+    )
+    assert runner.wait_ready()["features"]["training"] is True
+    state = train(runner, "t", {"steps": 5})
+    assert state.status == "succeeded", (state.error, state.logs)
+    assert state.output["steps"] == 5 and read_path(state.output["weights"]) == "async"
+    runner.submit("p", {"text": "z"})
+    assert runner.wait_done("p").output == "predicted z"
+
+
+def test_async_generator_train_beside_sync_predict_streams(spawn) -> None:
+    runner = spawn(
+        "train.py:Predictor",
+        model_dir=COMPAT,
+        config=config("train.py:Predictor", train_ref="train.py:async_gen_train"),
+    )
+    runner.wait_ready()
+    assert train(runner, "t", {"n": 3}).output == ["epoch0", "epoch1", "epoch2"]
+
+
+def test_cancel_an_async_train_beside_sync_predict(spawn) -> None:
+    runner = spawn(
+        "train.py:Predictor",
+        model_dir=COMPAT,
+        config=config("train.py:Predictor", train_ref="train.py:slow_async_train"),
+    )
+    runner.wait_ready()
+    runner.submit("t", {}, body={"id": "t", "input": {}, "kind": "training"})
+    runner.wait_for(
+        lambda: "async training started" in runner.predictions["t"].logs,
+        timeout_s=30,
+        what="the training to start",
+    )
+    runner.cancel("t")
+    assert runner.wait_done("t").status == "canceled"
+    runner.submit("p", {"text": "after"})  # the runner is free again
+    assert runner.wait_done("p").output == "predicted after"
+
+
+def test_sync_train_beside_async_predict(spawn) -> None:
+    runner = spawn(
+        "train.py:AsyncPredictor",
+        model_dir=COMPAT,
+        config=config("train.py:AsyncPredictor", train_ref="train.py:train", max_concurrency=2),
+    )
+    runner.wait_ready()
+    state = train(runner, "t", {"steps": 2})
+    assert state.status == "succeeded", (state.error, state.logs)
+    assert read_path(state.output["weights"]) == "lora:2"
+    assert "training 2 steps (lora)\n" in state.logs  # the thread's output is the training's
+    state = train(runner, "bad", {"steps": 13})
+    assert state.error == "Prediction failed: Training failed: ValueError: unlucky step count"
+    runner.submit("p", {})
+    assert runner.wait_done("p").output == "async predicted"

@@ -5,7 +5,7 @@ Each returns a BaseModel with a Path field, as fine-tuning models do.
 
 import os
 import tempfile
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from cog import BaseModel, BasePredictor, Input, Path
 
@@ -98,3 +98,16 @@ async def async_train_fails(steps: int = 1) -> TrainingOutput:
 class AsyncPredictor(BasePredictor):
     async def predict(self) -> str:
         return "async predicted"
+
+
+async def slow_async_train(seconds: float = 3600.0) -> TrainingOutput:
+    import asyncio
+
+    print("async training started")
+    await asyncio.sleep(seconds)
+    return TrainingOutput(weights=_write_weights("slow"), steps=1)
+
+
+async def async_gen_train(n: int = 3) -> AsyncIterator[str]:
+    for i in range(n):
+        yield f"epoch{i}"
