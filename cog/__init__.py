@@ -8,11 +8,15 @@ from __future__ import annotations
 from cog.coder import Coder
 from cog.decorators import concurrent, streaming
 from cog.exceptions import CancelationException
-from cog.input import Input
+from cog.input import FieldInfo, Input
+from cog.markers import ExperimentalFeatureWarning, Opaque
 from cog.model import BaseModel
 from cog.predictor import BasePredictor, BaseRunner
 from cog.scope import Scope, current_scope, emit_metric, use_scope
 from cog.types import AsyncConcatenateIterator, ConcatenateIterator, File, Path, Secret
+
+# The runtime's own version: cog and coglet ship with cog-pool (the pool reports it too).
+__version__ = "0.1.0"
 
 __all__ = [
     "AsyncConcatenateIterator",
@@ -22,11 +26,15 @@ __all__ = [
     "CancelationException",
     "Coder",
     "ConcatenateIterator",
+    "ExperimentalFeatureWarning",
+    "FieldInfo",
     "File",
     "Input",
+    "Opaque",
     "Path",
     "Scope",
     "Secret",
+    "__version__",
     "concurrent",
     "current_scope",
     "emit_metric",

@@ -225,7 +225,8 @@ def _check_signature(fn: Callable[..., Any], fname: str, is_method: bool) -> Lis
 
 def _type_hints(fn: Callable[..., Any]) -> Dict[str, Any]:
     try:
-        return typing.get_type_hints(fn)
+        # With Annotated kept: ``Annotated[T, cog.Opaque]`` means an opaque object.
+        return typing.get_type_hints(fn, include_extras=True)
     except Exception as e:
         raise PredictorError(f"cannot resolve type annotations: {type(e).__name__}: {e}") from e
 

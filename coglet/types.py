@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from cog.coder import Coder
+from cog.markers import Opaque
 from cog.model import BaseModel
 from cog.types import AsyncConcatenateIterator, ConcatenateIterator, File, Path, Secret
 
@@ -156,6 +157,8 @@ def resolve_type(tp: Any) -> CogType:
     """Resolve one annotation; ``ValueError`` with Cog's wording when it is not supported."""
     if tp is typing.Any:
         return CogType(ANY)
+    if typing.get_origin(tp) is typing.Annotated:
+        return _resolve_annotated(tp)
     if _is_union(tp):
         return _resolve_union(tp)
     if typing.get_origin(tp) is typing.Literal:
@@ -167,6 +170,26 @@ def resolve_type(tp: Any) -> CogType:
     if isinstance(tp, type):
         return _resolve_class(tp)
     return _resolve_custom(tp)
+
+
+def _resolve_annotated(tp: Any) -> CogType:
+    """``Annotated[T, ...]`` is ``T``; with ``cog.Opaque`` it is an opaque JSON object (a list
+    of them for a list, nullable for Optional), as Cog 0.23."""
+    inner, *metadata = typing.get_args(tp)
+    if not any(m is Opaque for m in metadata):
+        return resolve_type(inner)
+    if _is_union(inner):
+        non_none = [a for a in typing.get_args(inner) if a is not type(None)]
+        if len(non_none) == 1:
+            return CogType(OPTIONAL, item=_opaque(non_none[0]))
+    return _opaque(inner)
+
+
+def _opaque(tp: Any) -> CogType:
+    opaque_object = CogType(DICT, item=CogType(ANY))
+    if _is_list(tp):
+        return CogType(LIST, item=opaque_object)
+    return opaque_object
 
 
 def _resolve_custom(tp: Any) -> CogType:

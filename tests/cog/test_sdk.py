@@ -33,6 +33,10 @@ def test_public_names() -> None:
         "streaming",
         "concurrent",
         "Coder",
+        "Opaque",
+        "FieldInfo",
+        "ExperimentalFeatureWarning",
+        "__version__",
     ):
         assert name in cog.__all__, name
         assert hasattr(cog, name), name
@@ -351,3 +355,10 @@ def test_metrics_outside_a_prediction_are_ignored() -> None:
         detached.record_metric("steps", i, mode="append")
         detached.metrics["bad name!"] = None
     assert detached.metrics == {}
+
+
+def test_version_is_the_projects() -> None:
+    import importlib.metadata
+
+    assert cog.__version__ == importlib.metadata.version("cog-pool")
+    assert issubclass(cog.ExperimentalFeatureWarning, FutureWarning)

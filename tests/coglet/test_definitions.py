@@ -425,3 +425,25 @@ def test_finding_coders_never_touches_lazy_module_attributes(
     body = "import lazypkg\n" + predictor("s: str")
     loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
     assert loaded.inputs[0].name == "s"
+
+
+def test_opaque_and_annotated_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Annotated[T, cog.Opaque]`` is an opaque JSON object (Cog 0.23); other Annotated
+    metadata is ignored."""
+    body = (
+        "from typing import Annotated\nfrom cog import Opaque\n"
+        "class Config:\n    pass\n"
+        + predictor(
+            "cfg: Annotated[Config, Opaque], items: Annotated[list, Opaque], "
+            "maybe: Annotated[Optional[Config], Opaque] = None, "
+            "s: Annotated[str, 'documentation only'] = 'x'"
+        )
+    )
+    loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
+    props = loaded.openapi_schema()["components"]["schemas"]["Input"]["properties"]
+    assert props["cfg"]["type"] == "object"
+    assert props["items"]["type"] == "array" and props["items"]["items"] == {"type": "object"}
+    assert props["maybe"]["type"] == "object" and props["maybe"]["nullable"] is True
+    assert props["s"]["type"] == "string"
+    kwargs, _ = loaded.prepare_input({"cfg": {"any": ["thing"]}, "items": [{"a": 1}]})
+    assert kwargs["cfg"] == {"any": ["thing"]} and kwargs["items"] == [{"a": 1}]
