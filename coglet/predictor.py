@@ -518,6 +518,9 @@ def encode_output(value: Any) -> Any:
         return {str(k): encode_output(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [encode_output(v) for v in value]
+    names = t.pydantic_fields(type(value))
+    if names is not None:  # a model's own pydantic output (Cog 0.23 takes them)
+        return {name: encode_output(getattr(value, name)) for name in names}
     tolist = getattr(value, "tolist", None)  # numpy arrays and scalars, without importing numpy
     if callable(tolist):
         return encode_output(tolist())

@@ -27,6 +27,7 @@ __all__ = [
     "CogType",
     "InputSpec",
     "OutputType",
+    "pydantic_fields",
     "resolve_output",
     "resolve_type",
     "type_name",
@@ -280,7 +281,36 @@ def _resolve_class(tp: type) -> CogType:
         return _object(tp, hints, [n for n in hints if n in required])
     if dataclasses.is_dataclass(tp) or issubclass(tp, BaseModel):
         return _resolve_dataclass(tp)
+    if pydantic_fields(tp) is not None:
+        return _resolve_pydantic(tp)
     return _resolve_custom(tp)
+
+
+def pydantic_fields(tp: Any) -> Optional[Tuple[str, ...]]:
+    """The field names of a pydantic model class (v2 ``model_fields``, v1 ``__fields__``),
+    else None. Duck-typed: coglet never imports pydantic, the model's environment has it."""
+    if not isinstance(tp, type):
+        return None
+    for attr in ("model_fields", "__fields__"):
+        fields = getattr(tp, attr, None)
+        if isinstance(fields, dict) and callable(
+            getattr(tp, "__get_validators__", None) or getattr(tp, "model_validate", None)
+        ):
+            return tuple(fields)
+    return None
+
+
+def _resolve_pydantic(tp: type) -> CogType:
+    """A pydantic model (Cog 0.23 takes them as outputs): its fields, as an object; the
+    Optional ones may be null and are not required."""
+    hints = typing.get_type_hints(tp)
+    names = pydantic_fields(tp) or ()
+    required = [
+        n
+        for n in names
+        if not _is_union(hints.get(n)) or type(None) not in typing.get_args(hints.get(n))
+    ]
+    return _object(tp, {n: hints[n] for n in names if n in hints}, required)
 
 
 def _resolve_enum(tp: type) -> CogType:

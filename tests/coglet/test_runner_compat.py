@@ -219,3 +219,17 @@ def test_bad_setup_timeout_is_ignored(spawn, value: str) -> None:
     )
     runner.wait_ready()
     runner.wait_stderr(f"setup_timeout_ignored COG_SETUP_TIMEOUT={value!r}")
+
+
+def test_pydantic_model_output(compat) -> None:
+    runner = compat("pydantic_out.py:Predictor")
+    schema = protocol.read_json(runner.path(protocol.OPENAPI_FILE))
+    output = schema["components"]["schemas"]["Output"]
+    assert output["type"] == "object"
+    assert output["required"] == ["text", "scores", "file"]
+    assert output["properties"]["file"]["format"] == "uri"
+    state = run(runner, "p", {"text": "abc"})
+    assert state.status == "succeeded", (state.error, state.logs)
+    assert state.output["text"] == "ABC" and state.output["scores"] == [0.5, 1.0]
+    assert state.output["note"] is None
+    assert state.output["file"][protocol.PATH_MARKER] == "/tmp/pydantic-out.txt"
