@@ -11,6 +11,7 @@ import asyncio
 import importlib.metadata
 import json
 import platform
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -58,6 +59,8 @@ class FakeManager:
         self.stopped = False
         self.changed = asyncio.Event()  # set on every submit and cancel
         self.fail_prediction_with: str | None = None
+        self.shutting_down = False
+        self.last_tick_at: float | None = time.monotonic()
 
     async def start(self) -> None:
         self.started = True
@@ -229,7 +232,7 @@ async def test_metrics_are_prometheus_text_with_collectors(api: Api) -> None:
     assert status == 200
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1' in text
-    assert "cog_pool_queue_depth 3" in text.splitlines()
+    assert "cog_pool_queue_depth 3.0" in text.splitlines()
 
 
 # --- predictions ---------------------------------------------------------------------------------
