@@ -25,13 +25,23 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PARENT_DIED",
     "EXIT_SETUP_FAILED",
+    "FEATURE_HEALTHCHECK",
+    "FEATURE_STREAMING",
+    "FEATURE_TRAINING",
+    "HEALTHCHECK_INTERVAL_S",
+    "HEALTHCHECK_TIMEOUT_S",
+    "HEALTH_FILE",
     "ID_PATTERN",
+    "KIND_PREDICTION",
+    "KIND_TRAINING",
     "OPENAPI_FILE",
     "PATH_MARKER",
     "REQUEST_RE",
     "RESPONSE_RE",
     "SAFETY_RESCAN_S",
     "SETUP_RESULT_FILE",
+    "SETUP_TIMEOUT_ENV",
+    "SETUP_TIMEOUT_ERROR",
     "SIG_BUSY",
     "SIG_CANCEL",
     "SIG_OUTPUT",
@@ -47,6 +57,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "TMP_PREFIX",
     "cancel_name",
+    "delta_problem",
     "is_valid_id",
     "read_json",
     "request_name",
@@ -72,6 +83,10 @@ CONFIG_FILE = "config.json"  # pool -> runner, before spawn
 OPENAPI_FILE = "openapi.json"  # runner -> pool, before setup()
 SETUP_RESULT_FILE = "setup_result.json"  # runner -> pool, after setup()
 STOP_FILE = "stop"  # pool -> runner: finish or cancel work, flush, exit 0
+# runner -> pool, after setup, only for a predictor with a healthcheck() method; rewritten
+# after every check: {"healthy": bool, "error": str|null, "checked_at": iso}. The runner
+# sends SIG_OUTPUT when the result (healthy, error) changes, never for a repeat.
+HEALTH_FILE = "health.json"
 TMP_PREFIX = ".tmp-"  # temporary names; match no pattern below
 
 REQUEST_PREFIX = "request-"
@@ -115,6 +130,29 @@ PATH_MARKER = "__cog_path__"
 # (Paths the model returns are its own files and are left alone.)
 SPILL_DIR_PREFIX = "cog-output-"
 
+# --- config.json and setup_result.json keys beyond the basics ---------------------------------
+# config.json (pool -> runner):
+#   "train_ref":               cog.yaml's train: ("train.py:train"); absent: no trainings
+#   "healthcheck_interval_s":  seconds between user healthcheck() runs (default below)
+# setup_result.json (runner -> pool) carries, once setup succeeded:
+#   "features": {FEATURE_STREAMING: bool, FEATURE_TRAINING: bool, FEATURE_HEALTHCHECK: bool}
+#   "training_error": why train_ref could not be used (trainings disabled, predictions run)
+FEATURE_STREAMING = "streaming"  # predict() has @cog.streaming: the pool may answer SSE
+FEATURE_TRAINING = "training"  # a train_ref loaded: requests of kind "training" run train()
+FEATURE_HEALTHCHECK = "healthcheck"  # the predictor has healthcheck(): health.json is kept
+HEALTHCHECK_INTERVAL_S = 5.0
+# A check that takes longer than this counts as failed (Cog's limit).
+HEALTHCHECK_TIMEOUT_S = 5.0
+
+# A request file's "kind" (default KIND_PREDICTION); the response deltas are the same.
+KIND_PREDICTION = "prediction"
+KIND_TRAINING = "training"
+
+# Seconds the runner allows import + setup(), from its environment (Cog's variable; the pool
+# also passes cog.yaml's environment:). Past it, setup fails with Cog's error text.
+SETUP_TIMEOUT_ENV = "COG_SETUP_TIMEOUT"
+SETUP_TIMEOUT_ERROR = "worker setup timed out"
+
 # --- status words ------------------------------------------------------------------------------
 STATUS_STARTING = "starting"
 STATUS_PROCESSING = "processing"
@@ -122,6 +160,30 @@ STATUS_SUCCEEDED = "succeeded"
 STATUS_FAILED = "failed"
 STATUS_CANCELED = "canceled"
 TERMINAL_STATUSES = frozenset({STATUS_SUCCEEDED, STATUS_FAILED, STATUS_CANCELED})
+STATUSES = frozenset({STATUS_STARTING, STATUS_PROCESSING}) | TERMINAL_STATUSES
+
+
+def delta_problem(delta: Any) -> Optional[str]:
+    """Why ``delta`` is not a well-formed response update (see the list above), or None.
+
+    The reader checks every delta before applying it: a runner that writes garbage fails
+    its prediction with this message instead of breaking the reader.
+    """
+    if not isinstance(delta, dict):
+        return f"not a JSON object but {type(delta).__name__}"
+    status = delta.get("status")
+    if status is not None and (not isinstance(status, str) or status not in STATUSES):
+        return f"unknown status {status!r:.80}"
+    kinds = (
+        ("output_append", list, "a list"),
+        ("logs_append", str, "a string"),
+        ("metrics", dict, "an object"),
+    )
+    for key, kind, words in kinds:
+        if key in delta and not isinstance(delta[key], kind):
+            return f"{key} is not {words}"
+    return None
+
 
 # --- signals -----------------------------------------------------------------------------------
 # runner -> pool
@@ -186,6 +248,8 @@ def write_json_atomic(path: str, obj: Any) -> None:
 def read_json(path: str) -> Optional[Any]:
     """Read a JSON protocol file; None when it does not exist (yet, or any more).
 
+    Raises ValueError (JSONDecodeError, UnicodeDecodeError...) when it is not JSON.
+
     Plain ``os`` calls (open, read, close) rather than ``open()``'s buffered file object,
     which adds an fstat and a second read: half the time, on both sides of every round trip.
     """
@@ -205,7 +269,12 @@ def read_json(path: str) -> Optional[Any]:
             data = b"".join(parts)
     finally:
         os.close(fd)
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        # Readers handle ValueError (malformed); nesting past the interpreter's recursion
+        # limit is malformed too, and must not escape as a different exception.
+        raise ValueError(f"{os.path.basename(path)}: JSON nested too deeply to read") from None
 
 
 _READ_CHUNK = 1 << 16

@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amqp-url", help="queues.amqp.url (enables the AMQP consumer)")
         p.add_argument("--state-dir", help="state_dir: runner working directories")
         p.add_argument("--log-level", help="log_level: debug, info, warning, error")
-    # Listed for --help; its own parser (ingest/submit.py) reads the arguments.
+    # Listed for --help; their own parsers (pool/status.py, ingest/submit.py) read the arguments.
+    sub.add_parser(
+        "status", help="show a running pool's runners and queue consumers", add_help=False
+    )
     sub.add_parser(
         "submit",
         help="push one prediction to a Redis stream or AMQP queue and print its result",
@@ -86,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.submit import submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from pool.status import status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     config_path = args.config or os.environ.get("COG_POOL_CONFIG") or None
     try:
@@ -94,13 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cog-pool: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "config":
-        print(json.dumps(dataclasses.asdict(config), indent=2))
+        shown = dataclasses.asdict(config)
+        if shown["http"]["auth_token"] is not None:  # a secret: say it is set, never print it
+            shown["http"]["auth_token"] = "<set>"
+        print(json.dumps(shown, indent=2))
         return 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from pool.logs import configure_logging
+
+    configure_logging(config.log_level, config.logging.format, sys.stderr)
     return asyncio.run(serve(config))
 
 
@@ -111,6 +119,7 @@ async def serve(config: PoolConfig) -> int:
 
     from pool.api import SHUTDOWN_KEY, create_app
     from pool.metrics import Metrics
+    from pool.server import start_http
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -125,8 +134,7 @@ async def serve(config: PoolConfig) -> int:
     await runner.setup()  # starts the manager (the app's cleanup_ctx)
     consumers = None
     try:
-        site = web.TCPSite(runner, config.http.host, config.http.port)
-        await site.start()
+        await start_http(runner, config.http, access_log=access_log)
         for addr in runner.addresses:
             log.info("http_listening host=%s port=%s", addr[0], addr[1])
         consumers = await _start_consumers(config, manager)

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
+import importlib.metadata
 import json
 import logging
+import platform
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
+from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -32,6 +37,7 @@ from pool.prediction import (
     PredictionRequest,
     nests_deeper_than,
 )
+from pool.server import read_body
 
 __all__ = [
     "CONFIG_KEY",
@@ -52,6 +58,16 @@ log = logging.getLogger(__name__)
 _DISCONNECT_CHECK_S = 1.0
 
 _PREFER_ASYNC = "respond-async"
+# Request bodies larger than this are parsed off the event loop (see _read_json).
+PARSE_INLINE_MAX_BYTES = 256 * 1024
+
+# Orchestrator probes: answered without the token (a kubelet or load balancer has none).
+LIVE_PATH = "/health/live"
+READY_PATH = "/health/ready"
+OPEN_PATHS = frozenset({LIVE_PATH, READY_PATH, "/health-check"})
+METRICS_PATH = "/metrics"
+# Pool statuses in which a runner can take work (BUSY: a request waits in the pool's queue).
+_READY_STATUSES = frozenset({"READY", "BUSY"})
 
 
 class ManagerAPI(Protocol):
@@ -61,6 +77,10 @@ class ManagerAPI(Protocol):
     def status(self) -> str: ...
     @property
     def schema(self) -> dict[str, Any] | None: ...
+    @property
+    def shutting_down(self) -> bool: ...
+    @property
+    def last_tick_at(self) -> float | None: ...
 
     async def start(self) -> None: ...
     async def shutdown(self, grace_s: float | None = None) -> None: ...
@@ -89,7 +109,10 @@ def create_app(
     ``manage_lifecycle`` the app starts the manager on server start-up and shuts it down on
     clean-up; pass False when the caller drives ``start``/``shutdown`` itself.
     """
-    app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=[_json_errors])
+    middlewares: list[Any] = [_json_errors]
+    if config.http.auth_token is not None:
+        middlewares.append(_bearer_auth(config.http.auth_token, config.http.metrics_public))
+    app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[MANAGER_KEY] = manager
     found = metrics if metrics is not None else getattr(manager, "metrics", None)
@@ -99,13 +122,15 @@ def create_app(
         [
             web.get("/", index),
             web.get("/health-check", health_check),
+            web.get(LIVE_PATH, health_live),
+            web.get(READY_PATH, health_ready),
             web.get("/openapi.json", openapi),
             web.post("/predictions", create_prediction),
             web.put("/predictions/{prediction_id}", put_prediction),
             web.get("/predictions/{prediction_id}", get_prediction),
             web.post("/predictions/{prediction_id}/cancel", cancel_prediction),
             web.post("/shutdown", shutdown),
-            web.get("/metrics", metrics_page),
+            web.get(METRICS_PATH, metrics_page),
         ]
     )
     if manage_lifecycle:
@@ -147,6 +172,34 @@ async def _json_errors(
         return _error(500, "internal server error")
 
 
+def _bearer_auth(token: str, metrics_public: bool) -> Any:
+    """Middleware: every route but the probes (and /metrics if public) needs the token."""
+    expected = token.encode()
+    open_paths = OPEN_PATHS | {METRICS_PATH} if metrics_public else OPEN_PATHS
+
+    @web.middleware
+    async def bearer_auth(
+        request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        if request.path in open_paths:
+            response: web.StreamResponse = await handler(request)
+            return response
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest takes as long for a wrong token as for a right one of the same length.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            # DEBUG: an unauthenticated client could otherwise fill the log at will.
+            log.debug("http_unauthorized method=%s path=%s", request.method, request.path)
+            return _error(
+                401,
+                "missing or wrong token: send Authorization: Bearer <http.auth_token>",
+                headers={"WWW-Authenticate": 'Bearer realm="cog-pool"'},
+            )
+        response = await handler(request)
+        return response
+
+    return bearer_auth
+
+
 def _retry_after(request: web.Request) -> dict[str, str]:
     return {"Retry-After": str(request.app[CONFIG_KEY].http.retry_after_s)}
 
@@ -160,8 +213,24 @@ def _translate(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, (PoolFull, ShuttingDown)):
         return _error(503, str(exc) or type(exc).__name__, headers=_retry_after(request))
     if isinstance(exc, NotReady):
-        return _error(503, str(exc) or "the model is not ready", headers=_retry_after(request))
+        return _setup_not_finished(request, exc)
     raise exc
+
+
+# Cog 0.23.1's answer to a prediction that setup (not finished, or failed) does not allow.
+COG_SETUP_NOT_FINISHED = (
+    "Setup has not finished yet. Wait until it has finished, or GET /health-check for status."
+)
+
+
+def _setup_not_finished(request: web.Request, exc: NotReady) -> web.Response:
+    """503 with Cog's body (``status``, ``error``); ``detail`` says which state, Retry-After."""
+    body = {
+        "status": "failed",
+        "error": COG_SETUP_NOT_FINISHED,
+        "detail": str(exc) or "the model is not ready",
+    }
+    return web.json_response(body, status=503, headers=_retry_after(request))
 
 
 # --- bodies ----------------------------------------------------------------------------------
@@ -170,8 +239,19 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 async def _read_json(request: web.Request) -> Any:
-    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON."""
-    raw = await request.read()  # raises 413 past client_max_size
+    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON.
+
+    The body must arrive within ``http.body_timeout_s`` (else 408). Bodies over
+    ``PARSE_INLINE_MAX_BYTES`` are parsed in a worker thread: a 93 MB body held the event
+    loop (and /health-check, and every other request) for over a second.
+    """
+    raw = await read_body(request, request.app[CONFIG_KEY].http.body_timeout_s)  # 413 past max
+    if len(raw) > PARSE_INLINE_MAX_BYTES:
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         return {}
     try:
@@ -187,6 +267,53 @@ async def _read_json(request: web.Request) -> Any:
 
 def _bad_json(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"detail": message}), content_type="application/json")
+
+
+async def _prediction_response(
+    request: web.Request, prediction: Prediction, *, status: int = 200
+) -> web.StreamResponse:
+    """The prediction as JSON; a large finished one is serialised in a worker thread and
+    sent a slice at a time.
+
+    ``json.dumps`` of a 100 MB output (a data: URI, a long text) held the event loop for
+    hundreds of milliseconds, and one ``transport.write`` of the whole body cost seconds more:
+    asyncio (3.11) keeps the unsent rest in one bytearray and moves it down after every send.
+    """
+    body = prediction.to_dict()
+    # Only a finished prediction is left alone by the loop while a thread reads it.
+    if not prediction.done or not _larger_than(body, PARSE_INLINE_MAX_BYTES):
+        return web.json_response(body, status=status)
+    data = await asyncio.to_thread(lambda: json.dumps(body).encode())
+    response = web.StreamResponse(status=status)
+    response.content_type = "application/json"
+    response.content_length = len(data)
+    await response.prepare(request)
+    view = memoryview(data)
+    for start in range(0, len(data), _WRITE_CHUNK_BYTES):
+        await response.write(view[start : start + _WRITE_CHUNK_BYTES])  # waits for the drain
+    await response.write_eof()
+    return response
+
+
+_WRITE_CHUNK_BYTES = 1 << 20
+
+
+def _larger_than(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
+    """Whether ``value``'s strings add up to more than ``limit`` characters (a bounded look)."""
+    total = 0
+    stack = [value]
+    while stack and max_nodes > 0:
+        max_nodes -= 1
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+            if total > limit:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return bool(stack)  # too many nodes to look at: large enough
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -211,9 +338,56 @@ async def health_check(request: web.Request) -> web.Response:
     The manager's ``health()`` already carries each queue consumer's health source.
     """
     body = dict(request.app[MANAGER_KEY].health())
+    body.setdefault("version", VERSION)
     if request.app[SHUTDOWN_KEY].is_set():
         body["shutting_down"] = True
     return web.json_response(body)
+
+
+def _version() -> dict[str, str]:
+    """``/health-check`` ``version``, Cog's object: the runtime, the Python SDK, Python.
+
+    ``cog`` and ``coglet`` ship in this project, so the SDK's version is the project's.
+    ``python`` is the pool's interpreter (a model's own, ``model.python``, may differ).
+    """
+    try:
+        project = importlib.metadata.version("cog-pool")
+    except importlib.metadata.PackageNotFoundError:
+        project = "unknown"
+    return {
+        "runtime": "cog-pool",
+        "cog_pool": project,
+        "python_sdk": project,
+        "python": platform.python_version(),
+    }
+
+
+VERSION = _version()
+
+
+async def health_live(request: web.Request) -> web.Response:
+    """200 while the supervisor loop turns (its last pass is recent); 503 otherwise."""
+    last = request.app[MANAGER_KEY].last_tick_at
+    limit_s = request.app[CONFIG_KEY].http.live_tick_age_s
+    age_s = None if last is None else round(time.monotonic() - last, 3)
+    alive = age_s is not None and age_s <= limit_s
+    body = {"status": "alive" if alive else "stalled", "last_tick_age_s": age_s}
+    return web.json_response(body, status=200 if alive else 503)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    """200 while a runner can take work and the pool is not draining; 503 otherwise."""
+    manager = request.app[MANAGER_KEY]
+    status = manager.status
+    accepted = {"READY"} if request.app[CONFIG_KEY].http.reject_when_busy else _READY_STATUSES
+    if request.app[SHUTDOWN_KEY].is_set() or manager.shutting_down:
+        reason: str | None = "draining"
+    elif status not in accepted:
+        reason = f"pool status {status}"
+    else:
+        reason = None
+    body = {"ready": reason is None, "status": status, "reason": reason}
+    return web.json_response(body, status=200 if reason is None else 503)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -234,7 +408,18 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def shutdown(request: web.Request) -> web.Response:
-    """Stop taking predictions now; the server's owner drains and exits."""
+    """Stop taking predictions now; the server's owner drains and exits.
+
+    Off unless ``http.allow_shutdown``: anyone who can reach the port (or make the pool send
+    a request to itself) could otherwise stop it. SIGTERM always works.
+    """
+    if not request.app[CONFIG_KEY].http.allow_shutdown:
+        log.info("http_shutdown_refused reason=disabled")
+        return _error(
+            403,
+            "POST /shutdown is disabled; set http.allow_shutdown: true "
+            "(COG_POOL_HTTP_ALLOW_SHUTDOWN=true) to enable it, or send the process SIGTERM",
+        )
     event = request.app[SHUTDOWN_KEY]
     if not event.is_set():
         log.info("http_shutdown_requested")
@@ -242,34 +427,39 @@ async def shutdown(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-async def get_prediction(request: web.Request) -> web.Response:
+async def get_prediction(request: web.Request) -> web.StreamResponse:
     prediction = request.app[MANAGER_KEY].get(request.match_info["prediction_id"])
     if prediction is None:
         return _error(404, "prediction not found")
-    return web.json_response(prediction.to_dict())
+    return await _prediction_response(request, prediction)
 
 
 async def cancel_prediction(request: web.Request) -> web.Response:
+    """200 with the prediction's state for as long as it is known (as Cog: a repeat, or a
+    cancel after the end, is still 200); 404 for an id never seen or long forgotten."""
     manager = request.app[MANAGER_KEY]
     prediction_id = request.match_info["prediction_id"]
     if not await manager.cancel(prediction_id):
+        known = manager.get(prediction_id)
+        if known is not None:
+            return web.json_response(known.to_dict())
         return _error(404, "prediction not found")
     log.info("http_cancel prediction=%s", prediction_id)
     prediction = manager.get(prediction_id)
     return web.json_response(prediction.to_dict() if prediction is not None else {})
 
 
-async def create_prediction(request: web.Request) -> web.Response:
+async def create_prediction(request: web.Request) -> web.StreamResponse:
     """POST /predictions: run one prediction, sync or (Prefer: respond-async) async."""
     return await _create(request, path_id=None)
 
 
-async def put_prediction(request: web.Request) -> web.Response:
+async def put_prediction(request: web.Request) -> web.StreamResponse:
     """PUT /predictions/{id}: idempotent create; a known id answers with its current state."""
     return await _create(request, path_id=request.match_info["prediction_id"])
 
 
-async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
+async def _create(request: web.Request, *, path_id: str | None) -> web.StreamResponse:
     if request.app[SHUTDOWN_KEY].is_set():
         return _error(503, "the pool is shutting down", headers=_retry_after(request))
     body = await _read_json(request)
@@ -294,9 +484,14 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
         existing is not None,
     )
     if respond_async:
-        return web.json_response(prediction.to_dict(), status=202)
+        body = prediction.to_dict()
+        if existing is None and body.get("status") not in TERMINAL_STATUSES:
+            # Cog's async create answers "starting": the answer is the acceptance; progress
+            # (processing, then the end) follows by webhook and GET.
+            body["status"] = STATUS_STARTING
+        return web.json_response(body, status=202)
     await _wait(request, manager, prediction, owned=existing is None)
-    return web.json_response(prediction.to_dict())
+    return await _prediction_response(request, prediction)
 
 
 def _disconnected(request: web.Request) -> bool:
@@ -365,6 +560,36 @@ _VALIDATION_ERROR = {
     }
 }
 
+# Every other error answer: {"detail": "..."} (see _error and pool/server.py).
+ERROR_COMPONENT = "PoolErrorDetail"
+_ERROR_SCHEMA = {
+    "title": ERROR_COMPONENT,
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"title": "Detail"}},
+}
+_ERROR_REASONS = {
+    "400": "Malformed request or JSON body",
+    "401": "Missing or wrong bearer token (when http.auth_token is set)",
+    "403": "Forbidden (POST /shutdown without http.allow_shutdown)",
+    "404": "Prediction not found",
+    "408": "Request body not received within http.body_timeout_s",
+    "409": "All runners busy (http.reject_when_busy)",
+    "413": "Request body over http.max_body_bytes",
+    "503": "Not ready, queue full, too many connections or shutting down",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {"description": _ERROR_REASONS[code], "content": _json_content(_ref(ERROR_COMPONENT))}
+        for code in codes
+    }
+
+
+# Connection-level answers any route may give (pool/server.py).
+_ANY_ROUTE_ERRORS = ("400", "401", "503")
+_PREDICTION_ERRORS = ("400", "401", "408", "409", "413", "503")
 
 
 def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]:
@@ -392,16 +617,35 @@ def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]
                 "description": "Successful Response",
                 "content": _json_content(_ref("PredictionResponse")),
             },
+            "202": {
+                "description": "Accepted (Prefer: respond-async); progress by webhook",
+                "content": _json_content(_ref("PredictionResponse")),
+            },
             **_VALIDATION_ERROR,
+            # an id with a "/" in it matches no route: 404
+            **_errors(*_PREDICTION_ERRORS, *(("404",) if with_id else ())),
         },
     }
 
 
-def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, Any]:
+def _simple_op(
+    summary: str,
+    op_id: str,
+    *,
+    with_id: bool = False,
+    errors: tuple[str, ...] = (),
+    content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "operationId": op_id,
-        "responses": {"200": {"description": "Successful Response", "content": _json_content({})}},
+        "responses": {
+            "200": {
+                "description": "Successful Response",
+                "content": content if content is not None else _json_content({}),
+            },
+            **_errors(*_ANY_ROUTE_ERRORS, *errors),
+        },
     }
     if with_id:
         op["parameters"] = [
@@ -416,11 +660,35 @@ def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, 
     return op
 
 
+# Fields of a prediction that are null until (or unless) they are set: Cog's document types
+# them as plain strings, so a validator reading it rejects Cog's own answers.
+_NULLABLE_RESPONSE_FIELDS = ("output", "error", "started_at", "completed_at", "logs", "metrics")
+
+
+def _nullable_response(components: dict[str, Any]) -> None:
+    response = components.get("PredictionResponse")
+    props = response.get("properties") if isinstance(response, dict) else None
+    if not isinstance(props, dict):
+        return
+    for name in _NULLABLE_RESPONSE_FIELDS:
+        prop = props.get(name)
+        if not isinstance(prop, dict):
+            continue
+        if "$ref" in prop:  # OpenAPI 3.0 ignores siblings of $ref
+            props[name] = {"allOf": [prop], "nullable": True}
+        else:
+            prop["nullable"] = True
+    props.setdefault("status", _ref("Status"))
+
+
 def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` (the runner's: every component, Cog's shape) with Cog's API paths added."""
     doc = copy.deepcopy(schema)
     doc.setdefault("openapi", "3.0.2")
     doc.setdefault("info", {"title": "Cog", "version": "0.1.0"})
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault(ERROR_COMPONENT, _ERROR_SCHEMA)
+    _nullable_response(components)
     doc["paths"] = {
         "/": {"get": _simple_op("Root", "root__get")},
         "/health-check": {"get": _simple_op("Healthcheck", "healthcheck_health_check_get")},
@@ -434,15 +702,29 @@ def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                 with_id=True,
             ),
             "get": _simple_op(
-                "Get Prediction", "get_prediction_predictions__prediction_id__get", with_id=True
+                "Get Prediction",
+                "get_prediction_predictions__prediction_id__get",
+                with_id=True,
+                errors=("404",),
             ),
         },
         "/predictions/{prediction_id}/cancel": {
             "post": _simple_op(
-                "Cancel", "cancel_predictions__prediction_id__cancel_post", with_id=True
+                "Cancel",
+                "cancel_predictions__prediction_id__cancel_post",
+                with_id=True,
+                errors=("404",),
             )
         },
-        "/shutdown": {"post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post")},
-        "/metrics": {"get": _simple_op("Metrics", "metrics_metrics_get")},
+        "/shutdown": {
+            "post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post", errors=("403",))
+        },
+        "/metrics": {
+            "get": _simple_op(
+                "Metrics",
+                "metrics_metrics_get",
+                content={"text/plain": {"schema": {"type": "string"}}},
+            )
+        },
     }
     return doc

@@ -4,8 +4,9 @@ Precedence: defaults < YAML file < ``COG_POOL_*`` environment < CLI flags. Every
 ``config/pool.yaml`` maps to one field here; an unknown key, a wrong type or an impossible
 value raises :class:`pool.errors.ConfigError` naming the key.
 
-The loader also reads the model's ``cog.yaml`` (``predict``, ``concurrency.max``) and fills
-``model.predict`` and ``runners.max_concurrency`` with the effective values, resolves
+The loader also reads the model's ``cog.yaml`` (``predict`` or ``run``, ``train``,
+``concurrency.max``, ``environment``) and fills ``model.predict``, ``model.train``,
+``runners.max_concurrency`` and ``runners.env`` with the effective values, resolves
 ``runners.gpus: auto`` through ``nvidia-smi -L`` and makes ``model.path`` absolute, so code
 that receives a loaded :class:`PoolConfig` never has to look anything up again.
 """
@@ -13,6 +14,7 @@ that receives a loaded :class:`PoolConfig` never has to look anything up again.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import shutil
@@ -31,7 +33,9 @@ __all__ = [
     "AmqpConfig",
     "FilesConfig",
     "HttpConfig",
+    "LoggingConfig",
     "ModelConfig",
+    "NetworkConfig",
     "PoolConfig",
     "QueuesConfig",
     "RedisConfig",
@@ -50,6 +54,7 @@ class ModelConfig:
     path: str = "examples/hello"  # model directory holding cog.yaml
     python: str | None = None  # interpreter of the model's own environment; None: the pool's
     predict: str | None = None  # "predict.py:Predictor"; None: read from cog.yaml
+    train: str | None = None  # "train.py:train"; None: cog.yaml's train:, if any
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,19 @@ class HttpConfig:
     retry_after_s: int = 1
     recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
     recent_max: int = 10_000
+    allow_shutdown: bool = False  # POST /shutdown: off unless the operator turns it on
+    # The HTTP server's own limits (pool/server.py): slow or idle clients cannot hold it.
+    max_connections: int = 1000  # open client connections; beyond it new ones get 503
+    header_timeout_s: float = 15.0  # a new connection's first request headers, complete
+    body_timeout_s: float = 120.0  # a request body, complete, once its headers are in
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection between requests
+    error_log_interval_s: float = 10.0  # connection errors: one log line per kind per this
+    # Bearer token every route but the probes needs; set it whenever the pool listens beyond
+    # loopback. auth_token_file: a file holding it (a mounted secret), read at start.
+    auth_token: str | None = None
+    auth_token_file: str | None = None
+    metrics_public: bool = False  # true: /metrics answers without the token
+    live_tick_age_s: float = 10.0  # /health/live fails once the supervisor loop is this stale
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,15 @@ class FilesConfig:
     upload_url: str | None = None
     download_timeout_s: float = 60.0
     max_download_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where client-chosen URLs (input files, webhooks) may connect (pool/network.py)."""
+
+    allow_private: bool = False  # loopback, private, link-local...; never metadata addresses
+    allow_hosts: tuple[str, ...] = ()  # host names ("files.internal", "*.corp") always allowed
+    allow_cidrs: tuple[str, ...] = ()  # address ranges ("10.0.0.0/8", "127.0.0.1/32") allowed
 
 
 @dataclass(frozen=True)
@@ -153,6 +180,14 @@ class ShutdownConfig:
     grace_s: float = 30.0
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"  # text: "time LEVEL logger event k=v"; json: one object per line
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,8 +195,10 @@ class PoolConfig:
     runners: RunnersConfig = field(default_factory=RunnersConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     state_dir: str | None = None  # None: /dev/shm/cog-pool-<pid> when /dev/shm exists, else tmp
     log_level: str = "info"
 
@@ -386,6 +423,15 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.retry_after_s", lambda v: v >= 0, ">= 0"),
     ("http.recent_ttl_s", lambda v: v >= 0, ">= 0"),
     ("http.recent_max", lambda v: v >= 0, ">= 0"),
+    ("http.max_connections", lambda v: v >= 1, ">= 1"),
+    ("http.header_timeout_s", lambda v: v > 0, "> 0"),
+    ("http.body_timeout_s", lambda v: v > 0, "> 0"),
+    ("http.keepalive_timeout_s", lambda v: v > 0, "> 0"),
+    ("http.error_log_interval_s", lambda v: v > 0, "> 0"),
+    ("http.auth_token", lambda v: v.strip() != "" and v == v.strip(), "a non-empty token "
+     "without surrounding whitespace"),
+    ("http.live_tick_age_s", lambda v: v > 0, "> 0"),
+    ("logging.format", lambda v: v in LOG_FORMATS, f"one of {', '.join(LOG_FORMATS)}"),
     ("runners.per_gpu", lambda v: v >= 1, ">= 1"),
     ("runners.count", lambda v: v >= 1, ">= 1"),
     ("runners.max_concurrency", lambda v: v >= 1, ">= 1"),
@@ -441,6 +487,7 @@ def _check_rules(flat: dict[str, Any], sources: dict[str, _Value]) -> None:
             where = f" ({sources[key].source})" if key in sources else ""
             raise ConfigError(key, f"must be {must}, got {v!r}{where}")
     _check_backoff(flat)
+    _check_cidrs(flat.get("network.allow_cidrs") or ())
     _check_gpus(flat.get("runners.gpus"))
     if "CUDA_VISIBLE_DEVICES" in (flat.get("runners.env") or {}):
         raise ConfigError(
@@ -456,6 +503,17 @@ def _check_backoff(flat: dict[str, Any]) -> None:
         raise ConfigError(
             "runners.backoff_max_s", f"must be >= runners.backoff_initial_s ({initial})"
         )
+
+
+def _check_cidrs(cidrs: tuple[str, ...]) -> None:
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "network.allow_cidrs",
+                f"{cidr!r} is not an address or a range like 10.0.0.0/8 or fd00::/8",
+            ) from None
 
 
 def _check_gpus(gpus: tuple[str, ...] | None) -> None:
@@ -492,11 +550,19 @@ def detect_gpus(env: Mapping[str, str]) -> tuple[str, ...] | None:
     return tuple(str(i) for i in range(count)) or None
 
 
-def _read_cog_yaml(model_dir: str, predict: str | None) -> tuple[str, int | None]:
-    """(predict ref, concurrency.max or None) from ``<model_dir>/cog.yaml``."""
+@dataclass(frozen=True)
+class _CogYaml:
+    predict: str
+    train: str | None = None
+    concurrency_max: int | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def _read_cog_yaml(model_dir: str, predict: str | None) -> _CogYaml:
+    """What the pool takes from ``<model_dir>/cog.yaml``."""
     path = os.path.join(model_dir, "cog.yaml")
     if not os.path.exists(path) and predict is not None:
-        return predict, None  # model.predict given: a cog.yaml is optional
+        return _CogYaml(predict)  # model.predict given: a cog.yaml is optional
     if not os.path.exists(path):
         raise ConfigError(
             path,
@@ -506,18 +572,40 @@ def _read_cog_yaml(model_dir: str, predict: str | None) -> tuple[str, int | None
     data = _read_yaml(path, "cog.yaml")
     if not isinstance(data, Mapping):
         raise ConfigError(path, "cog.yaml must be a mapping with a `predict` key")
-    ref = predict if predict is not None else data.get("predict")
+    if data.get("predict") is not None and data.get("run") is not None:
+        raise ConfigError(path, "set either predict or run in cog.yaml, not both")
+    # Cog 0.23 spells it `run: "run.py:Runner"`; `predict:` keeps working.
+    key = "run" if data.get("run") is not None else "predict"
+    ref = predict if predict is not None else data.get(key)
     if not isinstance(ref, str) or ":" not in ref:
-        raise ConfigError(
-            path, f'predict must be "file.py:Name" (got {data.get("predict")!r}) in cog.yaml'
-        )
+        raise ConfigError(path, f'{key} must be "file.py:Name" (got {data.get(key)!r}) in cog.yaml')
+    train = data.get("train")
+    if train is not None and (not isinstance(train, str) or ":" not in train):
+        raise ConfigError(path, f'train must be "file.py:name" (got {train!r}) in cog.yaml')
     concurrency = data.get("concurrency") or {}
     if not isinstance(concurrency, Mapping):
         raise ConfigError(path, "concurrency must be a mapping like {max: 4} in cog.yaml")
     most = concurrency.get("max")
     if most is not None and (not isinstance(most, int) or isinstance(most, bool) or most < 1):
         raise ConfigError(path, f"concurrency.max must be an integer >= 1 (got {most!r})")
-    return ref, most
+    return _CogYaml(ref, train, most, _cog_environment(path, data.get("environment")))
+
+
+def _cog_environment(path: str, entries: Any) -> dict[str, str]:
+    """cog.yaml's ``environment:`` list of ``NAME=value`` strings (e.g. COG_SETUP_TIMEOUT)."""
+    if entries is None:
+        return {}
+    if not isinstance(entries, list):
+        raise ConfigError(path, "environment must be a list of NAME=value strings in cog.yaml")
+    env: dict[str, str] = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=") if isinstance(entry, str) else ("", "", "")
+        if not sep or not name:
+            raise ConfigError(
+                path, f"environment entries must be NAME=value strings (got {entry!r}) in cog.yaml"
+            )
+        env[name] = value
+    return env
 
 
 def load_config(
@@ -541,15 +629,40 @@ def load_config(
     model_dir = flat["model.path"]
     if not os.path.isdir(model_dir):
         raise ConfigError("model.path", f"model directory {model_dir} does not exist")
-    ref, most = _read_cog_yaml(model_dir, flat.get("model.predict"))
-    flat["model.predict"] = ref
+    cog_yaml = _read_cog_yaml(model_dir, flat.get("model.predict"))
+    flat["model.predict"] = cog_yaml.predict
+    if flat.get("model.train") is None:
+        flat["model.train"] = cog_yaml.train
     if flat.get("runners.max_concurrency") is None:
-        flat["runners.max_concurrency"] = most or 1
+        flat["runners.max_concurrency"] = cog_yaml.concurrency_max or 1
+    if cog_yaml.environment:
+        # The pool's own runners.env wins over the model's cog.yaml environment:.
+        flat["runners.env"] = {**cog_yaml.environment, **(flat.get("runners.env") or {})}
     if flat.get("model.python") is not None:
         flat["model.python"] = _interpreter(flat["model.python"], env)
     if flat.get("state_dir") is not None:
         flat["state_dir"] = os.path.abspath(flat["state_dir"])
+    if flat.get("http.auth_token_file") is not None:
+        flat["http.auth_token"] = _token_from_file(flat)
     return typing.cast(PoolConfig, _build(PoolConfig, flat))
+
+
+def _token_from_file(flat: dict[str, Any]) -> str:
+    path = os.path.abspath(os.path.expanduser(flat["http.auth_token_file"]))
+    if flat.get("http.auth_token") is not None:
+        raise ConfigError(
+            "http.auth_token_file", "set either http.auth_token or http.auth_token_file, not both"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(
+            "http.auth_token_file", f"cannot read the token file {path}: {e.strerror}"
+        ) from None
+    if not token:
+        raise ConfigError("http.auth_token_file", f"the token file {path} is empty")
+    return token
 
 
 def _model_dir(given: str | None) -> str:

@@ -20,7 +20,7 @@ import aiohttp
 
 from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
-from pool import files
+from pool import files, network
 from pool.config import PoolConfig
 from pool.errors import InvalidInput, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
@@ -68,7 +68,7 @@ class PoolManager:
             metrics=metrics,
         )
         self._router = Router(config.http, self._supervisor.runners)
-        self._webhooks = WebhookSender(config.webhooks, metrics=metrics)
+        self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._cancel_forwarders: list[CancelForwarder] = []
         self._preparing: dict[str, Prediction] = {}  # accepted, file inputs downloading
@@ -76,10 +76,12 @@ class PoolManager:
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
-        self._http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None  # input downloads: network policy
+        self._upload_http: aiohttp.ClientSession | None = None  # files.upload_url: trusted
         self._ready_once = False
         if metrics is not None:
             metrics.add_collector(self._samples)
+            metrics.add_runner_source(self._supervisor.runners_info)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -96,7 +98,8 @@ class PoolManager:
         await self._supervisor.start()
         # One client for every input download and output upload: connections and TLS
         # sessions are reused across predictions.
-        self._http = aiohttp.ClientSession()
+        self._http = network.client_session(self.config.network)
+        self._upload_http = aiohttp.ClientSession()
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Drain (DESIGN §7). Concurrent and repeated calls share one shutdown."""
@@ -126,8 +129,9 @@ class PoolManager:
                 prediction.ended_by_shutdown = True
             prediction.fail("the pool shut down before the prediction finished")
         await self._webhooks.close(self.config.webhooks.timeout_s)
-        if self._http is not None:
-            await self._http.close()
+        for session in (self._http, self._upload_http):
+            if session is not None:
+                await session.close()
         self._remove_dirs()
         log.info("shutdown_complete")
 
@@ -163,6 +167,11 @@ class PoolManager:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    @property
+    def last_tick_at(self) -> float | None:
+        """``time.monotonic()`` of the supervisor loop's last pass (None before start)."""
+        return self._supervisor.last_tick_at
 
     @property
     def runners(self) -> list[dict[str, Any]]:
@@ -297,6 +306,7 @@ class PoolManager:
                 source=prediction.source,
                 queue_wait_s=queue_wait_s,
                 predict_time_s=prediction.metrics.get("predict_time"),
+                runner_index=prediction.runner_index,
             )
         # Successes are counted by /metrics and logged at DEBUG: a log line costs about as
         # much as the rest of the pool's work on a null prediction. Failures and cancels
@@ -312,7 +322,7 @@ class PoolManager:
         )
 
     async def _encode_output(self, output: Any) -> Any:
-        return await files.encode_outputs(output, self.config.files, session=self._http)
+        return await files.encode_outputs(output, self.config.files, session=self._upload_http)
 
     def _on_tick(self) -> None:
         if not self._ready_once and self.status in (READY, BUSY):

@@ -212,12 +212,15 @@ class RunnerHandle:
         os.makedirs(self.working_dir, exist_ok=True)
 
     def _runner_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "predictor_ref": self.config.model.predict,
             "max_concurrency": self.capacity,
             "runner_index": self.index,
             "gpu": self.gpu,
         }
+        if self.config.model.train is not None:
+            config["train_ref"] = self.config.model.train  # cog.yaml train: (issue 9)
+        return config
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -443,8 +446,12 @@ class RunnerHandle:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         slot.next_epoch += 1
-        if not isinstance(delta, dict):
-            delta = {"status": protocol.STATUS_FAILED, "error": f"{self.name} sent a bad response"}
+        problem = protocol.delta_problem(delta)
+        if problem is not None or not isinstance(delta, dict):  # garbage fails this one only
+            delta = {
+                "status": protocol.STATUS_FAILED,
+                "error": f"{self.name} sent a bad response: {problem}",
+            }
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
         self._deliver(slot, delta)
         if terminal:

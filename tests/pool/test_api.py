@@ -8,7 +8,10 @@ real PoolManager and real coglet runners.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import platform
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -56,6 +59,8 @@ class FakeManager:
         self.stopped = False
         self.changed = asyncio.Event()  # set on every submit and cancel
         self.fail_prediction_with: str | None = None
+        self.shutting_down = False
+        self.last_tick_at: float | None = time.monotonic()
 
     async def start(self) -> None:
         self.started = True
@@ -147,9 +152,13 @@ class Api:
             return resp.status, body, resp.headers
 
 
-async def _serve(*, handler_cancellation: bool = False) -> tuple[Server, FakeManager]:
+async def _serve(
+    *, handler_cancellation: bool = False, allow_shutdown: bool = False
+) -> tuple[Server, FakeManager]:
     fake = FakeManager()
-    config = PoolConfig(http=HttpConfig(max_body_bytes=MAX_BODY, retry_after_s=7))
+    config = PoolConfig(
+        http=HttpConfig(max_body_bytes=MAX_BODY, retry_after_s=7, allow_shutdown=allow_shutdown)
+    )
     server = Server(create_app(config, fake), handler_cancellation=handler_cancellation)
     await server.start()
     return server, fake
@@ -204,7 +213,12 @@ async def test_openapi_is_503_until_the_schema_is_known(api: Api) -> None:
     status, body, _ = await api.call("GET", "/openapi.json")
     assert status == 200
     assert body["components"]["schemas"]["Input"] == SCHEMA["components"]["schemas"]["Input"]
-    assert body["components"] == SCHEMA["components"]  # the runner's components, as they are
+    # The runner's components, as they are, plus the pool's error body.
+    schemas = body["components"]["schemas"]
+    assert {k: schemas[k] for k in SCHEMA["components"]["schemas"]} == SCHEMA["components"][
+        "schemas"
+    ]
+    assert schemas["PoolErrorDetail"]["required"] == ["detail"]
     post = body["paths"]["/predictions"]["post"]
     assert "422" in post["responses"]
     assert set(body["paths"]) >= {
@@ -227,7 +241,7 @@ async def test_metrics_are_prometheus_text_with_collectors(api: Api) -> None:
     assert status == 200
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1' in text
-    assert "cog_pool_queue_depth 3" in text.splitlines()
+    assert "cog_pool_queue_depth 3.0" in text.splitlines()
 
 
 # --- predictions ---------------------------------------------------------------------------------
@@ -245,7 +259,7 @@ async def test_respond_async_is_matched_exactly(api: Api) -> None:
         json={"input": {"text": "a", "hold": True}},
         headers={"Prefer": "respond-async"},
     )
-    assert status == 202 and body["status"] == "processing"
+    assert status == 202 and body["status"] == "starting"  # Cog's word for an accepted create
     status, body, _ = await api.call(
         "POST", "/predictions", json={"input": {"text": "b"}}, headers={"Prefer": "respond-sync"}
     )
@@ -296,6 +310,13 @@ async def test_cancel_known_is_200_unknown_is_404(api: Api) -> None:
     )
     status, body, _ = await api.call("POST", "/predictions/c1/cancel")
     assert status == 200 and body["status"] == "canceled"
+    # As Cog: while the prediction is known, a repeat cancel is 200 too (not 404).
+    status, body, _ = await api.call("POST", "/predictions/c1/cancel")
+    assert status == 200 and body["status"] == "canceled" and body["id"] == "c1"
+    # A finished prediction that is still known: 200 with its state.
+    await api.call("PUT", "/predictions/done1", json={"input": {"text": "x"}})
+    status, body, _ = await api.call("POST", "/predictions/done1/cancel")
+    assert status == 200 and body["status"] == "succeeded"
     status, body, _ = await api.call("POST", "/predictions/nope/cancel")
     assert status == 404 and "detail" in body
 
@@ -380,6 +401,25 @@ async def test_manager_refusals_are_translated(
     assert (headers.get("Retry-After") == "7") is retry_after
 
 
+async def test_not_ready_answers_cogs_setup_body(api: Api) -> None:
+    api.fake.fail_with = NotReady("no runner can serve (status SETUP_FAILED); see /health-check")
+    status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
+    assert status == 503
+    assert body["status"] == "failed"
+    assert body["error"] == (
+        "Setup has not finished yet. Wait until it has finished, or GET /health-check for status."
+    )
+
+
+async def test_health_check_carries_a_version_object(api: Api) -> None:
+    status, body, _ = await api.call("GET", "/health-check")
+    assert status == 200
+    version = body["version"]
+    assert version["runtime"] == "cog-pool"
+    assert version["python_sdk"] == version["cog_pool"] == importlib.metadata.version("cog-pool")
+    assert version["python"] == platform.python_version()
+
+
 async def test_an_unexpected_error_is_500_json_and_the_server_keeps_serving(api: Api) -> None:
     api.fake.fail_with = RuntimeError("bug")
     status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
@@ -390,7 +430,25 @@ async def test_an_unexpected_error_is_500_json_and_the_server_keeps_serving(api:
 
 
 # --- shutdown and disconnects --------------------------------------------------------------------
-async def test_shutdown_sets_the_event_and_stops_intake(api: Api) -> None:
+async def test_shutdown_is_refused_by_default_naming_the_setting(api: Api) -> None:
+    status, body, _ = await api.call("POST", "/shutdown")
+    assert status == 403 and "http.allow_shutdown" in body["detail"]
+    assert not api.app[SHUTDOWN_KEY].is_set()
+    status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
+    assert status == 200 and body["status"] == "succeeded"
+
+
+async def test_shutdown_sets_the_event_and_stops_intake() -> None:
+    server, fake = await _serve(allow_shutdown=True)
+    async with aiohttp.ClientSession() as session:
+        api = Api(server, session, fake)
+        try:
+            await _shutdown_stops_intake(api)
+        finally:
+            await server.close()
+
+
+async def _shutdown_stops_intake(api: Api) -> None:
     status, body, _ = await api.call("POST", "/shutdown")
     assert status == 200
     assert api.app[SHUTDOWN_KEY].is_set()
@@ -432,3 +490,70 @@ async def test_sync_client_disconnect_cancels_with_handler_cancellation() -> Non
         await _disconnect_cancels(server, fake)
     finally:
         await server.close()
+
+
+async def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parsing a 93 MB body on the loop held every other request for over a second.
+    import threading
+
+    import pool.api
+
+    threads: list[int] = []
+    parse = pool.api._parse_json
+
+    def recording(raw: bytes) -> Any:
+        threads.append(threading.get_ident())
+        return parse(raw)
+
+    monkeypatch.setattr(pool.api, "_parse_json", recording)
+    fake = FakeManager()
+    config = PoolConfig(http=HttpConfig(max_body_bytes=4 * pool.api.PARSE_INLINE_MAX_BYTES))
+    server = Server(create_app(config, fake), handler_cancellation=False)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            text = "x" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            for body in ({"input": {"text": text}}, {"input": {"text": "small"}}):
+                status, answer, _ = await api.call("POST", "/predictions", json=body)
+                assert status == 200 and answer["output"] == "hello " + body["input"]["text"]
+    finally:
+        await server.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread and threads[1] == loop_thread
+
+
+async def test_large_finished_predictions_are_serialised_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import pool.api
+
+    threads: list[int] = []
+    dumps = json.dumps
+
+    def recording(value: Any, *args: Any, **kwargs: Any) -> str:
+        if isinstance(value, dict) and "output" in value:
+            threads.append(threading.get_ident())
+        return dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(pool.api.json, "dumps", recording)
+    server, fake = await _serve()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            fake_text = "y" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            # A finished prediction with a large output, then a small one.
+            prediction = Prediction(PredictionRequest.from_body({"id": "big", "input": {}}))
+            prediction.mark_started(0)
+            prediction.apply_delta({"status": "succeeded", "output": fake_text})
+            fake.predictions["big"] = prediction
+            status, body, _ = await api.call("GET", "/predictions/big")
+            assert status == 200 and body["output"] == fake_text
+            status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "s"}})
+            assert status == 200 and body["output"] == "hello s"
+    finally:
+        await server.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # the large one, in a worker thread
