@@ -12,6 +12,7 @@ __all__ = [
     "AMQP_DEAD_REASON_HEADER",
     "AMQP_DELIVERY_COUNT_HEADER",
     "AMQP_DELIVERY_LIMIT_HEADROOM",
+    "FIELD_BASE64_SUFFIX",
     "FIELD_EVENT",
     "FIELD_ID",
     "FIELD_ORIGINAL_ID",
@@ -39,6 +40,8 @@ FIELD_ID = "id"  # prediction id on result entries
 FIELD_EVENT = "event"  # on result entries: "completed", or start/output/logs when progress is on
 FIELD_REASON = "reason"  # on dead-letter entries
 FIELD_ORIGINAL_ID = "original_id"  # on dead-letter entries: the request entry's id
+# On dead-letter entries: a field whose value was not UTF-8, base64-encoded ("value_base64").
+FIELD_BASE64_SUFFIX = "_base64"
 
 # AMQP headers.
 AMQP_DEAD_REASON_HEADER = "x-cog-dead-reason"

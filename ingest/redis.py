@@ -23,6 +23,7 @@ delivery core (``ingest/core.py``) decides what happens to each entry. Delivery 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import os
@@ -441,8 +442,7 @@ class RedisConsumer:
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move the entry to the dead-letter stream with the reason and ack it, in one
         MULTI/EXEC transaction (the original fields are copied byte for byte)."""
-        reserved = {names.FIELD_REASON, names.FIELD_ORIGINAL_ID}
-        fields = {k: v for k, v in (delivery.meta or {}).items() if _text(k) not in reserved}
+        fields = _utf8_fields(delivery.meta or {})
         fields[names.FIELD_REASON] = reason
         fields[names.FIELD_ORIGINAL_ID] = delivery.key
 
@@ -557,6 +557,26 @@ class RedisConsumer:
                 prediction_id = message.get("data")
                 if isinstance(prediction_id, str):
                     await self.core.cancel_local(prediction_id)
+
+
+def _utf8_fields(raw: dict[Any, Any]) -> dict[str, str]:
+    """The entry's fields for its dead letter, all valid UTF-8 so that any reader can decode
+    the dead stream: a value that is not UTF-8 travels base64-encoded as ``<field>_base64``
+    (lossless); a key that is not UTF-8 is shown with backslash escapes."""
+    reserved = {names.FIELD_REASON, names.FIELD_ORIGINAL_ID}
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        name = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
+        if name in reserved:
+            continue
+        if isinstance(value, bytes):
+            try:
+                out[name] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                out[f"{name}{names.FIELD_BASE64_SUFFIX}"] = base64.b64encode(value).decode()
+        else:
+            out[name] = str(value)
+    return out
 
 
 def _not_a_stream(key: str, kind: str) -> str:
