@@ -213,9 +213,11 @@ class RedisConsumer:
         """Broadcast a cancel for an id this pool does not hold (manager's cancel forwarder)."""
         await self.redis.publish(self.config.cancel_channel, prediction_id)
 
-    # --- connection state (owned by the consume loop) ------------------------------------------
+    # --- connection state ------------------------------------------------------------------------
     def _broker_error(self, exc: BaseException) -> None:
-        """The consume loop lost the broker: one outage, one reconnect counted."""
+        """Any task lost the broker: the state says so at once (a consume loop blocked behind
+        a batch would not notice); the first error of an outage counts one reconnect. (The
+        client retries a stale pooled connection itself, so errors mean a real outage.)"""
         self.stats.last_error = str(exc) or type(exc).__name__
         self.stats.pending = self.stats.lag = None  # unknown until connected again
         self._group_ready = False
@@ -227,9 +229,7 @@ class RedisConsumer:
         if self.state != "failed":
             self.state = "reconnecting"
 
-    def _side_error(self, exc: BaseException) -> None:
-        """A broker error seen by another task: recorded; the consume loop owns the state."""
-        self.stats.last_error = str(exc) or type(exc).__name__
+    _side_error = _broker_error
 
     def _connected(self) -> None:
         if self.state in ("starting", "reconnecting") and not self.core.stopping:
@@ -247,7 +247,9 @@ class RedisConsumer:
             return await op()
         except BROKER_ERRORS as e:
             self._side_error(e)
-        return await retry_forever(op, errors=BROKER_ERRORS, on_error=self._side_error)
+        result = await retry_forever(op, errors=BROKER_ERRORS, on_error=self._side_error)
+        self._connected()
+        return result
 
     # --- consuming -----------------------------------------------------------------------------
     async def _consume_forever(self) -> None:
@@ -498,7 +500,7 @@ class RedisConsumer:
         except BROKER_ERRORS as e:
             self._side_error(e)  # progress is best effort; the terminal result is not
         except ResponseError as e:  # e.g. reply_to turned into another type meanwhile
-            self._side_error(e)
+            self.stats.last_error = str(e)
         finally:
             self._progress.pop(job.delivery.key, None)
 
@@ -528,8 +530,10 @@ class RedisConsumer:
         if time.monotonic() - self._last_backlog >= BACKLOG_REFRESH_S:
             try:
                 await self._refresh_backlog()
-            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as e:
+            except BROKER_ERRORS as e:
                 self._side_error(e)
+            except ResponseError as e:  # e.g. the stream was deleted under us
+                self.stats.last_error = str(e)
 
     async def _refresh_backlog(self) -> None:
         self._last_backlog = time.monotonic()
