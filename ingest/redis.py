@@ -231,8 +231,14 @@ class RedisConsumer:
 
     _side_error = _broker_error
 
-    def _connected(self) -> None:
+    async def _connected(self) -> None:
         if self.state in ("starting", "reconnecting") and not self.core.stopping:
+            if self.state == "reconnecting":
+                # Idle pooled connections opened before the outage are dead (the server
+                # restarted) and would each fail once more on their next use, which would
+                # read as new outages: drop them now, the pool opens fresh ones.
+                for client in {id(self.redis): self.redis, id(self.raw): self.raw}.values():
+                    await client.connection_pool.disconnect(inuse_connections=False)
             log.info("redis_connected stream=%s consumer=%s", self.config.stream, self.consumer)
             self.state = "connected"
 
@@ -248,7 +254,7 @@ class RedisConsumer:
         except BROKER_ERRORS as e:
             self._side_error(e)
         result = await retry_forever(op, errors=BROKER_ERRORS, on_error=self._side_error)
-        self._connected()
+        await self._connected()
         return result
 
     # --- consuming -----------------------------------------------------------------------------
@@ -263,7 +269,7 @@ class RedisConsumer:
                 entries = await retry_forever(
                     self._poll, errors=BROKER_ERRORS, on_error=self._broker_error
                 )
-            self._connected()
+            await self._connected()
             batch = [self.core.deliver(d) for d in entries]
             # Read again only once this batch holds its slots, or COUNT would over-read.
             await asyncio.gather(*(job.admitted.wait() for job in batch))
@@ -549,8 +555,12 @@ class RedisConsumer:
             try:
                 await self._listen_cancels()
             except BROKER_ERRORS as e:
-                self._side_error(e)
-                await asyncio.sleep(1.0)  # the consume loop owns the backoff and the state
+                # Recorded only: the subscription's long-lived connection reports a restart
+                # late (when it next reads), after the other tasks saw the outage and the
+                # recovery; counting it would make one outage two.
+                self.stats.last_error = str(e) or type(e).__name__
+                log.info("redis_cancel_listener_reconnecting error=%r", self.stats.last_error)
+                await asyncio.sleep(1.0)
 
     async def _listen_cancels(self) -> None:
         async with self.redis.pubsub() as pubsub:
