@@ -301,7 +301,7 @@ class AmqpConsumer:
 
     async def _monitor_forever(self) -> None:
         """Keep the queue depth in health fresh (a passive declare reports it)."""
-        while True:
+        while not self.core.stopping:
             await asyncio.sleep(1.0)
             channel = self._channel
             if channel is None or channel.is_closed or self.state != "connected":

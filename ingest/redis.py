@@ -513,7 +513,9 @@ class RedisConsumer:
     # --- keeping claims, watching the backlog --------------------------------------------------
     async def _keepalive_forever(self) -> None:
         interval_s = max(0.05, min(self.config.claim_idle_s / 3, 10.0))
-        while True:
+        # Not `while True`: the Redis client can turn a cancel that lands inside a command into
+        # a ConnectionError, which is caught below; the flag still ends the loop.
+        while not self.core.stopping:
             await asyncio.sleep(interval_s)
             try:
                 await self._keep_claims()
@@ -551,7 +553,7 @@ class RedisConsumer:
 
     # --- cancels from other pools --------------------------------------------------------------
     async def _listen_cancels_forever(self) -> None:
-        while True:
+        while not self.core.stopping:  # see _keepalive_forever
             try:
                 await self._listen_cancels()
             except BROKER_ERRORS as e:
