@@ -18,7 +18,9 @@ example's site-packages after its own (Cog's Rust server starts its worker as ``
 Each process gets ``OMP_NUM_THREADS = cores // runners`` (at least 1): one runner, or Cog,
 has every core; two runners on two cores have one each, so they do not fight over them.
 
-The same C clients each want K predictions of S sentences. Cog answers 409 while its one slot
+The same C clients each want K predictions of S sentences, split over rounds; all servers
+are up at once and the rounds alternate their order (as in bench/harness.py), so a burst of
+load from elsewhere on a shared machine lands on all of them. Cog answers 409 while its one slot
 is busy: the client counts it and retries after ``--retry-pause-ms``; cog-pool queues instead.
 Reported per server: predictions/s and sentences/s (ratio to Cog), latency p50/p99 of
 succeeded predictions as the client saw them (queueing included, 409 retries included),
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -82,12 +85,13 @@ def log(event: str, **fields: object) -> None:
 @dataclass(frozen=True)
 class Settings:
     clients: int = 4
-    per_client: int = 25
+    per_client: int = 30
     sentences: int = 8
     warmup: int = 3
     runner_counts: tuple[int, ...] = (1, 2)
     retry_pause_ms: float = 10.0
     include_cog: bool = True
+    rounds: int = 3  # each server's predictions are split over this many alternating rounds
 
 
 @dataclass(frozen=True)
@@ -178,30 +182,28 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
     max_attempts = MAX_ATTEMPTS_FACTOR * settings.per_client
 
     async def client(session: aiohttp.ClientSession, index: int) -> None:
-        done = 0
         attempts = 0
-        while done < settings.per_client:
+        for done in range(settings.per_client):
             inputs = {"texts": texts_for(index * settings.per_client + done, settings.sentences)}
             started = time.perf_counter()
             while True:
                 attempts += 1
                 status, body = await _post(session, base_url, inputs)
-                if status != 409 or attempts >= max_attempts:
+                if status != 409:
                     break
                 counts["rejected"] += 1
+                if attempts >= max_attempts:
+                    counts["gave_up"] += 1
+                    return
                 await asyncio.sleep(pause_s)
             if status == 200 and body.get("status") == "succeeded":
                 latencies.append(time.perf_counter() - started)
                 counts["succeeded"] += 1
-                if not first and index == 0 and done == 0:
-                    first.append(body["output"])
-            elif status == 409:
-                counts["gave_up"] += 1
-                return
+                if index == 0 and done == 0:
+                    first.append(body.get("output"))
             else:
                 counts["failed"] += 1
                 errors.append(f"HTTP {status}: {str(body.get('error'))[:200]}")
-            done += 1
 
     connector = aiohttp.TCPConnector(limit=settings.clients)
     timeout = aiohttp.ClientTimeout(total=300)
@@ -222,6 +224,7 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
     return {
         **counts,
         "elapsed_s": elapsed_s,
+        "latencies_s": ordered,
         "p50_s": harness.percentile(ordered, 0.50) if ordered else None,
         "p99_s": harness.percentile(ordered, 0.99) if ordered else None,
         "first_output": first[0] if first else None,
@@ -229,43 +232,40 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
     }
 
 
-async def bench_server(
-    name: str, spec: harness.ServerSpec, threads: int, settings: Settings
-) -> Result:
-    server = harness.Server(_with_threads(spec, threads), log_dir=WORK_DIR)
-    server.start()
-    try:
-        ready = await server.wait_ready(timeout_s=SETUP_TIMEOUT_S)
-        log("server_ready", name=name, ready_s=round(ready.all_runners_ready_s, 2))
-        load = await run_load(spec.base_url, settings)
-    finally:
-        await server.stop()
-    if load["first_error"]:
-        log("prediction_failed", name=name, error=load["first_error"])
-    return Result(
-        name=name,
-        runners=spec.runners,
-        threads_per_process=threads,
-        ready_s=ready.all_runners_ready_s,
-        succeeded=load["succeeded"],
-        rejected=load["rejected"],
-        failed=load["failed"],
-        gave_up=load["gave_up"],
-        elapsed_s=load["elapsed_s"],
-        p50_s=load["p50_s"],
-        p99_s=load["p99_s"],
-        first_output=load["first_output"],
+def merge_loads(loads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Rounds of one server as one load: counts and elapsed time summed, latencies pooled."""
+    latencies = sorted(x for load in loads for x in load["latencies_s"])
+    errors = [load["first_error"] for load in loads if load["first_error"]]
+    outputs = [load["first_output"] for load in loads if load["first_output"] is not None]
+    merged: dict[str, Any] = {
+        key: sum(load[key] for load in loads)
+        for key in ("succeeded", "rejected", "failed", "gave_up", "elapsed_s")
+    }
+    merged.update(
+        latencies_s=latencies,
+        p50_s=harness.percentile(latencies, 0.50) if latencies else None,
+        p99_s=harness.percentile(latencies, 0.99) if latencies else None,
+        first_output=outputs[0] if outputs else None,
+        first_error=errors[0] if errors else None,
     )
+    return merged
 
 
-async def run_bench(settings: Settings) -> list[Result]:
-    results: list[Result] = []
+@dataclass(frozen=True)
+class Target:
+    name: str
+    spec: harness.ServerSpec
+    threads: int
+
+
+def targets(settings: Settings) -> list[Target]:
+    found: list[Target] = []
     if settings.include_cog:
         ensure_cog_venv()
         spec = harness.cog_server_spec(
             port=harness.free_port(), model_dir=EXAMPLE_DIR, venv=COG_VENV
         )
-        results.append(await bench_server("Cog 0.23.1", spec, threads_per_process(1), settings))
+        found.append(Target("Cog 0.23.1", spec, threads_per_process(1)))
     for runners in settings.runner_counts:
         spec = harness.pool_server_spec(
             port=harness.free_port(),
@@ -274,7 +274,60 @@ async def run_bench(settings: Settings) -> list[Result]:
             extra_args=("--python", str(MODEL_PYTHON), "--log-level", "warning"),
         )
         label = f"cog-pool, {runners} runner{'s' if runners > 1 else ''}"
-        results.append(await bench_server(label, spec, threads_per_process(runners), settings))
+        found.append(Target(label, spec, threads_per_process(runners)))
+    return found
+
+
+async def run_bench(settings: Settings) -> list[Result]:
+    """Every server up at once (idle ones cost memory, not CPU); rounds alternate their order,
+    so a burst of load from elsewhere on the shared machine lands on all of them."""
+    chosen = targets(settings)
+    servers = [harness.Server(_with_threads(t.spec, t.threads), log_dir=WORK_DIR) for t in chosen]
+    ready: list[float] = []
+    loads: list[list[dict[str, Any]]] = [[] for _ in chosen]
+    per_round = dataclasses.replace(settings, per_client=settings.per_client // settings.rounds)
+    try:
+        for target, server in zip(chosen, servers, strict=True):
+            server.start()  # one at a time: set-ups on a 2-core machine slow each other
+            result = await server.wait_ready(timeout_s=SETUP_TIMEOUT_S)
+            ready.append(result.all_runners_ready_s)
+            log("server_ready", name=target.name, ready_s=round(ready[-1], 2))
+        for round_index in range(settings.rounds):
+            order = list(range(len(chosen)))
+            if round_index % 2:
+                order.reverse()
+            for i in order:
+                load = await run_load(chosen[i].spec.base_url, per_round)
+                log(
+                    "round_done", round=round_index, name=chosen[i].name,
+                    succeeded=load["succeeded"], rejected=load["rejected"],
+                    elapsed_s=round(load["elapsed_s"], 2),
+                )  # fmt: skip
+                loads[i].append(load)
+    finally:
+        for server in servers:
+            await server.stop()
+    results = []
+    for target, ready_s, rounds in zip(chosen, ready, loads, strict=True):
+        load = merge_loads(rounds)
+        if load["first_error"]:
+            log("prediction_failed", name=target.name, error=load["first_error"])
+        results.append(
+            Result(
+                name=target.name,
+                runners=target.spec.runners,
+                threads_per_process=target.threads,
+                ready_s=ready_s,
+                succeeded=load["succeeded"],
+                rejected=load["rejected"],
+                failed=load["failed"],
+                gave_up=load["gave_up"],
+                elapsed_s=load["elapsed_s"],
+                p50_s=load["p50_s"],
+                p99_s=load["p99_s"],
+                first_output=load["first_output"],
+            )
+        )
     return results
 
 
@@ -307,8 +360,10 @@ def render(results: Sequence[Result], settings: Settings, machine: Mapping[str, 
         "Treat the ratios as rough: the other tenants' load moves them.",
         "",
         f"{settings.clients} concurrent clients, each wanting {settings.per_client} predictions "
-        f"of {settings.sentences} sentences (`texts`, one per line), after {settings.warmup} "
-        f"warm-up; a 409 is counted and retried after {settings.retry_pause_ms:g} ms. "
+        f"of {settings.sentences} sentences (`texts`, one per line), split over "
+        f"{settings.rounds} rounds that alternate the servers' order (all servers up), each "
+        f"after {settings.warmup} warm-up; a 409 is counted and retried after "
+        f"{settings.retry_pause_ms:g} ms. "
         "`OMP_NUM_THREADS` = cores / runners per process. Latency is per succeeded prediction "
         "as its client saw it (queueing and 409 retries included).",
         "",
@@ -363,15 +418,18 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--runner-counts", default=",".join(map(str, defaults.runner_counts)))
     parser.add_argument("--retry-pause-ms", type=float, default=defaults.retry_pause_ms)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--no-cog", action="store_true", help="cog-pool only")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args(argv)
-    for name in ("clients", "per_client", "sentences"):
+    for name in ("clients", "per_client", "sentences", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 1 <= args.sentences <= 1024:
         parser.error("--sentences must be within 1..1024 (the model's limit per request)")
     counts = tuple(int(x) for x in args.runner_counts.split(",") if x.strip())
+    if args.per_client % args.rounds:
+        parser.error("--per-client must be a multiple of --rounds")
     if not counts or min(counts) < 1:
         parser.error("--runner-counts: comma-separated integers >= 1")
     settings = Settings(
@@ -382,6 +440,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
         runner_counts=counts,
         retry_pause_ms=args.retry_pause_ms,
         include_cog=not args.no_cog,
+        rounds=args.rounds,
     )
     return settings, args.write
 
