@@ -16,7 +16,10 @@ examples/embeddings/.venv/bin/python`` and 1, 2, ... runners; Cog 0.23.1 from
 example's site-packages after its own (Cog's Rust server starts its worker as ``python`` from
 ``PATH``, so that venv's ``bin`` goes first on ``PATH``; the example's venv is left as it is).
 Each process gets ``OMP_NUM_THREADS = cores // runners`` (at least 1): one runner, or Cog,
-has every core; two runners on two cores have one each, so they do not fight over them.
+has every core; two runners on two cores have one each, so they do not fight over them. A
+second table (``--threads auto,1``, the default) gives every process one thread: on a shared
+machine a two-thread torch stalls whenever another tenant takes one of the cores, which makes
+the first table noisy, while one thread per process compares the runtimes' own costs.
 
 The same C clients each want K predictions of S sentences, split over rounds; all servers
 are up at once and the rounds alternate their order (as in bench/harness.py), so a burst of
@@ -92,6 +95,7 @@ class Settings:
     retry_pause_ms: float = 10.0
     include_cog: bool = True
     rounds: int = 3  # each server's predictions are split over this many alternating rounds
+    threads: int = 0  # OMP_NUM_THREADS of each process; 0: cores // runners (at least 1)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,10 @@ def texts_for(request_index: int, sentences: int) -> str:
     return "\n".join(rows)
 
 
-def threads_per_process(runners: int, cores: int | None = None) -> int:
+def threads_per_process(runners: int, cores: int | None = None, fixed: int = 0) -> int:
+    """``fixed`` when set, else the cores shared out over the runners (at least one each)."""
+    if fixed:
+        return fixed
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
     return max(1, cores // runners)
 
@@ -265,7 +272,7 @@ def targets(settings: Settings) -> list[Target]:
         spec = harness.cog_server_spec(
             port=harness.free_port(), model_dir=EXAMPLE_DIR, venv=COG_VENV
         )
-        found.append(Target("Cog 0.23.1", spec, threads_per_process(1)))
+        found.append(Target("Cog 0.23.1", spec, threads_per_process(1, fixed=settings.threads)))
     for runners in settings.runner_counts:
         spec = harness.pool_server_spec(
             port=harness.free_port(),
@@ -274,7 +281,7 @@ def targets(settings: Settings) -> list[Target]:
             extra_args=("--python", str(MODEL_PYTHON), "--log-level", "warning"),
         )
         label = f"cog-pool, {runners} runner{'s' if runners > 1 else ''}"
-        found.append(Target(label, spec, threads_per_process(runners)))
+        found.append(Target(label, spec, threads_per_process(runners, fixed=settings.threads)))
     return found
 
 
@@ -347,8 +354,9 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
-def render(results: Sequence[Result], settings: Settings, machine: Mapping[str, Any]) -> str:
-    cog = next((r for r in results if r.name.startswith("Cog")), None)
+def render(runs: Sequence[tuple[Settings, Sequence[Result]]], machine: Mapping[str, Any]) -> str:
+    """The RESULTS.md section: the conditions, then one table per threads setting."""
+    settings = runs[0][0]
     lines = [
         "## A real model: all-MiniLM-L6-v2 embeddings, cog-pool vs Cog 0.23.1 "
         "(bench/embeddings.py)",
@@ -363,12 +371,25 @@ def render(results: Sequence[Result], settings: Settings, machine: Mapping[str, 
         f"of {settings.sentences} sentences (`texts`, one per line), split over "
         f"{settings.rounds} rounds that alternate the servers' order (all servers up), each "
         f"after {settings.warmup} warm-up; a 409 is counted and retried after "
-        f"{settings.retry_pause_ms:g} ms. "
-        "`OMP_NUM_THREADS` = cores / runners per process. Latency is per succeeded prediction "
-        "as its client saw it (queueing and 409 retries included).",
+        f"{settings.retry_pause_ms:g} ms. Latency is per succeeded prediction as its client "
+        "saw it (queueing and 409 retries included).",
         "",
         "Re-run: `.venv/bin/python bench/embeddings.py --write` (needs "
         "`examples/embeddings/.venv`, see its README).",
+    ]
+    for run_settings, results in runs:
+        lines += ["", *_table(run_settings, results)]
+    return "\n".join(lines) + "\n"
+
+
+def _table(settings: Settings, results: Sequence[Result]) -> list[str]:
+    cog = next((r for r in results if r.name.startswith("Cog")), None)
+    if settings.threads:
+        title = f"`OMP_NUM_THREADS={settings.threads}` in every process"
+    else:
+        title = "`OMP_NUM_THREADS` = cores / runners in each process"
+    lines = [
+        f"### {title}",
         "",
         "| server | threads/process | ready s | succeeded | rejected (409) | failed "
         "| predictions/s | sentences/s | / Cog | p50 ms | p99 ms | same vectors as Cog |",
@@ -387,7 +408,7 @@ def render(results: Sequence[Result], settings: Settings, machine: Mapping[str, 
             f"| {r.per_s * settings.sentences:.0f} | {ratio} | {_ms(r.p50_s)} | {_ms(r.p99_s)} "
             f"| {same} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def replace_section(document: str, section: str) -> str:
@@ -409,7 +430,7 @@ def _model_versions() -> dict[str, str]:
     return json.loads(done.stdout) if done.returncode == 0 else {}
 
 
-def _parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
+def _parse_args(argv: Sequence[str] | None) -> tuple[list[Settings], bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Settings()
     parser.add_argument("--clients", type=int, default=defaults.clients)
@@ -419,6 +440,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     parser.add_argument("--runner-counts", default=",".join(map(str, defaults.runner_counts)))
     parser.add_argument("--retry-pause-ms", type=float, default=defaults.retry_pause_ms)
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument(
+        "--threads",
+        default="auto,1",
+        help="OMP_NUM_THREADS settings, one table each: auto (cores / runners) or a number",
+    )
     parser.add_argument("--no-cog", action="store_true", help="cog-pool only")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -442,11 +468,17 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
         include_cog=not args.no_cog,
         rounds=args.rounds,
     )
-    return settings, args.write
+    try:
+        threads = [0 if x.strip() == "auto" else int(x) for x in args.threads.split(",")]
+    except ValueError:
+        parser.error("--threads: comma-separated 'auto' or integers")
+    if not threads or min(threads) < 0:
+        parser.error("--threads: comma-separated 'auto' or integers >= 1")
+    return [dataclasses.replace(settings, threads=n) for n in threads], args.write
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, write = _parse_args(argv)
+    variants, write = _parse_args(argv)
     if not MODEL_PYTHON.exists():
         print(
             f"bench/embeddings.py: skipped: {MODEL_PYTHON.relative_to(harness.REPO_ROOT)} is "
@@ -454,21 +486,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     loadavg = os.getloadavg()
-    results = asyncio.run(run_bench(settings))
+    runs = [(settings, asyncio.run(run_bench(settings))) for settings in variants]
     machine = {**harness.machine_info(loadavg), **_model_versions()}
-    section = render(results, settings, machine)
+    section = render(runs, machine)
     print(section)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     raw = {
-        "settings": asdict(settings),
         "machine": machine,
-        "results": [{k: v for k, v in asdict(r).items() if k != "first_output"} for r in results],
+        "runs": [
+            {
+                "settings": asdict(settings),
+                "results": [
+                    {k: v for k, v in asdict(r).items() if k != "first_output"} for r in results
+                ],
+            }
+            for settings, results in runs
+        ],
     }
     (WORK_DIR / "last-results.json").write_text(json.dumps(raw, indent=2) + "\n")
     if write:
         RESULTS_PATH.write_text(replace_section(RESULTS_PATH.read_text(), section))
         log("results_written", path=RESULTS_PATH)
-    bad = [r.name for r in results if r.failed or r.gave_up]
+    bad = [r.name for _, results in runs for r in results if r.failed or r.gave_up]
     return 1 if bad else 0
 
 

@@ -92,6 +92,7 @@ def test_requests_rotate_the_sentences_and_threads_split_the_cores(bench: Module
     assert bench.texts_for(1, 3).split("\n") == list(bench.SENTENCES[3:6])
     assert len(bench.texts_for(5, 30).split("\n")) == 30
     assert [bench.threads_per_process(n, cores=2) for n in (1, 2, 4)] == [2, 1, 1]
+    assert bench.threads_per_process(1, cores=2, fixed=1) == 1
     assert bench.threads_per_process(2, cores=16) == 8
 
 
@@ -154,7 +155,11 @@ def test_report_gives_the_ratio_to_cog_and_checks_the_vectors(bench: ModuleType)
         _result(bench, "cog-pool, 1 runner", 12.0, [[0.5, 0.25]]),
         _result(bench, "cog-pool, 2 runners", 15.0, [[0.5, 0.3]]),
     ]
-    rows = bench.render(results, settings, machine).splitlines()
+    one_thread = bench.Settings(clients=4, per_client=25, sentences=8, threads=1)
+    text = bench.render([(settings, results), (one_thread, results[:1])], machine)
+    assert "### `OMP_NUM_THREADS` = cores / runners in each process" in text
+    assert "### `OMP_NUM_THREADS=1` in every process" in text
+    rows = text.splitlines()
     cog, one, two = (next(r for r in rows if r.startswith(f"| {x.name} |")) for x in results)
     assert "| 7 | 0 | 10.0 | 80 | 1.00 |" in cog
     assert "| 0 | 0 | 12.0 | 96 | 1.20 |" in one and "| yes (max diff 0.0e+00) |" in one

@@ -88,14 +88,25 @@ def test_cog_yaml_loads_with_the_pool_config(tmp_path: Path) -> None:
     assert config.runners.max_concurrency == 1
 
 
-def test_example_pool_yaml_names_the_example_venv() -> None:
+def test_example_pool_yaml_loads_and_names_the_example_venv(tmp_path: Path) -> None:
     # README: `cog-pool serve examples/embeddings --config examples/embeddings/pool.yaml`,
-    # from the repository root; the venv itself may be absent, so read the file, not load it.
+    # from the repository root. The venv may be absent here, so the interpreter is given as
+    # a flag would (flags win over the file); every other key of the file must load.
     import yaml
 
     with open(EXAMPLE / "pool.yaml") as f:
-        pool_yaml = yaml.safe_load(f)
-    assert pool_yaml["model"]["python"] == "examples/embeddings/.venv/bin/python"
+        assert yaml.safe_load(f)["model"]["python"] == "examples/embeddings/.venv/bin/python"
+    config = load_config(
+        str(EXAMPLE / "pool.yaml"),
+        env={},
+        overrides={
+            "model.path": str(EXAMPLE),
+            "model.python": sys.executable,
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
+    assert config.runners.count == 1
+    assert config.runners.setup_timeout_s == 300
 
 
 async def test_schema_and_embeddings_through_a_real_pool(tmp_path: Path) -> None:
