@@ -112,6 +112,14 @@ class Result:
     p50_s: float | None
     p99_s: float | None
     first_output: list[list[float]] | None
+    predict_time_p50_s: float | None = None  # the server's own metrics.predict_time
+    predict_time_sum_s: float = 0.0
+
+    @property
+    def busy(self) -> float:
+        """Share of the runners' time spent in predict(): sum of predict_time / (elapsed x N)."""
+        slots = self.elapsed_s * self.runners
+        return self.predict_time_sum_s / slots if slots > 0 else 0.0
 
     @property
     def per_s(self) -> float:
@@ -183,6 +191,7 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
     """C clients, each wanting K predictions; 409 counted and retried after a pause."""
     counts = {"succeeded": 0, "rejected": 0, "failed": 0, "gave_up": 0}
     latencies: list[float] = []
+    predict_times: list[float] = []
     errors: list[str] = []
     first: list[Any] = []
     pause_s = settings.retry_pause_ms / 1000.0
@@ -205,6 +214,7 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
                 await asyncio.sleep(pause_s)
             if status == 200 and body.get("status") == "succeeded":
                 latencies.append(time.perf_counter() - started)
+                predict_times.append(harness._predict_time(body) or 0.0)
                 counts["succeeded"] += 1
                 if index == 0 and done == 0:
                     first.append(body.get("output"))
@@ -232,6 +242,7 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
         **counts,
         "elapsed_s": elapsed_s,
         "latencies_s": ordered,
+        "predict_times_s": sorted(predict_times),
         "p50_s": harness.percentile(ordered, 0.50) if ordered else None,
         "p99_s": harness.percentile(ordered, 0.99) if ordered else None,
         "first_output": first[0] if first else None,
@@ -242,6 +253,7 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
 def merge_loads(loads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Rounds of one server as one load: counts and elapsed time summed, latencies pooled."""
     latencies = sorted(x for load in loads for x in load["latencies_s"])
+    predict_times = sorted(x for load in loads for x in load["predict_times_s"])
     errors = [load["first_error"] for load in loads if load["first_error"]]
     outputs = [load["first_output"] for load in loads if load["first_output"] is not None]
     merged: dict[str, Any] = {
@@ -250,6 +262,8 @@ def merge_loads(loads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     merged.update(
         latencies_s=latencies,
+        predict_time_p50_s=harness.percentile(predict_times, 0.50) if predict_times else None,
+        predict_time_sum_s=sum(predict_times),
         p50_s=harness.percentile(latencies, 0.50) if latencies else None,
         p99_s=harness.percentile(latencies, 0.99) if latencies else None,
         first_output=outputs[0] if outputs else None,
@@ -333,6 +347,8 @@ async def run_bench(settings: Settings) -> list[Result]:
                 p50_s=load["p50_s"],
                 p99_s=load["p99_s"],
                 first_output=load["first_output"],
+                predict_time_p50_s=load["predict_time_p50_s"],
+                predict_time_sum_s=load["predict_time_sum_s"],
             )
         )
     return results
@@ -372,7 +388,9 @@ def render(runs: Sequence[tuple[Settings, Sequence[Result]]], machine: Mapping[s
         f"{settings.rounds} rounds that alternate the servers' order (all servers up), each "
         f"after {settings.warmup} warm-up; a 409 is counted and retried after "
         f"{settings.retry_pause_ms:g} ms. Latency is per succeeded prediction as its client "
-        "saw it (queueing and 409 retries included).",
+        "saw it (queueing and 409 retries included); predict_time is the server's own "
+        "`metrics.predict_time`; *runners busy* is the sum of predict_time over elapsed time x "
+        "runners (Cog: one), i.e. how much of the time a slot was running the model.",
         "",
         "Re-run: `.venv/bin/python bench/embeddings.py --write` (needs "
         "`examples/embeddings/.venv`, see its README).",
@@ -392,8 +410,9 @@ def _table(settings: Settings, results: Sequence[Result]) -> list[str]:
         f"### {title}",
         "",
         "| server | threads/process | ready s | succeeded | rejected (409) | failed "
-        "| predictions/s | sentences/s | / Cog | p50 ms | p99 ms | same vectors as Cog |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| predictions/s | sentences/s | / Cog | p50 ms | p99 ms | predict_time p50 ms "
+        "| runners busy | same vectors as Cog |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = f"{r.per_s / cog.per_s:.2f}" if cog and cog.per_s > 0 else "-"
@@ -406,7 +425,7 @@ def _table(settings: Settings, results: Sequence[Result]) -> list[str]:
             f"| {r.name} | {r.threads_per_process} | {r.ready_s:.1f} | {r.succeeded} "
             f"| {r.rejected} | {r.failed + r.gave_up} | {r.per_s:.1f} "
             f"| {r.per_s * settings.sentences:.0f} | {ratio} | {_ms(r.p50_s)} | {_ms(r.p99_s)} "
-            f"| {same} |"
+            f"| {_ms(r.predict_time_p50_s)} | {r.busy:.0%} | {same} |"
         )
     return lines
 
