@@ -114,6 +114,15 @@ class Result:
     first_output: list[list[float]] | None
     predict_time_p50_s: float | None = None  # the server's own metrics.predict_time
     predict_time_sum_s: float = 0.0
+    served: int = 0  # predictions served while CPU was counted (warm-ups included)
+    cpu_front_s: float = 0.0  # the HTTP process (Cog: Rust server; cog-pool: the manager)
+    cpu_workers_s: float = 0.0  # its descendants (Cog: the Python worker; cog-pool: runners)
+
+    def cpu_ms_per_prediction(self) -> str:
+        if not self.served:
+            return "-"
+        front, workers = (1000 * x / self.served for x in (self.cpu_front_s, self.cpu_workers_s))
+        return f"{front + workers:.0f} ({front:.0f} + {workers:.0f})"
 
     @property
     def busy(self) -> float:
@@ -250,16 +259,19 @@ async def run_load(base_url: str, settings: Settings) -> dict[str, Any]:
     }
 
 
+SUMMED = (
+    "succeeded", "rejected", "failed", "gave_up", "elapsed_s", "served", "cpu_front_s",
+    "cpu_workers_s",
+)  # fmt: skip
+
+
 def merge_loads(loads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Rounds of one server as one load: counts and elapsed time summed, latencies pooled."""
     latencies = sorted(x for load in loads for x in load["latencies_s"])
     predict_times = sorted(x for load in loads for x in load["predict_times_s"])
     errors = [load["first_error"] for load in loads if load["first_error"]]
     outputs = [load["first_output"] for load in loads if load["first_output"] is not None]
-    merged: dict[str, Any] = {
-        key: sum(load[key] for load in loads)
-        for key in ("succeeded", "rejected", "failed", "gave_up", "elapsed_s")
-    }
+    merged: dict[str, Any] = {key: sum(load[key] for load in loads) for key in SUMMED}
     merged.update(
         latencies_s=latencies,
         predict_time_p50_s=harness.percentile(predict_times, 0.50) if predict_times else None,
@@ -318,7 +330,11 @@ async def run_bench(settings: Settings) -> list[Result]:
             if round_index % 2:
                 order.reverse()
             for i in order:
+                cpu_before = servers[i].cpu_s()
                 load = await run_load(chosen[i].spec.base_url, per_round)
+                cpu = servers[i].cpu_s() - cpu_before
+                load.update(cpu_front_s=cpu.front_s, cpu_workers_s=cpu.workers_s)
+                load["served"] = load["succeeded"] + per_round.warmup
                 log(
                     "round_done", round=round_index, name=chosen[i].name,
                     succeeded=load["succeeded"], rejected=load["rejected"],
@@ -349,6 +365,9 @@ async def run_bench(settings: Settings) -> list[Result]:
                 first_output=load["first_output"],
                 predict_time_p50_s=load["predict_time_p50_s"],
                 predict_time_sum_s=load["predict_time_sum_s"],
+                served=load["served"],
+                cpu_front_s=load["cpu_front_s"],
+                cpu_workers_s=load["cpu_workers_s"],
             )
         )
     return results
@@ -390,7 +409,10 @@ def render(runs: Sequence[tuple[Settings, Sequence[Result]]], machine: Mapping[s
         f"{settings.retry_pause_ms:g} ms. Latency is per succeeded prediction as its client "
         "saw it (queueing and 409 retries included); predict_time is the server's own "
         "`metrics.predict_time`; *runners busy* is the sum of predict_time over elapsed time x "
-        "runners (Cog: one), i.e. how much of the time a slot was running the model.",
+        "runners (Cog: one), i.e. how much of the time a slot was running the model; server "
+        "CPU is user + system time from /proc per prediction served (warm-ups included): the "
+        "HTTP process + its workers (Cog: Rust server + Python worker; cog-pool: manager + "
+        "runners).",
         "",
         "Re-run: `.venv/bin/python bench/embeddings.py --write` (needs "
         "`examples/embeddings/.venv`, see its README).",
@@ -411,8 +433,8 @@ def _table(settings: Settings, results: Sequence[Result]) -> list[str]:
         "",
         "| server | threads/process | ready s | succeeded | rejected (409) | failed "
         "| predictions/s | sentences/s | / Cog | p50 ms | p99 ms | predict_time p50 ms "
-        "| runners busy | same vectors as Cog |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| runners busy | server CPU ms/prediction | same vectors as Cog |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = f"{r.per_s / cog.per_s:.2f}" if cog and cog.per_s > 0 else "-"
@@ -425,7 +447,8 @@ def _table(settings: Settings, results: Sequence[Result]) -> list[str]:
             f"| {r.name} | {r.threads_per_process} | {r.ready_s:.1f} | {r.succeeded} "
             f"| {r.rejected} | {r.failed + r.gave_up} | {r.per_s:.1f} "
             f"| {r.per_s * settings.sentences:.0f} | {ratio} | {_ms(r.p50_s)} | {_ms(r.p99_s)} "
-            f"| {_ms(r.predict_time_p50_s)} | {r.busy:.0%} | {same} |"
+            f"| {_ms(r.predict_time_p50_s)} | {r.busy:.0%} | {r.cpu_ms_per_prediction()} "
+            f"| {same} |"
         )
     return lines
 

@@ -126,6 +126,7 @@ def test_rounds_sum_their_counts_and_pool_their_latencies(bench: ModuleType) -> 
             "succeeded": succeeded, "rejected": 2, "failed": 0, "gave_up": 0, "elapsed_s": 1.5,
             "latencies_s": latencies, "first_output": output, "first_error": error,
             "predict_times_s": [x / 2 for x in latencies],
+            "served": succeeded + 1, "cpu_front_s": 0.5, "cpu_workers_s": 1.0,
         }  # fmt: skip
 
     merged = bench.merge_loads(
@@ -136,6 +137,7 @@ def test_rounds_sum_their_counts_and_pool_their_latencies(bench: ModuleType) -> 
     assert merged["p50_s"] == pytest.approx(0.3)
     assert merged["predict_time_p50_s"] == pytest.approx(0.15)
     assert merged["predict_time_sum_s"] == pytest.approx(0.75)
+    assert (merged["served"], merged["cpu_front_s"], merged["cpu_workers_s"]) == (7, 1.0, 2.0)
     assert (merged["first_output"], merged["first_error"]) == ([[1.0]], "boom")
 
 
@@ -144,7 +146,7 @@ def _result(bench: ModuleType, name: str, per_s: float, output: Any) -> Any:
         name=name, runners=1, threads_per_process=2, ready_s=5.0, succeeded=int(per_s * 10),
         rejected=7 if name.startswith("Cog") else 0, failed=0, gave_up=0, elapsed_s=10.0,
         p50_s=0.1, p99_s=0.2, first_output=output, predict_time_p50_s=0.05,
-        predict_time_sum_s=5.0,
+        predict_time_sum_s=5.0, served=100, cpu_front_s=1.0, cpu_workers_s=4.0,
     )  # fmt: skip
 
 
@@ -168,7 +170,8 @@ def test_report_gives_the_ratio_to_cog_and_checks_the_vectors(bench: ModuleType)
     assert "| 7 | 0 | 10.0 | 80 | 1.00 |" in cog
     assert "| 0 | 0 | 12.0 | 96 | 1.20 |" in one and "| yes (max diff 0.0e+00) |" in one
     assert "| 1.50 |" in two and "| NO (max diff 5.0e-02) |" in two
-    assert "| 100 | 200 | 50 | 50% |" in cog  # p50, p99, predict_time p50, 5 s of 10 s busy
+    # p50, p99, predict_time p50, 5 s of 10 s busy, CPU (1 s + 4 s) over 100 predictions
+    assert "| 100 | 200 | 50 | 50% | 50 (10 + 40) |" in cog
 
 
 def test_section_replaces_only_its_own_block(bench: ModuleType) -> None:
