@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import web
 from pool_helpers import FAST, PROJECT, wait_until
 
@@ -92,8 +93,6 @@ def test_example_pool_yaml_loads_and_names_the_example_venv(tmp_path: Path) -> N
     # README: `cog-pool serve examples/embeddings --config examples/embeddings/pool.yaml`,
     # from the repository root. The venv may be absent here, so the interpreter is given as
     # a flag would (flags win over the file); every other key of the file must load.
-    import yaml
-
     with open(EXAMPLE / "pool.yaml") as f:
         assert yaml.safe_load(f)["model"]["python"] == "examples/embeddings/.venv/bin/python"
     config = load_config(
