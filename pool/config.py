@@ -33,6 +33,7 @@ __all__ = [
     "HttpConfig",
     "ModelConfig",
     "PoolConfig",
+    "PredictionsConfig",
     "QueuesConfig",
     "RedisConfig",
     "RunnersConfig",
@@ -60,8 +61,6 @@ class HttpConfig:
     queue_limit: int = 1024
     reject_when_busy: bool = False
     retry_after_s: int = 1
-    recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
-    recent_max: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,17 @@ class FilesConfig:
     upload_url: str | None = None
     download_timeout_s: float = 60.0
     max_download_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PredictionsConfig:
+    """Bounds of the prediction records (``pool/prediction.py``) and the recent store."""
+
+    recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
+    recent_max: int = 10_000  # ... at most this many of them
+    recent_max_bytes: int = 64 * 1024 * 1024  # ... taking at most this many bytes in all
+    recent_value_max_bytes: int = 256 * 1024  # a kept input value/output/logs larger: omitted
+    logs_max_bytes: int = 1024 * 1024  # one prediction's logs: head + marker + tail past this
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,7 @@ class ShutdownConfig:
 class PoolConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
     runners: RunnersConfig = field(default_factory=RunnersConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
@@ -191,6 +202,11 @@ def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 _KEYS: dict[str, Any] = _leaf_types(PoolConfig)
+# Keys that moved: a config that still uses one is told where it went.
+_MOVED = {
+    "http.recent_ttl_s": "predictions.recent_ttl_s",
+    "http.recent_max": "predictions.recent_max",
+}
 _ENV_KEYS: dict[str, str] = {env_var_name(k): k for k in _KEYS}
 
 
@@ -300,6 +316,8 @@ def _flatten_yaml(data: Any, where: str, prefix: str = "") -> dict[str, _Value]:
         key = f"{prefix}{name}"
         if not isinstance(name, str):
             raise ConfigError(key, f"keys must be strings ({where})")
+        if key in _MOVED:
+            raise ConfigError(key, f"moved to {_MOVED[key]} ({where})")
         if key in _KEYS:
             out[key] = _Value(sub, where, False)
         elif any(k.startswith(key + ".") for k in _KEYS):
@@ -374,8 +392,11 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.max_body_bytes", lambda v: v > 0, "> 0"),
     ("http.queue_limit", lambda v: v >= 0, ">= 0"),
     ("http.retry_after_s", lambda v: v >= 0, ">= 0"),
-    ("http.recent_ttl_s", lambda v: v >= 0, ">= 0"),
-    ("http.recent_max", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_ttl_s", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_max", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_max_bytes", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_value_max_bytes", lambda v: v >= 0, ">= 0"),
+    ("predictions.logs_max_bytes", lambda v: v >= 1024, ">= 1024"),
     ("runners.per_gpu", lambda v: v >= 1, ">= 1"),
     ("runners.count", lambda v: v >= 1, ">= 1"),
     ("runners.max_concurrency", lambda v: v >= 1, ">= 1"),

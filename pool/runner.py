@@ -496,21 +496,17 @@ class RunnerHandle:
         return out
 
     # --- predictions ---------------------------------------------------------------------------
-    def dispatch(self, prediction: Prediction, runner_input: dict[str, Any]) -> None:
-        """Hand one prediction to the runner: request file, then SIGHUP."""
-        request: dict[str, Any] = {"id": prediction.id, "input": runner_input, "stream": True}
-        if prediction.request.context:
-            request["context"] = prediction.request.context
-        slot = Slot(prediction=prediction, dispatched_at=time.monotonic())
-        self.slots[prediction.id] = slot
-        protocol.write_json_atomic(
+    def dispatch(self, prediction: Prediction, request: bytes) -> None:
+        """Hand one prediction to the runner: its request file, then SIGHUP.
+
+        ``request`` was encoded by the record before any slot was taken; the file is written
+        before the slot is, so a failed write leaves nothing held.
+        """
+        protocol.write_atomic(
             os.path.join(self.working_dir, protocol.request_name(prediction.id)), request
         )
+        self.slots[prediction.id] = Slot(prediction=prediction, dispatched_at=time.monotonic())
         prediction.mark_started(self.index)
-        timeout_s = self.config.runners.predict_timeout_s
-        if timeout_s is not None:
-            loop = asyncio.get_running_loop()
-            slot.timers.append(loop.call_later(timeout_s, self._on_timeout, prediction.id))
         self.send(protocol.SIG_RESCAN)
         log.debug("prediction_dispatched prediction=%s runner=%d", prediction.id, self.index)
 
@@ -526,18 +522,17 @@ class RunnerHandle:
         log.info("prediction_cancel_sent prediction=%s runner=%d", prediction_id, self.index)
         return True
 
-    def _on_timeout(self, prediction_id: str) -> None:
-        """The prediction ran past runners.predict_timeout_s: fail it, cancel it on the runner,
-        and kill the runner if it has not let go within runners.cancel_grace_s."""
+    def time_out(self, prediction_id: str) -> bool:
+        """Its record's deadline passed (the record has ended it): cancel it on the runner, and
+        kill the runner if it has not let go within runners.cancel_grace_s."""
         slot = self.slots.get(prediction_id)
         if slot is None:
-            return
-        log.warning("prediction_timed_out prediction=%s runner=%d", prediction_id, self.index)
-        slot.prediction.fail("Prediction timed out")
+            return False
         self.cancel(prediction_id)
         grace = self.config.runners.cancel_grace_s
         loop = asyncio.get_running_loop()
         slot.timers.append(loop.call_later(grace, self._on_cancel_grace_over, prediction_id))
+        return True
 
     def _on_cancel_grace_over(self, prediction_id: str) -> None:
         if prediction_id not in self.slots or not self.alive:
