@@ -72,7 +72,6 @@ class PoolManager:
             config,
             self.state_dir,
             on_tick=self._on_tick,
-            encode_output=self._encode_output,
             metrics=metrics,
         )
         self._router = Router(config.http, self._supervisor.runners, config.predictions)
@@ -239,6 +238,7 @@ class PoolManager:
             source=source,
             secret_fields=self._secret_fields(schema),
             logs_max_bytes=self.config.predictions.logs_max_bytes,
+            encoder=self._encode_output,
         )
         self._router.admit(prediction)  # holds its place while its inputs are fetched
         prediction.add_listener(self._on_event)

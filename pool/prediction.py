@@ -17,16 +17,18 @@ import base64
 import collections
 import enum
 import json
+import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from coglet import protocol
 from pool.errors import InvalidInput, InvalidRequest
+from pool.files import has_path
 
 __all__ = [
     "DEFAULT_LOGS_MAX_BYTES",
@@ -40,6 +42,7 @@ __all__ = [
     "EndReason",
     "Listener",
     "LogBuffer",
+    "OutputEncoder",
     "Phase",
     "Prediction",
     "PredictionRequest",
@@ -68,12 +71,16 @@ SECRET_MASK = "**********"
 DEFAULT_LOGS_MAX_BYTES = 1024 * 1024
 
 
+log = logging.getLogger("pool.prediction")
+
+
 class Phase(enum.StrEnum):
     """Where a prediction is: each phase has one owner, and the deadline covers them all."""
 
-    PREPARING = "preparing"  # admitted; file inputs downloading or decoding
-    QUEUED = "queued"  # waiting in the router's queue for a runner slot
-    RUNNING = "running"  # on a runner (its outputs are encoded/uploaded before they land)
+    PREPARING = "preparing"  # admitted; file inputs downloading or decoding (the manager)
+    QUEUED = "queued"  # waiting for a runner slot (the router)
+    RUNNING = "running"  # on a runner (its handle); Path outputs are encoded as they come
+    ENCODING = "encoding"  # the runner is done; its last outputs are encoded or uploaded
     FINISHED = "finished"  # terminal status reached
 
 
@@ -259,6 +266,13 @@ def _utf8_cut(text: str, max_bytes: int, *, from_end: bool = False) -> str:
     data = text.encode("utf-8", "surrogatepass")
     part = data[len(data) - max_bytes :] if from_end else data[:max_bytes]
     return part.decode("utf-8", "ignore")
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop (a record used outside one, e.g. in a unit test)
+        return None
 
 
 class LogBuffer:
@@ -461,6 +475,8 @@ Listener = Callable[["Prediction", str], None]
 """Called synchronously with (prediction, event) after each change; must not block."""
 
 DeadlineHandler = Callable[["Prediction"], None]
+OutputEncoder = Callable[[Any], Awaitable[Any]]
+"""Turns ``{PATH_MARKER: path}`` values of an output into data: URIs or uploaded URLs."""
 
 _ENCODE_REQUEST = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -484,6 +500,7 @@ class Prediction:
         source: str = "http",
         secret_fields: frozenset[str] = frozenset(),
         logs_max_bytes: int = DEFAULT_LOGS_MAX_BYTES,
+        encoder: OutputEncoder | None = None,
     ) -> None:
         self.id: str = request.id or new_prediction_id()
         self.request = request
@@ -520,6 +537,9 @@ class Prediction:
         self.queued_at: float | None = None  # monotonic
         self.dispatched_at: float | None = None  # monotonic
         self.omitted: dict[str, int] = {}  # slim copies: what was not kept, and its size
+        self._encoder = encoder
+        self._backlog: collections.deque[Mapping[str, Any]] = collections.deque()
+        self._encoding: asyncio.Task[None] | None = None  # owned: finish() cancels it
         self._listeners: list[Listener] = []
         self._done = asyncio.Event()
 
@@ -613,6 +633,51 @@ class Prediction:
             self.status = protocol.STATUS_PROCESSING
             self._emit(EVENT_START)
 
+    def deliver(self, delta: Mapping[str, Any]) -> None:
+        """One runner update, in epoch order: applied now, or, when it carries a Path output
+        or an earlier one is still being encoded, after encoding (order holds)."""
+        needs = self._encoder is not None and (
+            has_path(delta.get("output")) or has_path(delta.get("output_append"))
+        )
+        if self._encoding is None and not needs:
+            self.apply_delta(delta)
+            return
+        self._backlog.append(delta)
+        if delta.get("status") in protocol.TERMINAL_STATUSES and self.phase == Phase.RUNNING:
+            self.phase = Phase.ENCODING
+        if self._encoding is None:
+            self._encoding = asyncio.get_running_loop().create_task(
+                self._encode_backlog(), name=f"encode-{self.id}"
+            )
+
+    async def _encode_backlog(self) -> None:
+        assert self._encoder is not None
+        try:
+            while self._backlog and not self.done:
+                delta = dict(self._backlog.popleft())
+                try:
+                    for key in ("output", "output_append"):
+                        if key in delta:
+                            delta[key] = await self._encoder(delta[key])
+                except Exception as e:  # an upload failed: the prediction fails, with why
+                    log.warning("output_encode_failed prediction=%s error=%s", self.id, e)
+                    delta = {
+                        "status": protocol.STATUS_FAILED,
+                        "error": f"output upload failed: {e}",
+                    }
+                self.apply_delta(delta)
+        finally:
+            self._encoding = None
+            self._backlog.clear()
+
+    def lose_runner(self, error: str) -> None:
+        """Its runner process died under it: it fails (after any update being encoded) as
+        lost to the runtime (``EndReason.RUNNER_DIED``), unless it has ended already."""
+        if self.done:
+            return
+        self._runner_lost = True
+        self.deliver({"status": protocol.STATUS_FAILED, "error": error})
+
     def apply_delta(self, delta: Mapping[str, Any]) -> None:
         """Apply one runner update (a response file's content) in epoch order."""
         if self.done:
@@ -680,8 +745,11 @@ class Prediction:
                 "predict_time", (self.completed_at - self.started_at).total_seconds()
             )
         self.disarm()
-        if self.preparation is not None and not self.preparation.done():
-            self.preparation.cancel()
+        # What still works for it stops: a download, an encode or upload (not the caller).
+        current = _current_task()
+        for task in (self.preparation, self._encoding):
+            if task is not None and not task.done() and task is not current:
+                task.cancel()
         self._done.set()
         self._emit(EVENT_COMPLETED)
 

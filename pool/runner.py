@@ -19,14 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from coglet import protocol
 from pool.config import PoolConfig, project_root
-from pool.files import has_path
 from pool.prediction import Prediction, utc_now
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "RUNNER_STATES",
     "SETUP_FAILED",
     "STARTING",
-    "OutputEncoder",
     "RunnerHandle",
     "describe_exit",
 ]
@@ -51,7 +49,6 @@ DEFUNCT = "DEFUNCT"
 RUNNER_STATES = (STARTING, READY, BUSY, SETUP_FAILED, DEFUNCT)
 
 TAIL_LINES = 40  # last output lines kept for death reports
-OutputEncoder = Callable[[Any], Awaitable[Any]]
 
 
 MAX_LINE_BYTES = 64 * 1024  # one runner output line at most; longer ones are cut
@@ -106,8 +103,6 @@ class Slot:
     prediction: Prediction
     dispatched_at: float
     next_epoch: int = 0
-    backlog: list[dict[str, Any]] = field(default_factory=list)  # deltas awaiting encoding
-    encoder: asyncio.Task[None] | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
@@ -122,7 +117,6 @@ class RunnerHandle:
         state_dir: str,
         *,
         wake: Callable[[], None],
-        encode_output: OutputEncoder | None = None,
     ) -> None:
         self.index = index
         self.gpu = gpu
@@ -140,7 +134,6 @@ class RunnerHandle:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._state = DEFUNCT
         self._wake = wake
-        self._encode_output = encode_output
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
         self._pipes: dict[int, bytearray] = {}
@@ -446,54 +439,11 @@ class RunnerHandle:
         if not isinstance(delta, dict):
             delta = {"status": protocol.STATUS_FAILED, "error": f"{self.name} sent a bad response"}
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
-        self._deliver(slot, delta)
+        # Path outputs are encoded by the record before anyone sees them, in epoch order.
+        slot.prediction.deliver(delta)
         if terminal:
             self._release(prediction_id)
         return terminal
-
-    def _deliver(self, slot: Slot, delta: dict[str, Any]) -> None:
-        # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
-        # of the same prediction wait behind an encoding one, so order holds.
-        needs = self._encode_output is not None and (
-            has_path(delta.get("output")) or has_path(delta.get("output_append"))
-        )
-        if slot.encoder is None and not needs:
-            slot.prediction.apply_delta(delta)
-            return
-        slot.backlog.append(delta)
-        if slot.encoder is None:
-            slot.encoder = asyncio.get_running_loop().create_task(self._drain_backlog(slot))
-            self._tasks.add(slot.encoder)
-
-    async def _drain_backlog(self, slot: Slot) -> None:
-        assert self._encode_output is not None
-        try:
-            while slot.backlog:
-                delta = slot.backlog.pop(0)
-                try:
-                    delta = await self._encode_delta(delta)
-                except Exception as e:  # an upload failed: the prediction fails, with why
-                    log.warning(
-                        "output_encode_failed prediction=%s error=%s", slot.prediction.id, e
-                    )
-                    delta = {
-                        "status": protocol.STATUS_FAILED,
-                        "error": f"output upload failed: {e}",
-                    }
-                slot.prediction.apply_delta(delta)
-        finally:
-            if slot.encoder is not None:
-                self._tasks.discard(slot.encoder)
-            slot.encoder = None
-
-    async def _encode_delta(self, delta: dict[str, Any]) -> dict[str, Any]:
-        assert self._encode_output is not None
-        # The encoder returns values without a path as they are, at the cost of one walk.
-        out = dict(delta)
-        for key in ("output", "output_append"):
-            if key in out:
-                out[key] = await self._encode_output(out[key])
-        return out
 
     # --- predictions ---------------------------------------------------------------------------
     def dispatch(self, prediction: Prediction, request: bytes) -> None:
@@ -564,12 +514,8 @@ class RunnerHandle:
         for prediction_id in list(self.slots):
             slot = self.slots[prediction_id]
             self._release(prediction_id)
-            slot.prediction.runner_died = True
-            if slot.encoder is not None:
-                # Updates are still being encoded: the failure lands after them, in order.
-                slot.backlog.append({"status": protocol.STATUS_FAILED, "error": error})
-            else:
-                slot.prediction.fail(error)
+            # Updates still being encoded land first, then this failure, in order.
+            slot.prediction.lose_runner(error)
             failed.append(slot.prediction)
         return failed
 

@@ -27,7 +27,6 @@ from pool.runner import (
     READY,
     SETUP_FAILED,
     STARTING,
-    OutputEncoder,
     RunnerHandle,
     describe_exit,
 )
@@ -106,7 +105,6 @@ class Supervisor:
         state_dir: str,
         *,
         on_tick: Callable[[], None],
-        encode_output: OutputEncoder | None = None,
         metrics: RunnerMetrics | None = None,
     ) -> None:
         self.config = config
@@ -120,7 +118,7 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self.runners = [
-            RunnerHandle(i, gpu, config, state_dir, wake=self.wake, encode_output=encode_output)
+            RunnerHandle(i, gpu, config, state_dir, wake=self.wake)
             for i, gpu in enumerate(runner_gpus(config))
         ]
         self._restarts = {r.index: _Restarts() for r in self.runners}

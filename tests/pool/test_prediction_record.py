@@ -245,6 +245,53 @@ async def test_the_deadline_covers_the_queue_wait(tmp_path: Path) -> None:
     assert second.started_at is None and second.runner_index is None
 
 
+class SlowUploads:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.requests: list[web.Request] = []
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self.requests.append(request)
+        await self.release.wait()
+        return web.Response(status=201)
+
+
+async def test_the_deadline_covers_the_output_upload(tmp_path: Path) -> None:
+    uploads = SlowUploads()
+    app = web.Application()
+    app.router.add_put("/up/{name}", uploads.upload)
+    server = web.AppRunner(app)
+    await server.setup()
+    site = web.TCPSite(server, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{server.addresses[0][1]}/up"
+    config = make_config(
+        tmp_path, "file_out", runners__predict_timeout_s=1.0, files__upload_url=url
+    )
+    try:
+        async with running_pool(config) as manager:
+            # Steps: the model returns a file at once; its upload hangs past the deadline.
+            p = await submit(manager, text="to upload")
+            await p.wait(30)
+            assert manager.health()["concurrency"]["current"] == 0  # no slot held meanwhile
+            # Result: the upload is abandoned: its connection closes.
+            await wait_until(
+                lambda: (
+                    uploads.requests
+                    and all(
+                        r.transport is None or r.transport.is_closing() for r in uploads.requests
+                    )
+                ),
+                what="the upload connection closed",
+            )
+    finally:
+        uploads.release.set()
+        await server.cleanup()
+    assert p.status == "failed" and p.error == "Prediction timed out"
+    assert p.end_reason is EndReason.TIMED_OUT and p.ended_in is Phase.ENCODING
+    assert p.output is None
+
+
 # --- finding 16: a shutdown says why it canceled ----------------------------------------------
 async def test_predictions_canceled_by_shutdown_say_why(tmp_path: Path) -> None:
     config = make_config(tmp_path)
