@@ -185,6 +185,9 @@ def check_wire_safe(request: PredictionRequest) -> None:
             errors.append(_err(["body", "input", _escaped(name)], _BAD_KEY, "value_error.unicode"))
             continue
         errors.extend(_wire_errors(value, ["body", "input", name]))
+    problem = _wire_problem(request.webhook) if request.webhook is not None else None
+    if problem is not None:
+        errors.append(_err(["body", "webhook"], *problem))
     for name, value in request.context.items():
         if _wire_problem(name) is not None:
             errors.append(
