@@ -97,6 +97,19 @@ async def test_recent_predictions_are_bounded(tmp_path: Path) -> None:
         assert [k.to_dict() if k else None for k in kept] == [p.to_dict() for p in done[1:]]
 
 
+async def test_recent_predictions_expire(tmp_path: Path) -> None:
+    config = make_config(tmp_path, predictions__recent_ttl_s=0.3)
+    async with running_pool(config) as manager:
+        done = await submit(manager, "old")
+        await done.wait(30)
+        assert manager.get("old") is not None
+        await wait_until(lambda: manager.get("old") is None, what="the record expired")
+        # Expired: the same id runs again.
+        again = await submit(manager, "old", n=4)
+        await again.wait(30)
+    assert again is not done and json.loads(again.output)["n"] == 4
+
+
 async def test_cancel_unknown_goes_to_forwarders_finished_does_not(tmp_path: Path) -> None:
     forwarded: list[str] = []
 
