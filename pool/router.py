@@ -150,6 +150,7 @@ class Router:
                 self._queue.appendleft(prediction)
                 break
             prediction.dispatched_at = time.monotonic()
+            prediction.runner_request = None  # the runner has it: up to max_body_bytes freed
             sent += 1
         self.notify()
         return sent
