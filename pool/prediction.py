@@ -49,6 +49,7 @@ __all__ = [
     "approx_bytes",
     "check_wire_safe",
     "find_non_finite",
+    "find_unencodable",
     "nests_deeper_than",
     "new_prediction_id",
     "secret_fields",
@@ -201,17 +202,33 @@ def check_wire_safe(request: PredictionRequest) -> None:
 
 def find_non_finite(value: Any) -> str | None:
     """The path (``output.score``, ``output[2]``) of the first non-finite number in
-    ``value``, else None."""
-    stack: list[tuple[Any, str]] = [(value, "output")]
+    ``value``, with what it is (``output.score (NaN)``), else None."""
+    problem = find_unencodable(value)
+    return problem if problem is not None and not problem.endswith("surrogate)") else None
+
+
+def find_unencodable(value: Any, root: str = "output", first_index: int = 0) -> str | None:
+    """Where ``value`` holds something no JSON response can carry, and what: a non-finite
+    number (``output.score (NaN)``) or a lone surrogate (``output[3] (a lone surrogate)``);
+    None when it is all encodable. List indexes of the top level start at ``first_index``."""
+    stack: list[tuple[Any, str]] = [(value, root)]
     while stack:
         item, where = stack.pop()
         if isinstance(item, float):
             if not math.isfinite(item):
                 return f"{where} ({'NaN' if item != item else repr(item)})"
+        elif isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return f"{where} (a lone surrogate)"
         elif isinstance(item, dict):
-            stack.extend((v, f"{where}.{k}") for k, v in item.items())
+            for k, v in item.items():
+                key = str(k)
+                if not key.isascii() and _SURROGATE.search(key):
+                    return f"{where} (a key with a lone surrogate)"
+                stack.append((v, f"{where}.{key}"))
         elif isinstance(item, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+            start = first_index if where == root else 0
+            stack.extend((v, f"{where}[{start + i}]") for i, v in enumerate(item))
     return None
 
 
@@ -269,6 +286,18 @@ def _utf8_cut(text: str, max_bytes: int, *, from_end: bool = False) -> str:
     data = text.encode("utf-8", "surrogatepass")
     part = data[len(data) - max_bytes :] if from_end else data[:max_bytes]
     return part.decode("utf-8", "ignore")
+
+
+def _unencodable_output(where: str) -> str:
+    if where.endswith("surrogate)"):
+        return (
+            f"the model's output holds a lone UTF-16 surrogate at {where}: it cannot be "
+            "encoded as UTF-8 JSON"
+        )
+    return (
+        f"the model's output holds a non-finite number at {where}: JSON cannot carry NaN or "
+        "Infinity (return None or a string instead)"
+    )
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -688,14 +717,11 @@ class Prediction:
         events: list[str] = []
         for key in ("output_append", "output"):
             if key in delta:
-                bad = find_non_finite(delta[key])
+                first = len(self.output) if isinstance(self.output, list) else 0
+                bad = find_unencodable(delta[key], first_index=first if key != "output" else 0)
                 if bad is not None:
-                    # NaN/Infinity are not JSON: no response, webhook or queue result could
-                    # carry this output honestly.
-                    self.fail(
-                        f"the model's output holds a non-finite number at {bad}; JSON cannot "
-                        "carry NaN or Infinity (return None or a string instead)"
-                    )
+                    # No response, webhook or queue result could carry this output honestly.
+                    self.fail(_unencodable_output(bad))
                     return
         if "output_append" in delta:
             if not isinstance(self.output, list):

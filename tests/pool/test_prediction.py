@@ -129,9 +129,17 @@ def test_a_non_finite_output_fails_the_prediction_naming_where() -> None:
     p.apply_delta({"status": "processing", "output_append": [1.0]})
     p.apply_delta({"status": "succeeded", "output_append": [{"x": [0.5, math.nan]}]})
     assert p.status == "failed" and p.end_reason is EndReason.FAILED
-    assert p.error is not None and "output[0].x[1] (NaN)" in p.error
+    assert p.error is not None and "output[1].x[1] (NaN)" in p.error
     assert p.output == [1.0]  # the bad delta was not applied
     json.dumps(p.to_dict(), allow_nan=False)
+
+
+def test_a_lone_surrogate_in_an_output_fails_the_prediction() -> None:
+    p = Prediction(PredictionRequest(id="p", input={}))
+    p.apply_delta({"status": "succeeded", "output": {"text": "ok \ud800"}})
+    assert p.status == "failed"
+    assert p.error is not None and "output.text (a lone surrogate)" in p.error
+    json.dumps(p.to_dict(), ensure_ascii=False).encode("utf-8")
 
 
 def test_non_finite_metrics_are_dropped_to_null() -> None:
