@@ -103,6 +103,7 @@ class Slot:
     prediction: Prediction
     dispatched_at: float
     next_epoch: int = 0
+    cancel_sent: bool = False  # a cancel-<id> file was written (removed with the slot)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
@@ -464,7 +465,7 @@ class RunnerHandle:
         """Ask the runner to cancel one prediction: ``cancel-<id>``, then SIGUSR1."""
         if prediction_id not in self.slots:
             return False
-        self.slots[prediction_id].prediction.cancel_requested = True
+        self.slots[prediction_id].cancel_sent = True
         protocol.write_atomic(
             os.path.join(self.working_dir, protocol.cancel_name(prediction_id)), b""
         )
@@ -503,7 +504,7 @@ class RunnerHandle:
             timer.cancel()
         # The runner deletes the request file it took, and the working directory is emptied
         # before a restart; only a cancel file may be left behind, and only after a cancel.
-        if slot.prediction.cancel_requested:
+        if slot.cancel_sent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.working_dir, protocol.cancel_name(prediction_id)))
         self._wake()
