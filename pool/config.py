@@ -105,6 +105,7 @@ class PredictionsConfig:
     recent_max_bytes: int = 64 * 1024 * 1024  # ... taking at most this many bytes in all
     recent_value_max_bytes: int = 256 * 1024  # a kept input value/output/logs larger: omitted
     logs_max_bytes: int = 1024 * 1024  # one prediction's logs: head + marker + tail past this
+    waiting_max_bytes: int = 1024 * 1024 * 1024  # inputs of predictions waiting for a slot
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("predictions.recent_max_bytes", lambda v: v >= 0, ">= 0"),
     ("predictions.recent_value_max_bytes", lambda v: v >= 0, ">= 0"),
     ("predictions.logs_max_bytes", lambda v: v >= 1024, ">= 1024"),
+    ("predictions.waiting_max_bytes", lambda v: v >= 0, ">= 0"),
     ("runners.per_gpu", lambda v: v >= 1, ">= 1"),
     ("runners.count", lambda v: v >= 1, ">= 1"),
     ("runners.max_concurrency", lambda v: v >= 1, ">= 1"),

@@ -544,6 +544,7 @@ class Prediction:
             if secrets
             else request.input
         )
+        self.input_bytes = approx_bytes(request.input)  # what it holds while it waits
         self.status: str = protocol.STATUS_STARTING
         self.phase = Phase.PREPARING
         self.ended_in: Phase | None = None  # the phase it was in when it ended

@@ -42,6 +42,7 @@ class Router:
         self._queue: collections.deque[Prediction] = collections.deque()
         self._live: dict[str, Prediction] = {}  # admitted, not yet terminal (any phase)
         self._preparing = 0  # admitted records still fetching their inputs
+        self.waiting_bytes = 0  # input bytes of the records preparing or queued
         # id -> (finished at, slim copy, its bytes), oldest first
         self._recent: collections.OrderedDict[str, tuple[float, Prediction, int]] = (
             collections.OrderedDict()
@@ -97,8 +98,16 @@ class Router:
                 raise PoolFull(
                     f"the wait queue is full ({self._http.queue_limit} predictions); retry later"
                 )
+            limit = self._limits.waiting_max_bytes
+            if self.waiting_bytes + prediction.input_bytes > limit:
+                raise PoolFull(
+                    f"the wait queue is full ({self.waiting_bytes} bytes of inputs waiting, "
+                    f"this one {prediction.input_bytes}; predictions.waiting_max_bytes={limit})"
+                    "; retry later"
+                )
         self._live[prediction.id] = prediction
         self._preparing += 1
+        self.waiting_bytes += prediction.input_bytes
 
     def withdraw(self, prediction: Prediction) -> None:
         """Forget an admitted prediction that never became one (refused while preparing)."""
@@ -118,6 +127,7 @@ class Router:
     def _leave_phase(self, prediction: Prediction) -> None:
         if prediction.phase == Phase.PREPARING:
             self._preparing -= 1
+            self.waiting_bytes -= prediction.input_bytes
         elif prediction.phase == Phase.QUEUED:
             self._remove_queued(prediction)
 
@@ -125,7 +135,8 @@ class Router:
         try:
             self._queue.remove(prediction)
         except ValueError:
-            pass
+            return
+        self.waiting_bytes -= prediction.input_bytes
 
     def dispatch(self) -> int:
         """Hand waiting predictions to runners with a free slot, least loaded first."""
@@ -135,6 +146,7 @@ class Router:
             if runner is None:
                 break
             prediction = self._queue.popleft()
+            self.waiting_bytes -= prediction.input_bytes
             if prediction.done or prediction.runner_request is None:
                 continue
             try:
@@ -148,6 +160,7 @@ class Router:
                 )
                 # The request file is written before the slot is taken: nothing to undo.
                 self._queue.appendleft(prediction)
+                self.waiting_bytes += prediction.input_bytes
                 break
             prediction.dispatched_at = time.monotonic()
             prediction.runner_request = None  # the runner has it: up to max_body_bytes freed
@@ -222,6 +235,7 @@ class Router:
             del self._live[prediction.id]
             if prediction.ended_in == Phase.PREPARING:
                 self._preparing -= 1
+                self.waiting_bytes -= prediction.input_bytes
             elif prediction.ended_in == Phase.QUEUED:
                 self._remove_queued(prediction)
         limits = self._limits

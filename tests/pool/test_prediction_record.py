@@ -361,6 +361,22 @@ async def test_finished_records_are_slim_and_bounded_in_bytes(tmp_path: Path) ->
     assert stored <= 30_000
 
 
+async def test_inputs_waiting_for_a_slot_are_bounded_in_bytes(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "record", predictions__waiting_max_bytes=3000)
+    async with running_pool(config) as manager:
+        running = await submit(manager, sleep_s=60, tag="r" * 2000)  # has a slot: not waiting
+        first = await submit(manager, tag="a" * 2000)
+        assert manager._router.waiting_bytes > 2000
+        with pytest.raises(PoolFull, match=r"predictions\.waiting_max_bytes=3000"):
+            await submit(manager, tag="b" * 2000)
+        small = await submit(manager, tag="c")  # what fits still waits
+        await manager.cancel(running.id)
+        await asyncio.gather(*(p.wait(30) for p in (running, first, small)))
+        waiting = manager._router.waiting_bytes
+    assert first.status == "succeeded" and small.status == "succeeded"
+    assert waiting == 0
+
+
 # --- finding 6: removing a prediction's input files never runs on the event loop ---------------
 async def test_input_dirs_are_removed_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
