@@ -266,7 +266,7 @@ async def test_the_deadline_covers_the_output_upload(tmp_path: Path) -> None:
     await site.start()
     url = f"http://127.0.0.1:{server.addresses[0][1]}/up"
     config = make_config(
-        tmp_path, "file_out", runners__predict_timeout_s=1.0, files__upload_url=url
+        tmp_path, "file_out", runners__predict_timeout_s=2.0, files__upload_url=url
     )
     try:
         async with running_pool(config) as manager:
