@@ -38,6 +38,7 @@ __all__ = [
     "EVENT_OUTPUT",
     "EVENT_START",
     "MAX_JSON_DEPTH",
+    "MAX_REPORTED",
     "SECRET_MASK",
     "EndReason",
     "Listener",
@@ -158,21 +159,35 @@ def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _wire_errors(value: Any, loc: list[Any]) -> list[dict[str, Any]]:
-    errors: list[dict[str, Any]] = []
-    stack: list[tuple[Any, list[Any]]] = [(value, loc)]
-    while stack:  # iterative: a deep value must not exhaust the recursion limit
-        item, where = stack.pop()
+# A path into a value as a chain of (parent, key) links: built in O(1) per item, turned into
+# a list only for the few items that are reported (a copied list per item is O(depth^2)).
+_Path = tuple[Any, Any] | None
+MAX_REPORTED = 16  # problems named in one answer; the rest are alike
+
+
+def _path_list(path: _Path) -> list[Any]:
+    keys: list[Any] = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    keys.reverse()
+    return keys
+
+
+def _wire_errors(value: Any, loc: list[Any], errors: list[dict[str, Any]]) -> None:
+    stack: list[tuple[Any, _Path]] = [(value, None)]
+    while stack and len(errors) < MAX_REPORTED:  # iterative: no recursion limit to exhaust
+        item, path = stack.pop()
         problem = _wire_problem(item)
         if problem is not None:
-            errors.append(_err(where, *problem))
+            errors.append(_err([*loc, *_path_list(path)], *problem))
             continue
         for key, child in _path_items(item):
             if isinstance(key, str) and _wire_problem(key) is not None:
-                errors.append(_err([*where, _escaped(key)], _BAD_KEY, "value_error.unicode"))
+                where = [*loc, *_path_list(path), _escaped(key)]
+                errors.append(_err(where, _BAD_KEY, "value_error.unicode"))
                 continue
-            stack.append((child, [*where, key]))
-    return errors
+            stack.append((child, (path, key)))
 
 
 def check_wire_safe(request: PredictionRequest) -> None:
@@ -180,12 +195,12 @@ def check_wire_safe(request: PredictionRequest) -> None:
     to the runner's request file or shown in a JSON response: a lone surrogate, a non-finite
     number. HTTP and queue requests alike go through it (``PoolManager.submit``), before any
     slot or file is taken."""
-    errors = []
+    errors: list[dict[str, Any]] = []
     for name, value in request.input.items():
         if isinstance(name, str) and _wire_problem(name) is not None:
             errors.append(_err(["body", "input", _escaped(name)], _BAD_KEY, "value_error.unicode"))
             continue
-        errors.extend(_wire_errors(value, ["body", "input", name]))
+        _wire_errors(value, ["body", "input", name], errors)
     problem = _wire_problem(request.webhook) if request.webhook is not None else None
     if problem is not None:
         errors.append(_err(["body", "webhook"], *problem))
@@ -195,9 +210,9 @@ def check_wire_safe(request: PredictionRequest) -> None:
                 _err(["body", "context", _escaped(name)], _BAD_KEY, "value_error.unicode")
             )
             continue
-        errors.extend(_wire_errors(value, ["body", "context", name]))
+        _wire_errors(value, ["body", "context", name], errors)
     if errors:
-        raise InvalidInput(errors)
+        raise InvalidInput(errors[:MAX_REPORTED])
 
 
 def find_non_finite(value: Any) -> str | None:
@@ -211,25 +226,31 @@ def find_unencodable(value: Any, root: str = "output", first_index: int = 0) -> 
     """Where ``value`` holds something no JSON response can carry, and what: a non-finite
     number (``output.score (NaN)``) or a lone surrogate (``output[3] (a lone surrogate)``);
     None when it is all encodable. List indexes of the top level start at ``first_index``."""
-    stack: list[tuple[Any, str]] = [(value, root)]
+    stack: list[tuple[Any, _Path]] = [(value, None)]
     while stack:
-        item, where = stack.pop()
+        item, path = stack.pop()
+        what = None
         if isinstance(item, float):
             if not math.isfinite(item):
-                return f"{where} ({'NaN' if item != item else repr(item)})"
+                what = "NaN" if item != item else repr(item)
         elif isinstance(item, str):
             if not item.isascii() and _SURROGATE.search(item):
-                return f"{where} (a lone surrogate)"
+                what = "a lone surrogate"
         elif isinstance(item, dict):
             for k, v in item.items():
-                key = str(k)
-                if not key.isascii() and _SURROGATE.search(key):
-                    return f"{where} (a key with a lone surrogate)"
-                stack.append((v, f"{where}.{key}"))
+                if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
+                    return f"{_path_text(root, path)} (a key with a lone surrogate)"
+                stack.append((v, (path, str(k))))
         elif isinstance(item, list):
-            start = first_index if where == root else 0
-            stack.extend((v, f"{where}[{start + i}]") for i, v in enumerate(item))
+            start = first_index if path is None else 0
+            stack.extend((v, (path, start + i)) for i, v in enumerate(item))
+        if what is not None:
+            return f"{_path_text(root, path)} ({what})"
     return None
+
+
+def _path_text(root: str, path: _Path) -> str:
+    return root + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in _path_list(path))
 
 
 def approx_bytes(value: Any) -> int:

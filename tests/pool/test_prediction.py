@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pool.errors import InvalidInput, InvalidRequest
 from pool.prediction import (
+    MAX_REPORTED,
     SECRET_MASK,
     EndReason,
     LogBuffer,
@@ -19,6 +20,7 @@ from pool.prediction import (
     PredictionRequest,
     check_wire_safe,
     find_non_finite,
+    find_unencodable,
     secret_fields,
 )
 
@@ -121,6 +123,21 @@ def test_deep_values_are_checked_without_recursion() -> None:
         deep = [deep]
     with pytest.raises(InvalidInput):
         check_wire_safe(PredictionRequest(id=None, input={"a": deep}))
+
+
+def test_a_value_full_of_problems_names_a_bounded_few() -> None:
+    with pytest.raises(InvalidInput) as e:
+        check_wire_safe(PredictionRequest(id=None, input={"xs": [math.nan] * 1_000_000}))
+    assert len(e.value.detail) == MAX_REPORTED
+    assert all(d["loc"][:3] == ["body", "input", "xs"] for d in e.value.detail)
+
+
+def test_a_deep_output_is_checked_without_recursion() -> None:
+    deep: Any = {"k": math.inf}
+    for _ in range(100_000):
+        deep = [deep]
+    where = find_unencodable(deep)
+    assert where is not None and where.endswith("[0][0].k (inf)")
 
 
 # --- outputs and metrics that JSON cannot carry --------------------------------------------------
