@@ -71,6 +71,32 @@ async def test_queue_path_gets_the_named_error_for_an_unencodable_input(tmp_path
     assert ok.status == "succeeded"
 
 
+async def test_a_large_input_is_checked_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    real_check = manager_module.check_wire_safe
+
+    def check(request: PredictionRequest) -> None:
+        threads.append(threading.get_ident())
+        real_check(request)
+
+    monkeypatch.setattr(manager_module, "check_wire_safe", check)
+    async with running_pool(make_config(tmp_path, "record")) as manager:
+        big = "é" * (2 * 1024 * 1024)
+        with pytest.raises(InvalidInput) as e:
+            await submit(manager, tag=big + "\ud800")
+        ok = await submit(manager, tag=big)
+        await ok.wait(30)
+        small = await submit(manager, tag="small")
+        await small.wait(30)
+    assert e.value.detail[0]["loc"] == ["body", "input", "tag"]
+    assert ok.status == "succeeded" and small.status == "succeeded"
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread and threads[1] != loop_thread  # the two large ones
+    assert threads[2] == loop_thread  # a small one costs no thread hop
+
+
 # --- finding 16: non-finite numbers in, non-finite numbers out ---------------------------------
 async def test_non_finite_input_is_422_over_http_and_queues(tmp_path: Path) -> None:
     async with serving(tmp_path, RECORD) as api:
