@@ -45,7 +45,7 @@ log = logging.getLogger("pool.manager")
 
 CancelForwarder = Callable[[str], Awaitable[None]]
 CANCEL_FORWARD_TIMEOUT_S = 5.0
-OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger than this are checked in a thread
+OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger: checked and encoded in a thread
 
 
 def _default_state_dir() -> str:
@@ -300,18 +300,22 @@ class PoolManager:
                 prediction.preparation = None
             if runner_input is not request.input:  # files were fetched into dest
                 prediction.input_dir = dest
-        if prediction.done:
-            return None
-        if self._shutting_down:
-            raise ShuttingDown("the pool is shutting down; retry on another instance")
-        if prediction.cancel_requested:  # canceled while its inputs were downloading
-            prediction.finish(protocol.STATUS_CANCELED)
-            return None
         try:
-            prediction.encode_request(runner_input)
+            if prediction.input_bytes > OFF_LOOP_CHECK_BYTES:  # ~2 ms per MB: not on the loop
+                await asyncio.to_thread(prediction.encode_request, runner_input)
+            else:
+                prediction.encode_request(runner_input)
         except (ValueError, UnicodeError) as e:  # check_wire_safe refuses these first
             detail = {"loc": ["body", "input"], "msg": f"not encodable: {e}", "type": "value_error"}
             raise InvalidInput([detail]) from None
+        # Nothing awaits from here to the queue: what happened meanwhile is seen now.
+        if prediction.done:  # the deadline, or a cancel, ended it while it prepared
+            return None
+        if self._shutting_down:
+            raise ShuttingDown("the pool is shutting down; retry on another instance")
+        if prediction.cancel_requested:
+            prediction.finish(protocol.STATUS_CANCELED)
+            return None
         return runner_input
 
     def _secret_fields(self, schema: dict[str, Any]) -> frozenset[str]:

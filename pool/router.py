@@ -117,9 +117,11 @@ class Router:
         self.notify()
 
     def enqueue(self, prediction: Prediction) -> None:
-        """Its inputs are local and its request encoded: queue it, then dispatch."""
-        if prediction.phase == Phase.PREPARING:
-            self._preparing -= 1
+        """Its inputs are local and its request encoded (it is preparing, not ended): queue
+        it, then dispatch."""
+        if prediction.phase != Phase.PREPARING:
+            raise RuntimeError(f"enqueue of prediction {prediction.id} in phase {prediction.phase}")
+        self._preparing -= 1
         prediction.mark_queued(time.monotonic())
         self._queue.append(prediction)
         self.dispatch()

@@ -97,6 +97,36 @@ async def test_a_large_input_is_checked_off_the_event_loop(
     assert threads[2] == loop_thread  # a small one costs no thread hop
 
 
+async def test_a_cancel_while_the_request_is_encoded_never_reaches_a_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    real_encode = Prediction.encode_request
+
+    def slow_encode(self: Prediction, runner_input: Any) -> bytes:
+        entered.set()
+        release.wait(30)
+        return real_encode(self, runner_input)
+
+    monkeypatch.setattr(Prediction, "encode_request", slow_encode)
+    async with running_pool(make_config(tmp_path, "record")) as manager:
+        # Steps: a large input is encoded in a thread; the client cancels meanwhile.
+        task = asyncio.ensure_future(submit(manager, "enc-1", tag="e" * (2 * 1024 * 1024)))
+        await asyncio.to_thread(entered.wait, 30)
+        assert manager.free_slots() == 0  # it holds its place while it prepares
+        assert await manager.cancel("enc-1")
+        release.set()
+        p = await asyncio.wait_for(task, 30)
+        # Result: canceled, its place given back, and the runner never saw it.
+        assert p.status == "canceled" and p.ended_in is Phase.PREPARING
+        assert manager.free_slots() == 1 and manager._router.waiting_bytes == 0
+        after = await submit(manager, tag="next")
+        await after.wait(30)
+    assert p.started_at is None and p.runner_index is None
+    assert after.status == "succeeded"
+
+
 # --- finding 16: non-finite numbers in, non-finite numbers out ---------------------------------
 async def test_non_finite_input_is_422_over_http_and_queues(tmp_path: Path) -> None:
     async with serving(tmp_path, RECORD) as api:
