@@ -286,3 +286,13 @@ def test_slim_copy_omits_what_is_large_and_says_so() -> None:
     assert p.output == "o" * 5000  # the live record is untouched
     whole, _ = p.slim(10_000)
     assert whole.to_dict() == p.to_dict()
+
+
+def test_the_error_text_names_each_field_for_dead_letter_reasons() -> None:
+    with pytest.raises(InvalidInput) as e:
+        check_wire_safe(
+            PredictionRequest(id=None, input={"a": ["\ud800"]}, context={"k": "\udc00"})
+        )
+    text = str(e.value)
+    assert "input.a.0: string holds a lone UTF-16 surrogate" in text
+    assert "context.k: " in text
