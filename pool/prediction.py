@@ -676,11 +676,10 @@ class Prediction:
         self.phase = Phase.QUEUED
         self.queued_at = now
 
-    def mark_started(self, runner_index: int, now: float | None = None) -> None:
+    def mark_started(self, runner_index: int) -> None:
         """The pool dispatched the prediction to a runner."""
         self.phase = Phase.RUNNING
         self.runner_index = runner_index
-        self.dispatched_at = now
         if self.started_at is None:
             self.started_at = utc_now()
         if self.status == protocol.STATUS_STARTING:
