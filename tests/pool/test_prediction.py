@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool.errors import InvalidInput, InvalidRequest
+from pool.manager import validate_request_input
 from pool.prediction import (
     MAX_REPORTED,
     SECRET_MASK,
@@ -296,3 +298,37 @@ def test_the_error_text_names_each_field_for_dead_letter_reasons() -> None:
     text = str(e.value)
     assert "input.a.0: string holds a lone UTF-16 surrogate" in text
     assert "context.k: " in text
+
+
+# --- the whole input check of submit(), on arbitrary input -------------------------------------
+GOLDEN_SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "coglet" / "golden" / "inputs.json").read_text()
+)
+_FIELDS = sorted(GOLDEN_SCHEMA["components"]["schemas"]["Input"]["properties"])
+_VALID = {"text": "abc", "image": "https://x/y.png", "legacy": "https://x/z", "words": ["w"]}
+_SOME = st.dictionaries(st.sampled_from(_FIELDS) | _TEXT, _JSON, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    _SOME | _SOME.map(lambda changes: {**_VALID, **changes}),  # valid but for a few fields
+    st.dictionaries(_TEXT, _TEXT, max_size=2),
+)
+def test_the_input_check_refuses_with_a_named_error_or_passes_encodable(
+    value: dict[str, Any], context: dict[str, str]
+) -> None:
+    # What submit() runs before anything is taken: the wire check, then the schema. Either
+    # it refuses with InvalidInput (a 422 naming fields / a dead letter), never another
+    # exception (a 500, a stuck message), or what passes encodes as strict UTF-8 JSON.
+    request = PredictionRequest(id=None, input=value, context=context)
+    try:
+        check_wire_safe(request)
+        validate_request_input(GOLDEN_SCHEMA, value)
+    except InvalidInput as e:
+        assert e.detail and all(d["loc"][0] == "body" and d["msg"] for d in e.detail)
+        json.dumps(e.detail, allow_nan=False).encode("utf-8")
+        return
+    record = Prediction(request, secret_fields=secret_fields(GOLDEN_SCHEMA))
+    body = record.encode_request(value)
+    assert json.loads(body)["input"] == json.loads(json.dumps(value))
+    json.dumps(record.to_dict(), allow_nan=False).encode("utf-8")
