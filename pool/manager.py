@@ -39,7 +39,7 @@ from pool.runner import BUSY, READY, RUNNER_STATES
 from pool.supervisor import Supervisor
 from pool.webhooks import WebhookSender
 
-__all__ = ["PoolManager", "validate_request_input"]
+__all__ = ["PoolManager"]
 
 log = logging.getLogger("pool.manager")
 
@@ -246,7 +246,7 @@ class PoolManager:
             if known is not None and not (known.done and known.runner_died):
                 return known
         schema = self._require_ready()
-        validate_request_input(schema, request.input)
+        _validate(schema, request.input)
         prediction = Prediction(
             request,
             source=source,
@@ -450,7 +450,7 @@ class PoolManager:
         yield Sample(GAUGE_QUEUE_DEPTH, self._router.queued)
 
 
-def validate_request_input(schema: dict[str, Any], raw: dict[str, Any]) -> None:
+def _validate(schema: dict[str, Any], raw: dict[str, Any]) -> None:
     """The model's schema check of one input (InvalidInput with Cog's messages, located)."""
     try:
         validate_input(schema, raw)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool.errors import InvalidInput, InvalidRequest
-from pool.manager import validate_request_input
+from pool.manager import _validate
 from pool.prediction import (
     MAX_REPORTED,
     SECRET_MASK,
@@ -323,7 +323,7 @@ def test_the_input_check_refuses_with_a_named_error_or_passes_encodable(
     request = PredictionRequest(id=None, input=value, context=context)
     try:
         check_wire_safe(request)
-        validate_request_input(GOLDEN_SCHEMA, value)
+        _validate(GOLDEN_SCHEMA, value)
     except InvalidInput as e:
         assert e.detail and all(d["loc"][0] == "body" and d["msg"] for d in e.detail)
         json.dumps(e.detail, allow_nan=False).encode("utf-8")
