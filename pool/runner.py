@@ -206,12 +206,15 @@ class RunnerHandle:
         os.makedirs(self.working_dir, exist_ok=True)
 
     def _runner_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "predictor_ref": self.config.model.predict,
             "max_concurrency": self.capacity,
             "runner_index": self.index,
             "gpu": self.gpu,
         }
+        if self.config.model.train is not None:
+            config["train_ref"] = self.config.model.train  # cog.yaml train: (issue 9)
+        return config
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -174,3 +174,19 @@ def test_fd_output_lines_end_at_newline_or_bare_return_and_stay_bounded() -> Non
     buf = bytearray(b"x" * (MAX_LINE_BYTES + 10))
     RunnerHandle._emit_lines(sink, buf, final=False)  # type: ignore[arg-type]
     assert len(sink.lines[-1]) == MAX_LINE_BYTES and len(buf) == 10
+
+
+async def test_train_ref_reaches_the_runner(tmp_path: Path) -> None:
+    """cog.yaml train: (model.train) goes to each runner as config.json train_ref."""
+    config = make_config(
+        tmp_path,
+        model=str(Path(project_root(), "tests", "models", "compat")),
+        model__predict="train.py:Predictor",
+        model__train="train.py:train",
+    )
+    async with running_pool(config) as manager:
+        workdir = Path(manager.state_dir, "runner-0")
+        runner_config = json.loads((workdir / protocol.CONFIG_FILE).read_text())
+        setup = json.loads((workdir / protocol.SETUP_RESULT_FILE).read_text())
+    assert runner_config["train_ref"] == "train.py:train"
+    assert setup["features"]["training"] is True
