@@ -20,7 +20,7 @@ import aiohttp
 
 from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
-from pool import files
+from pool import files, network
 from pool.config import PoolConfig
 from pool.errors import InvalidInput, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
@@ -77,7 +77,7 @@ class PoolManager:
             metrics=metrics,
         )
         self._router = Router(config.http, self._supervisor.runners, config.predictions)
-        self._webhooks = WebhookSender(config.webhooks, metrics=metrics)
+        self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._cancel_forwarders: list[CancelForwarder] = []
         self._cleanups: set[asyncio.Task[None]] = set()  # input dirs being removed, off the loop
@@ -85,7 +85,8 @@ class PoolManager:
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
-        self._http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None  # input downloads: network policy
+        self._upload_http: aiohttp.ClientSession | None = None  # files.upload_url: trusted
         self._ready_once = False
         if metrics is not None:
             metrics.add_collector(self._samples)
@@ -106,7 +107,8 @@ class PoolManager:
         await self._supervisor.start()
         # One client for every input download and output upload: connections and TLS
         # sessions are reused across predictions.
-        self._http = aiohttp.ClientSession()
+        self._http = network.client_session(self.config.network)
+        self._upload_http = aiohttp.ClientSession()
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Drain (DESIGN §7). Concurrent and repeated calls share one shutdown."""
@@ -133,8 +135,9 @@ class PoolManager:
             prediction.request_cancel(EndReason.SHUTDOWN)
             prediction.fail("the runner was stopped", reason=EndReason.SHUTDOWN)
         await self._webhooks.close(self.config.webhooks.timeout_s)
-        if self._http is not None:
-            await self._http.close()
+        for session in (self._http, self._upload_http):
+            if session is not None:
+                await session.close()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
         await asyncio.to_thread(self._remove_dirs)
@@ -426,7 +429,7 @@ class PoolManager:
         task.add_done_callback(self._cleanups.discard)
 
     async def _encode_output(self, output: Any) -> Any:
-        return await files.encode_outputs(output, self.config.files, session=self._http)
+        return await files.encode_outputs(output, self.config.files, session=self._upload_http)
 
     def _on_tick(self) -> None:
         if not self._ready_once and self.status in (READY, BUSY):

@@ -440,8 +440,12 @@ class RunnerHandle:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         slot.next_epoch += 1
-        if not isinstance(delta, dict):
-            delta = {"status": protocol.STATUS_FAILED, "error": f"{self.name} sent a bad response"}
+        problem = protocol.delta_problem(delta)
+        if problem is not None or not isinstance(delta, dict):  # garbage fails this one only
+            delta = {
+                "status": protocol.STATUS_FAILED,
+                "error": f"{self.name} sent a bad response: {problem}",
+            }
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
         # Path outputs are encoded by the record before anyone sees them, in epoch order.
         slot.prediction.deliver(delta)
