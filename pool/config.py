@@ -124,6 +124,9 @@ class PredictionsConfig:
     recent_value_max_bytes: int = 256 * 1024  # a kept input value/output/logs larger: omitted
     logs_max_bytes: int = 1024 * 1024  # one prediction's logs: head + marker + tail past this
     waiting_max_bytes: int = 1024 * 1024 * 1024  # inputs of predictions waiting for a slot
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     """Where client-chosen URLs (input files, webhooks) may connect (pool/network.py)."""
 
