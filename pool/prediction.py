@@ -621,6 +621,19 @@ class Prediction:
             self._runner_lost = value
 
     @property
+    def ended_by_shutdown(self) -> bool:
+        """Ended (or being ended) by the pool's drain, not by the model or a client
+        (``EndReason.SHUTDOWN``): a queue consumer hands its message back."""
+        if self.end_reason is not None:
+            return self.end_reason is EndReason.SHUTDOWN
+        return self.cancel_reason is EndReason.SHUTDOWN
+
+    @ended_by_shutdown.setter
+    def ended_by_shutdown(self, value: bool) -> None:
+        if value and not self.done:  # it will end with EndReason.SHUTDOWN
+            self.cancel_reason = EndReason.SHUTDOWN
+
+    @property
     def queue_wait_s(self) -> float | None:
         if self.queued_at is None or self.dispatched_at is None:
             return None

@@ -205,6 +205,19 @@ def test_end_reasons_are_typed() -> None:
     assert killed_in_drain.error.startswith("the pool shut down before the prediction finished")
 
 
+def test_ended_by_shutdown_is_the_shutdown_end_reason() -> None:
+    drained = Prediction(PredictionRequest(id="a", input={}))
+    drained.ended_by_shutdown = True  # the drain marks it before it ends
+    drained.finish("canceled")
+    user = Prediction(PredictionRequest(id="b", input={}))
+    user.finish("canceled")
+    late = Prediction(PredictionRequest(id="c", input={}))
+    late.finish("succeeded")
+    late.ended_by_shutdown = True  # too late: it ended on its own
+    assert drained.ended_by_shutdown and drained.end_reason is EndReason.SHUTDOWN
+    assert not user.ended_by_shutdown and not late.ended_by_shutdown
+
+
 def test_a_record_that_ended_keeps_its_reason_when_its_runner_dies_later() -> None:
     p = Prediction(PredictionRequest(id="t", input={}))
     p.fail("Prediction timed out", reason=EndReason.TIMED_OUT)
