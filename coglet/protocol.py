@@ -21,11 +21,16 @@ from typing import Any, Optional
 __all__ = [
     "CANCEL_PREFIX",
     "CONFIG_FILE",
+    "DELTA_FILE_KEY",
+    "DELTA_FILE_PREFIX",
+    "ERROR_TYPE_KEY",
     "EXIT_BAD_CONFIG",
     "EXIT_OK",
     "EXIT_PARENT_DIED",
+    "EXIT_RESPONSE_WRITE_FAILED",
     "EXIT_SETUP_FAILED",
     "ID_PATTERN",
+    "LOG_FD_ENV",
     "OPENAPI_FILE",
     "PATH_MARKER",
     "REQUEST_RE",
@@ -37,6 +42,7 @@ __all__ = [
     "SIG_OUTPUT",
     "SIG_READY",
     "SIG_RESCAN",
+    "SPILL_DELTA_BYTES",
     "SPILL_DIR_PREFIX",
     "STATUS_CANCELED",
     "STATUS_FAILED",
@@ -49,6 +55,7 @@ __all__ = [
     "cancel_name",
     "is_valid_id",
     "read_json",
+    "read_json_file",
     "request_name",
     "response_name",
     "write_atomic",
@@ -110,10 +117,27 @@ def response_name(prediction_id: str, epoch: int) -> str:
 # status. A runner-side output ``Path`` is encoded as {PATH_MARKER: "/absolute/path"}; the pool
 # turns it into a data: URI or an uploaded URL.
 PATH_MARKER = "__cog_path__"
-# A file *object* a model returns is copied by the runner into a fresh temporary directory
-# named with this prefix; the pool removes that directory once the file is encoded or uploaded.
-# (Paths the model returns are its own files and are left alone.)
+# A file *object* a model returns is copied by the runner into a fresh directory named with
+# this prefix, inside the runner's private temporary root (config.json "temp_dir", made by the
+# pool for this runner alone); the pool removes that directory once the file is encoded or
+# uploaded. The pool removes nothing outside that root: Paths the model returns are its own
+# files and are left alone, whatever their directory is called.
 SPILL_DIR_PREFIX = "cog-output-"
+# A delta whose JSON text is larger than this is not written into the working directory (a
+# tmpfs, whose size must not bound an output): the runner writes it to
+# ``<temp_dir>/delta-<id>-<epoch>.json`` on disk and the response file carries only
+# ``{"status": ..., DELTA_FILE_KEY: "<that path>"}``. The pool reads the delta from there
+# (off its event loop), then removes the file.
+SPILL_DELTA_BYTES = 1024 * 1024
+DELTA_FILE_KEY = "delta_file"
+DELTA_FILE_PREFIX = "delta-"
+# A terminal "failed" delta may name the exception's type (e.g. "MemoryError"): the pool
+# recycles a runner whose predictions fail for lack of memory.
+ERROR_TYPE_KEY = "error_type"
+# The runner's own log lines (coglet's, never the model's) go to this inherited file
+# descriptor when the variable names one, so the pool can keep them out of predictions' logs;
+# the runner's stdout/stderr carry only what the model and its children write.
+LOG_FD_ENV = "COGLET_LOG_FD"
 
 # --- status words ------------------------------------------------------------------------------
 STATUS_STARTING = "starting"
@@ -140,6 +164,9 @@ EXIT_OK = 0  # stopped on request
 EXIT_BAD_CONFIG = 2  # config.json missing or malformed: a pool bug, do not restart-loop
 EXIT_SETUP_FAILED = 3  # the model's definition or setup() failed: do not restart-loop
 EXIT_PARENT_DIED = 4  # the pool went away; the runner left on its own
+# A response file could not be written even as a short failure notice: the runner exits so
+# that the pool fails its predictions and starts a fresh one, instead of waiting forever.
+EXIT_RESPONSE_WRITE_FAILED = 5
 
 
 # --- atomic files ------------------------------------------------------------------------------
@@ -196,16 +223,57 @@ def read_json(path: str) -> Optional[Any]:
     try:
         data = os.read(fd, _READ_CHUNK)
         if len(data) == _READ_CHUNK:  # a regular file reads short only at its end
-            parts = [data]
-            while True:
-                chunk = os.read(fd, _READ_CHUNK)
-                if not chunk:
-                    break
-                parts.append(chunk)
-            data = b"".join(parts)
+            return _loads_once(_read_rest(fd, data))
     finally:
         os.close(fd)
     return json.loads(data)
+
+
+def read_json_file(path: str) -> Any:
+    """Read a possibly large JSON file (a spilled delta); FileNotFoundError if it is gone.
+
+    At most twice the file's size is alive at once: the bytes, then the text, then the value.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = _read_rest(fd, b"")
+    finally:
+        os.close(fd)
+    return _loads_once(data)
+
+
+def _read_rest(fd: int, head: bytes) -> bytearray:
+    """``head`` plus the rest of the file, read into one buffer of the file's size."""
+    size = max(os.fstat(fd).st_size, len(head))
+    buf = bytearray(size)
+    buf[: len(head)] = head
+    view = memoryview(buf)
+    filled = len(head)
+    while True:
+        if filled == len(buf):  # the file grew (it should not): read on in chunks
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                break
+            view.release()
+            buf.extend(chunk)
+            view = memoryview(buf)
+            filled = len(buf)
+            continue
+        n = os.readv(fd, [view[filled:]])
+        if n == 0:
+            break
+        filled += n
+    view.release()
+    del buf[filled:]
+    return buf
+
+
+def _loads_once(data: bytearray) -> Any:
+    # json.loads(bytes) decodes to a str and keeps the bytes alive meanwhile, then parses: three
+    # copies of a large output at once. Decoding here lets the bytes go before the parse.
+    text = data.decode("utf-8", "surrogatepass")
+    data.clear()
+    return json.loads(text)
 
 
 _READ_CHUNK = 1 << 16

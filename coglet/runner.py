@@ -36,7 +36,7 @@ from cog.exceptions import CancelationException
 from cog.scope import Scope, use_scope
 
 from coglet import capture, protocol
-from coglet.predictor import LoadedPredictor, PredictorError, load_predictor
+from coglet.predictor import LoadedPredictor, PredictorError, load_predictor, set_spill_root
 from coglet.responder import Responder, encode_json
 from coglet.signals import SignalWakeup
 from coglet.sync import SyncGuard, TimerThread
@@ -63,6 +63,7 @@ class RunnerConfig:
     predictor_ref: str
     max_concurrency: int
     runner_index: Optional[int] = None
+    temp_dir: Optional[str] = None  # the runner's private temporary root (made by the pool)
 
 
 def read_config(working_dir: str) -> RunnerConfig:
@@ -85,7 +86,10 @@ def read_config(working_dir: str) -> RunnerConfig:
     index = raw.get("runner_index")
     if index is not None and not _is_int(index):
         raise ConfigError(f"{path}: runner_index must be an integer")
-    return RunnerConfig(ref, concurrency, index)
+    temp_dir = raw.get("temp_dir")
+    if temp_dir is not None and not (isinstance(temp_dir, str) and os.path.isabs(temp_dir)):
+        raise ConfigError(f"{path}: temp_dir must be an absolute path")
+    return RunnerConfig(ref, concurrency, index, temp_dir)
 
 
 def _is_int(value: object) -> bool:
@@ -114,12 +118,42 @@ def _exit_parent_died() -> None:
         "runner_exit reason=parent_died code=%d pid=%d", protocol.EXIT_PARENT_DIED, os.getpid()
     )
     logging.shutdown()
-    # Nobody reads responses any more; leave at once so the GPU is freed.
+    # Nobody reads responses any more; leave at once so the GPU is freed, and take the
+    # model's own children along: they are in this session's process group, and nobody
+    # else would stop them. SIGKILL to the group ends this process too.
+    try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    except OSError:
+        pass
     os._exit(protocol.EXIT_PARENT_DIED)
 
 
+def _exit_response_write_failed() -> None:
+    logging.shutdown()
+    # The parent waits for a terminal delta that cannot be written: leave, so that it fails
+    # this runner's predictions (naming the exit) and starts a fresh runner.
+    os._exit(protocol.EXIT_RESPONSE_WRITE_FAILED)
+
+
+def _log_stream(real_err: TextIO) -> TextIO:
+    """Where coglet's own lines go: the pool's log channel (``LOG_FD_ENV``), else stderr.
+
+    The channel is kept out of the model's children (not inheritable), and the runner's
+    stderr then carries only what the model writes, which the pool attributes to predictions.
+    """
+    raw = os.environ.pop(protocol.LOG_FD_ENV, None)
+    if raw is None:
+        return real_err
+    try:
+        fd = int(raw)
+        os.set_inheritable(fd, False)
+        return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except (ValueError, OSError):
+        return real_err
+
+
 def _setup_logging(real_err: TextIO) -> None:
-    handler = logging.StreamHandler(real_err)
+    handler = logging.StreamHandler(_log_stream(real_err))
     handler.setFormatter(logging.Formatter("coglet %(message)s"))
     _log.addHandler(handler)
     _log.propagate = False  # the root logger is the model's, captured into its logs
@@ -164,6 +198,7 @@ class Runner:
         real_err: TextIO,
     ) -> None:
         self._dir = working_dir
+        self._temp_dir = config.temp_dir
         self._predictor = predictor
         self._router = router
         self._wakeup = wakeup
@@ -328,7 +363,7 @@ class Runner:
         responder.start("".join(f"{w}\n" for w in warnings))
         if problem is not None:
             _log.debug("prediction_rejected prediction=%s error=%r", prediction_id, problem)
-            responder.finish(protocol.STATUS_FAILED, error=problem)
+            self._finish_or_exit(responder, protocol.STATUS_FAILED, error=problem)
             return
         context = raw.get("context")
         prediction = Prediction(
@@ -347,6 +382,7 @@ class Runner:
             notify=self._notify_output,
             schedule_flush=self._schedule_flush,
             late_log=self._late_log,
+            spill_dir=self._temp_dir,
         )
 
     def _dispatch(self) -> None:
@@ -427,7 +463,7 @@ class Runner:
         prediction.cancel_requested = True
         if prediction in self._waiting:
             self._waiting.remove(prediction)
-            prediction.responder.finish(protocol.STATUS_CANCELED)
+            self._finish_or_exit(prediction.responder, protocol.STATUS_CANCELED)
             self._finished(prediction)
         elif prediction.task is not None:
             prediction.task.cancel()
@@ -537,16 +573,28 @@ class Runner:
     def _complete(self, prediction: Prediction, outcome: _Outcome, predict_time_s: float) -> None:
         metrics = dict(prediction.scope.metrics)
         metrics["predict_time"] = predict_time_s
+        self._finish_or_exit(
+            prediction.responder,
+            outcome.status,
+            output_json=outcome.output_json,
+            stream=self._predictor.is_iterator,
+            error=outcome.error,
+            error_type=outcome.error_type,
+            metrics=metrics,
+        )
+
+    def _finish_or_exit(self, responder: Responder, status: str, **fields: Any) -> None:
+        """Write a terminal delta; when not even a failure notice can be written, exit."""
         try:
-            prediction.responder.finish(
-                outcome.status,
-                output_json=outcome.output_json,
-                stream=self._predictor.is_iterator,
-                error=outcome.error,
-                metrics=metrics,
-            )
+            responder.finish(status, **fields)
         except OSError as e:
-            _log.error("response_write_failed prediction=%s error=%r", prediction.id, e)
+            _log.error(
+                "response_write_failed prediction=%s error=%r action=exit code=%d",
+                responder.prediction_id,
+                e,
+                protocol.EXIT_RESPONSE_WRITE_FAILED,
+            )
+            _exit_response_write_failed()
 
     # --- plumbing -------------------------------------------------------------------------------
     def _call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> None:
@@ -568,7 +616,12 @@ class Runner:
         try:
             responder.flush()
         except OSError as e:
-            _log.error("response_write_failed prediction=%s error=%r", responder.prediction_id, e)
+            # What was pending stays pending: the next flush or the terminal delta retries it.
+            _log.error(
+                "response_write_failed prediction=%s error=%r action=retry_later",
+                responder.prediction_id,
+                e,
+            )
 
     def _notify_output(self) -> None:
         self._signal_parent(protocol.SIG_OUTPUT)
@@ -591,11 +644,13 @@ class _Outcome:
         self.status = protocol.STATUS_SUCCEEDED
         self.output_json: Optional[str] = None
         self.error: Optional[str] = None
+        self.error_type: Optional[str] = None
 
     def fail(self, prediction: Prediction, exc: BaseException) -> None:
         self.status = protocol.STATUS_FAILED
         self.output_json = None
         self.error = _error_message(exc)
+        self.error_type = type(exc).__name__
         # Cog shows the traceback in the prediction's logs and the message as its error.
         prediction.responder.append_log(
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -690,6 +745,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _real_out, real_err = capture.install(router)
     _setup_logging(real_err)
     _detach(parent_pid)
+    set_spill_root(config.temp_dir)
     model_dir = os.getcwd()
     # Importing the model would otherwise write __pycache__/ into the model directory, which
     # is the user's (and often read-only); cached bytecode that is already there still loads.

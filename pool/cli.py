@@ -21,12 +21,15 @@ from typing import Any
 
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
+from pool.statedir import StateDirBusy
 
 __all__ = ["build_parser", "main", "serve"]
 
 log = logging.getLogger("pool.cli")
 
 EXIT_CONFIG = 2
+EXIT_STATE_DIR_BUSY = 3  # another live pool holds the state dir's lock
+EXIT_SUPERVISOR_FAILED = 4  # the supervisor's pass kept failing: let an orchestrator restart us
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except StateDirBusy as e:
+        print(f"cog-pool: {e}", file=sys.stderr)
+        return EXIT_STATE_DIR_BUSY
 
 
 async def serve(config: PoolConfig) -> int:
@@ -130,8 +137,10 @@ async def serve(config: PoolConfig) -> int:
         for addr in runner.addresses:
             log.info("http_listening host=%s port=%s", addr[0], addr[1])
         consumers = await _start_consumers(config, manager)
-        await _first(stop.wait(), app[SHUTDOWN_KEY].wait())
-        log.info("serve_stopping reason=%s", "signal" if stop.is_set() else "http")
+        failed = manager.supervisor_failed
+        await _first(stop.wait(), app[SHUTDOWN_KEY].wait(), failed.wait())
+        reason = "supervisor_failed" if failed.is_set() else "signal" if stop.is_set() else "http"
+        log.info("serve_stopping reason=%s", reason)
         app[SHUTDOWN_KEY].set()  # the HTTP API answers 503 from now on
         grace_s = config.shutdown.grace_s
         drains = [manager.shutdown(grace_s)]
@@ -140,8 +149,9 @@ async def serve(config: PoolConfig) -> int:
         await asyncio.gather(*drains)
     finally:
         await runner.cleanup()  # the manager's shutdown again: shared, so a no-op by now
-    log.info("serve_exit code=0")
-    return 0
+    code = EXIT_SUPERVISOR_FAILED if manager.supervisor_failed.is_set() else 0
+    log.info("serve_exit code=%d", code)
+    return code
 
 
 async def _start_consumers(config: PoolConfig, manager: Any) -> Any:

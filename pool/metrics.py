@@ -117,6 +117,7 @@ class Metrics:
         self._queue_wait = _Histogram(buckets_s)
         self._predict_time = _Histogram(buckets_s)
         self._restarts: dict[int, int] = {}
+        self._recycles: dict[tuple[int, str], int] = {}
         self._webhook_failures = 0
         self._collectors: list[Collector] = []
 
@@ -139,6 +140,10 @@ class Metrics:
 
     def runner_restarted(self, runner_index: int) -> None:
         self._restarts[runner_index] = self._restarts.get(runner_index, 0) + 1
+
+    def runner_recycled(self, runner_index: int, reason: str) -> None:
+        key = (runner_index, reason)
+        self._recycles[key] = self._recycles.get(key, 0) + 1
 
     def webhook_failed(self) -> None:
         """A webhook was given up on after its last attempt."""
@@ -169,6 +174,14 @@ class Metrics:
         lines += _header("cog_pool_runner_restarts_total", "counter", "Runner restarts.")
         for index, count in sorted(self._restarts.items()):
             lines.append(f'cog_pool_runner_restarts_total{{runner="{index}"}} {count}')
+        lines += _header(
+            "cog_pool_runner_recycles_total",
+            "counter",
+            "Runners replaced after max_predictions, max_rss_mb or a MemoryError.",
+        )
+        for (index, reason), count in sorted(self._recycles.items()):
+            labels = _labels({"runner": str(index), "reason": reason})
+            lines.append(f"cog_pool_runner_recycles_total{labels} {count}")
         lines += _header(
             "cog_pool_webhook_failures_total", "counter", "Webhooks given up on after retries."
         )

@@ -95,8 +95,19 @@ def describe_exit(code: int) -> str:
         protocol.EXIT_BAD_CONFIG: "bad config.json",
         protocol.EXIT_SETUP_FAILED: "setup failed",
         protocol.EXIT_PARENT_DIED: "parent died",
+        protocol.EXIT_RESPONSE_WRITE_FAILED: "could not write a response",
     }.get(code)
     return f"exited with code {code}" + (f" ({meaning})" if meaning else "")
+
+
+@dataclass(frozen=True)
+class DeltaFile:
+    """A delta the runner spilled to a file in its temporary root (large output or logs)."""
+
+    path: str
+
+
+Pending = dict[str, Any] | DeltaFile
 
 
 @dataclass
@@ -106,7 +117,7 @@ class Slot:
     prediction: Prediction
     dispatched_at: float
     next_epoch: int = 0
-    backlog: list[dict[str, Any]] = field(default_factory=list)  # deltas awaiting encoding
+    backlog: list[Pending] = field(default_factory=list)  # deltas awaiting a load or encoding
     encoder: asyncio.Task[None] | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
@@ -123,13 +134,22 @@ class RunnerHandle:
         *,
         wake: Callable[[], None],
         encode_output: OutputEncoder | None = None,
+        temp_root: str | None = None,
     ) -> None:
         self.index = index
         self.gpu = gpu
         self.config = config
         self.working_dir = os.path.join(state_dir, f"runner-{index}")
+        # The runner's private temporary root, on disk: large deltas and returned file
+        # objects are spilled here, and this is the only place the pool removes files from.
+        self.temp_dir = os.path.join(temp_root or state_dir, f"runner-{index}-tmp")
         self.capacity = config.runners.max_concurrency or 1
         self.restarts = 0
+        self.recycles = 0
+        self.completed = 0  # terminal responses from the current process
+        self.memory_errors = 0  # predictions of the current process that failed MemoryError
+        self.draining: str | None = None  # why it takes no new work before a recycle
+        self.stop_requested = False  # the stop file was written to the current process
         self.schema: dict[str, Any] | None = None
         self.setup_result: dict[str, Any] | None = None
         self.started_at: float | None = None  # monotonic, of the current process
@@ -145,6 +165,7 @@ class RunnerHandle:
         self._pidfd: int | None = None
         self._pipes: dict[int, bytearray] = {}
         self._streams: dict[int, Any] = {}  # fd -> the Popen file object that owns it
+        self._log_fd: int | None = None  # coglet's own log channel (protocol.LOG_FD_ENV)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- views ---------------------------------------------------------------------------------
@@ -165,13 +186,13 @@ class RunnerHandle:
     def state(self) -> str:
         """STARTING, READY (a free slot by the pool's count), BUSY, SETUP_FAILED or DEFUNCT."""
         if self._state in (READY, BUSY):
-            return BUSY if len(self.slots) >= self.capacity else READY
+            return BUSY if len(self.slots) >= self.capacity or self.draining else READY
         return self._state
 
     @property
     def accepting(self) -> bool:
-        """Ready and alive: may take predictions up to its capacity."""
-        return self._state in (READY, BUSY) and self.alive
+        """Ready, alive and not draining for a recycle: may take predictions up to capacity."""
+        return self._state in (READY, BUSY) and self.alive and self.draining is None
 
     @property
     def free(self) -> int:
@@ -185,20 +206,36 @@ class RunnerHandle:
             os.path.join(self.working_dir, protocol.CONFIG_FILE), self._runner_config()
         )
         python = self.config.model.python or sys.executable
-        self._proc = subprocess.Popen(
-            [python, "-m", "coglet", "--working-dir", self.working_dir],
-            cwd=self.config.model.path,
-            env=self._child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            # Its own session: a terminal's SIGINT/SIGHUP must not reach it; the pool stops it.
-            start_new_session=True,
-        )
+        log_read, log_write = os.pipe()
+        env = self._child_env()
+        env[protocol.LOG_FD_ENV] = str(log_write)
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-m", "coglet", "--working-dir", self.working_dir],
+                cwd=self.config.model.path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(log_write,),
+                # Its own session and process group: a terminal's SIGINT/SIGHUP must not
+                # reach it, and the pool can signal the model's own children with it.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(log_read)
+            raise
+        finally:
+            os.close(log_write)
+        self._log_fd = log_read
         self.exit_code = None
         self.schema = None
         self.setup_result = None
         self.setup_timed_out = False
+        self.completed = 0
+        self.memory_errors = 0
+        self.draining = None
+        self.stop_requested = False
         self.started_at = time.monotonic()
         if self.spawned_at is None:
             self.spawned_at = utc_now()
@@ -207,9 +244,12 @@ class RunnerHandle:
         log.info("runner_spawned runner=%d gpu=%s pid=%d", self.index, self.gpu, self._proc.pid)
 
     def _reset_dir(self) -> None:
-        # A previous process's leftovers (responses, a stop file) must not leak into this one.
-        shutil.rmtree(self.working_dir, ignore_errors=True)
-        os.makedirs(self.working_dir, exist_ok=True)
+        # A previous process's leftovers (responses, a stop file, spilled files) must not leak
+        # into this one. Both dirs are private to this runner: 0700.
+        for path in (self.working_dir, self.temp_dir):
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
 
     def _runner_config(self) -> dict[str, Any]:
         return {
@@ -217,6 +257,7 @@ class RunnerHandle:
             "max_concurrency": self.capacity,
             "runner_index": self.index,
             "gpu": self.gpu,
+            "temp_dir": self.temp_dir,
         }
 
     def _child_env(self) -> dict[str, str]:
@@ -240,7 +281,10 @@ class RunnerHandle:
         # A pidfd becomes readable when the child exits: no SIGCHLD handler, no polling.
         self._pidfd = os.pidfd_open(self._proc.pid)
         loop.add_reader(self._pidfd, self._wake)
-        for stream in (self._proc.stdout, self._proc.stderr):
+        streams: list[Any] = [self._proc.stdout, self._proc.stderr]
+        if self._log_fd is not None:
+            streams.append(os.fdopen(self._log_fd, "rb", buffering=0))
+        for stream in streams:
             fd = stream.fileno()
             os.set_blocking(fd, False)
             self._pipes[fd] = bytearray()
@@ -257,8 +301,19 @@ class RunnerHandle:
         code = os.waitstatus_to_exitcode(status)
         self._proc.returncode = code  # so Popen never waits for this pid again
         self.exit_code = code
+        self._kill_leftovers(self._proc.pid)
         self._unwatch_process()
         return code
+
+    def _kill_leftovers(self, pgid: int) -> None:
+        """The runner is gone: kill what the model started in its process group (children
+        that would otherwise outlive it, holding a GPU or a port). The group id cannot be
+        handed to a new process while any member of the group is alive."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return  # the group is empty: nothing was left behind
+        log.warning("runner_leftovers_killed runner=%d pgid=%d", self.index, pgid)
 
     def _unwatch_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,17 +324,22 @@ class RunnerHandle:
         for fd in list(self._pipes):
             self._read_pipe(fd)  # drain: the last lines matter most in a death report
             self._close_pipe(fd)
+        self._log_fd = None
 
     def mark(self, state: str) -> None:
         """Set the supervisor-decided state (SETUP_FAILED, DEFUNCT)."""
         self._state = state
 
-    def send(self, sig: signal.Signals) -> bool:
-        """Signal the live child; False when it is gone (never signal a reaped pid)."""
+    def send(self, sig: signal.Signals, *, group: bool = False) -> bool:
+        """Signal the live child (with ``group``: its whole process group, the model's own
+        children included); False when it is gone (never signal a reaped pid)."""
         if not self.alive or self._proc is None:
             return False
         try:
-            os.kill(self._proc.pid, sig)
+            if group:
+                os.killpg(self._proc.pid, sig)  # the runner leads its own group
+            else:
+                os.kill(self._proc.pid, sig)
         except ProcessLookupError:
             return False
         return True
@@ -288,6 +348,7 @@ class RunnerHandle:
         """Write ``stop`` and say so: the runner finishes or cancels its work and exits 0."""
         if not self.alive:
             return
+        self.stop_requested = True
         protocol.write_atomic(os.path.join(self.working_dir, protocol.STOP_FILE), b"")
         self.send(protocol.SIG_RESCAN)
 
@@ -297,6 +358,7 @@ class RunnerHandle:
             task.cancel()
         if self._proc is not None and self.exit_code is None:
             self._unwatch_process()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     # --- output pipes --------------------------------------------------------------------------
     def _read_pipe(self, fd: int) -> None:
@@ -314,7 +376,7 @@ class RunnerHandle:
                 self._close_pipe(fd)
                 break
             buf.extend(chunk)
-        self._emit_lines(buf, final=fd not in self._pipes)
+        self._emit_lines(fd, buf, final=fd not in self._pipes)
 
     def _close_pipe(self, fd: int) -> None:
         buf = self._pipes.pop(fd, None)
@@ -322,7 +384,7 @@ class RunnerHandle:
             return
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(fd)
-        self._emit_lines(buf, final=True)
+        self._emit_lines(fd, buf, final=True)
         # Close through the file object that owns the fd: a bare os.close would leave it to
         # close the same number again later, by then maybe another pipe's.
         stream = self._streams.pop(fd, None)
@@ -330,7 +392,7 @@ class RunnerHandle:
             with contextlib.suppress(OSError):
                 stream.close()
 
-    def _emit_lines(self, buf: bytearray, *, final: bool) -> None:
+    def _emit_lines(self, fd: int, buf: bytearray, *, final: bool) -> None:
         # A bare "\r" ends a line too: progress bars written at the fd level (ffmpeg, tqdm in
         # a subprocess) would otherwise grow one line for as long as the process lives. A
         # line longer than MAX_LINE_BYTES is cut, so the buffer stays bounded.
@@ -342,8 +404,19 @@ class RunnerHandle:
                 end = min(len(buf), MAX_LINE_BYTES) - 1
             line = bytes(buf[: end + 1]).decode("utf-8", "replace").rstrip("\r\n")
             del buf[: end + 1]
-            if line:
+            if not line:
+                continue
+            if fd == self._log_fd:
+                self._on_runner_log(line)
+            else:
                 self._on_output_line(line)
+
+    def _on_runner_log(self, line: str) -> None:
+        # coglet's own lines: the pool's log, never a prediction's (they name the runner's
+        # troubles, e.g. response_write_failed, not the model's output). A death report
+        # shows them with the model's last lines.
+        self.tail.append(line)
+        log.info("runner_log runner=%d pid=%s %s", self.index, self.pid, line)
 
     def _on_output_line(self, line: str) -> None:
         # Output from C code or subprocesses: it belongs to the one prediction running, if
@@ -436,55 +509,107 @@ class RunnerHandle:
         try:
             delta = protocol.read_json(path)
         except Exception as e:  # anything a runner wrote that will not parse fails just this one
-            delta = {
-                "status": protocol.STATUS_FAILED,
-                "error": f"{self.name} sent a bad response: {e}",
-            }
+            delta = self._bad_response(e)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         slot.next_epoch += 1
         if not isinstance(delta, dict):
-            delta = {"status": protocol.STATUS_FAILED, "error": f"{self.name} sent a bad response"}
+            delta = self._bad_response(None)
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
-        self._deliver(slot, delta)
+        if protocol.DELTA_FILE_KEY in delta:
+            self._deliver(slot, self._delta_file(delta[protocol.DELTA_FILE_KEY]))
+        else:
+            self._deliver(slot, delta)
         if terminal:
+            self.completed += 1
             self._release(prediction_id)
         return terminal
 
-    def _deliver(self, slot: Slot, delta: dict[str, Any]) -> None:
-        # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
-        # of the same prediction wait behind an encoding one, so order holds.
-        needs = self._encode_output is not None and (
-            has_path(delta.get("output")) or has_path(delta.get("output_append"))
-        )
-        if slot.encoder is None and not needs:
-            slot.prediction.apply_delta(delta)
-            return
-        slot.backlog.append(delta)
+    def _bad_response(self, error: Exception | None) -> dict[str, Any]:
+        why = f": {error}" if error is not None else ""
+        return {"status": protocol.STATUS_FAILED, "error": f"{self.name} sent a bad response{why}"}
+
+    def _delta_file(self, path: Any) -> Pending:
+        """The spilled delta a response points to; only a file in this runner's own temporary
+        root is read (and removed) by the pool."""
+        if isinstance(path, str) and self.owns(path):
+            return DeltaFile(path)
+        return self._bad_response(ValueError(f"delta file {path!r} is outside {self.temp_dir}"))
+
+    def owns(self, path: str) -> bool:
+        """True for a path inside this runner's private temporary root (made by the pool)."""
+        root = os.path.realpath(self.temp_dir)
+        real = os.path.realpath(path)
+        return real != root and os.path.commonpath([root, real]) == root
+
+    def _note_failure(self, delta: dict[str, Any]) -> None:
+        if delta.get(protocol.ERROR_TYPE_KEY) == "MemoryError":
+            self.memory_errors += 1
+
+    def _deliver(self, slot: Slot, item: Pending) -> None:
+        # A spilled delta is read off the loop, and Path outputs are encoded (data: URI or
+        # upload) before anyone sees them; later deltas of the same prediction wait behind
+        # one that is loading or encoding, so order holds.
+        if isinstance(item, dict):
+            self._note_failure(item)
+            if slot.encoder is None and not self._needs_encoding(item):
+                slot.prediction.apply_delta(item)
+                return
+        slot.backlog.append(item)
         if slot.encoder is None:
             slot.encoder = asyncio.get_running_loop().create_task(self._drain_backlog(slot))
             self._tasks.add(slot.encoder)
 
+    def _needs_encoding(self, delta: dict[str, Any]) -> bool:
+        return self._encode_output is not None and (
+            has_path(delta.get("output")) or has_path(delta.get("output_append"))
+        )
+
     async def _drain_backlog(self, slot: Slot) -> None:
-        assert self._encode_output is not None
         try:
             while slot.backlog:
-                delta = slot.backlog.pop(0)
+                item = slot.backlog.pop(0)
+                spilled: list[str] = []
                 try:
-                    delta = await self._encode_delta(delta)
-                except Exception as e:  # an upload failed: the prediction fails, with why
+                    if isinstance(item, DeltaFile):
+                        delta = await asyncio.to_thread(_load_delta_file, item.path)
+                        self._note_failure(delta)
+                    else:
+                        delta = item
+                    if self._needs_encoding(delta):
+                        spilled = [p for p in _paths_in(delta) if self.owns(p)]
+                        delta = await self._encode_delta(delta)
+                except Exception as e:  # a load or an upload failed: the prediction fails
                     log.warning(
                         "output_encode_failed prediction=%s error=%s", slot.prediction.id, e
                     )
+                    what = "reading" if isinstance(item, DeltaFile) else "output upload"
                     delta = {
                         "status": protocol.STATUS_FAILED,
-                        "error": f"output upload failed: {e}",
+                        "error": f"{what} failed: {e}",
                     }
+                finally:
+                    if spilled:
+                        await asyncio.to_thread(self._remove_spilled, spilled)
                 slot.prediction.apply_delta(delta)
         finally:
             if slot.encoder is not None:
                 self._tasks.discard(slot.encoder)
             slot.encoder = None
+
+    def _remove_spilled(self, paths: list[str]) -> None:
+        """Remove the runner's copies of returned file objects (``<temp_dir>/cog-output-*/``);
+        a file the model returned by path is never in the temporary root, so never removed."""
+        root = os.path.realpath(self.temp_dir)
+        for path in paths:
+            parent = os.path.dirname(os.path.realpath(path))
+            if os.path.dirname(parent) == root and os.path.basename(parent).startswith(
+                protocol.SPILL_DIR_PREFIX
+            ):
+                shutil.rmtree(parent, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     async def _encode_delta(self, delta: dict[str, Any]) -> dict[str, Any]:
         assert self._encode_output is not None
@@ -548,7 +673,7 @@ class RunnerHandle:
             self.pid,
             prediction_id,
         )
-        self.send(signal.SIGKILL)
+        self.send(signal.SIGKILL, group=True)
 
     def _release(self, prediction_id: str) -> None:
         slot = self.slots.pop(prediction_id, None)
@@ -578,6 +703,18 @@ class RunnerHandle:
             failed.append(slot.prediction)
         return failed
 
+    def rss_mb(self) -> float | None:
+        """The runner process's resident memory in MiB (None when it is gone)."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
     def death_report(self) -> str:
         """``runner 2 (gpu 2) died: killed by SIGKILL`` plus the last output lines."""
         text = f"{self.name} died: {describe_exit(self.exit_code or 0)}"
@@ -585,3 +722,34 @@ class RunnerHandle:
         if lines:
             text += "\nlast output:\n" + "\n".join(lines)
         return text
+
+
+def _load_delta_file(path: str) -> dict[str, Any]:
+    """Read and remove one spilled delta (runs in a worker thread: it may be large)."""
+    try:
+        delta = protocol.read_json_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"spilled response {path} is missing") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if not isinstance(delta, dict):
+        raise ValueError(f"spilled response {path} is not a JSON object")
+    return delta
+
+
+def _paths_in(value: Any) -> list[str]:
+    """Every ``{PATH_MARKER: path}`` path in a delta's output (iterative)."""
+    found: list[str] = []
+    stack = [value.get("output"), value.get("output_append")]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            marked = item.get(protocol.PATH_MARKER)
+            if len(item) == 1 and isinstance(marked, str):
+                found.append(marked)
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
