@@ -74,10 +74,10 @@ def runner_pids(manager: PoolManager) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def running_pool(
-    config: PoolConfig, *, ready: bool = True, grace_s: float = 10.0
+    config: PoolConfig, *, ready: bool = True, grace_s: float = 10.0, metrics: Any = None
 ) -> AsyncIterator[PoolManager]:
     """A started PoolManager (READY unless ``ready=False``); shut down and checked after."""
-    manager = PoolManager(config)
+    manager = PoolManager(config, metrics=metrics)
     await manager.start()
     seen: set[int] = set()
     try:
