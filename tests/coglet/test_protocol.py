@@ -1,0 +1,131 @@
+"""The protocol's files on the runner's side: large deltas spill, failed writes, reading memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coglet import protocol
+from coglet.responder import Responder
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs (the suite runs as root), unmounted after."""
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, f"cannot mount a tmpfs (needs root): {done.stderr}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb", buffering=0) as f:
+        for size in (65536, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def _responder(working_dir: Path, spill_dir: Path | None = None) -> Responder:
+    options: dict[str, Any] = {} if spill_dir is None else {"spill_dir": str(spill_dir)}
+    return Responder(
+        str(working_dir),
+        "p1",
+        notify=lambda: None,
+        schedule_flush=lambda responder, delay_s: None,
+        late_log=lambda text: None,
+        **options,
+    )
+
+
+def _response(working_dir: Path, epoch: int) -> Any:
+    return protocol.read_json(str(working_dir / protocol.response_name("p1", epoch)))
+
+
+def test_a_delta_larger_than_the_spill_size_goes_to_the_temp_root(
+    tmpfs: Path, tmp_path: Path
+) -> None:
+    spill = tmp_path / "runner-tmp"
+    spill.mkdir()
+    # Steps: a 2 MiB output, with the working dir on a 1 MiB tmpfs.
+    responder = _responder(tmpfs, spill)
+    responder.finish(protocol.STATUS_SUCCEEDED, output_json=json.dumps("y" * (2 << 20)))
+    # Result: the response file points to the delta on disk, which holds the whole output.
+    pointer = _response(tmpfs, 0)
+    assert pointer == {
+        "status": "succeeded",
+        protocol.DELTA_FILE_KEY: str(spill / "delta-p1-0.json"),
+    }
+    assert protocol.read_json_file(pointer[protocol.DELTA_FILE_KEY])["output"] == "y" * (2 << 20)
+
+
+def test_a_terminal_delta_that_cannot_be_written_becomes_a_failure_notice(tmpfs: Path) -> None:
+    # Steps: a 2 MiB output, on a 1 MiB tmpfs, nowhere to spill.
+    responder = _responder(tmpfs)
+    responder.finish(protocol.STATUS_SUCCEEDED, output_json=json.dumps("y" * (2 << 20)))
+    # Result: epoch 0 is a short "failed" delta naming the error; no temp file is left.
+    delta = _response(tmpfs, 0)
+    assert delta["status"] == "failed"
+    assert "could not write this prediction's response" in delta["error"]
+    assert "No space left on device" in delta["error"]
+    assert delta[protocol.ERROR_TYPE_KEY] == "OSError"
+    assert sorted(os.listdir(tmpfs)) == [protocol.response_name("p1", 0)]
+
+
+def test_a_failed_flush_keeps_its_epoch_and_its_logs(tmpfs: Path) -> None:
+    responder = _responder(tmpfs)
+    # Steps: logs are pending; the tmpfs is full, so the flush fails; room comes back.
+    responder.append_log("line 1\n")
+    _fill(tmpfs / "filler")
+    with pytest.raises(OSError):
+        responder.flush()
+    (tmpfs / "filler").unlink()
+    responder.finish(protocol.STATUS_SUCCEEDED, output_json='"done"')
+    # Result: the terminal delta is epoch 0 (no epoch was skipped) and carries the logs.
+    assert _response(tmpfs, 0) == {
+        "status": "succeeded",
+        "logs_append": "line 1\n",
+        "output": "done",
+    }
+
+
+def test_when_not_even_the_failure_notice_fits_finish_raises(tmpfs: Path) -> None:
+    responder = _responder(tmpfs)
+    _fill(tmpfs / "filler")
+    # The runner exits (EXIT_RESPONSE_WRITE_FAILED) on this, so the pool never waits for it.
+    with pytest.raises(OSError):
+        responder.finish(protocol.STATUS_SUCCEEDED, output_json='"done"')
+    assert responder.done
+
+
+def test_reading_a_large_response_holds_at_most_twice_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "response.json"
+    size = 20 << 20
+    path.write_text(json.dumps({"status": "succeeded", "output": "z" * size}))
+    tracemalloc.start()
+    try:
+        delta = protocol.read_json(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert delta["output"] == "z" * size
+    # The bytes, the text and the value never all live at once (json.loads(bytes) would).
+    assert peak <= 2.1 * size, f"peak {peak / size:.2f}x the response size"
