@@ -245,11 +245,24 @@ class RunnerHandle:
 
     def _reset_dir(self) -> None:
         # A previous process's leftovers (responses, a stop file, spilled files) must not leak
-        # into this one. Both dirs are private to this runner: 0700.
+        # into this one. Both dirs are private to this runner: 0700. The working dir holds a
+        # few small files; the temporary root may hold a dead runner's large spills, so it is
+        # renamed away at once and removed in a worker thread, off the loop.
+        shutil.rmtree(self.working_dir, ignore_errors=True)
+        if os.path.lexists(self.temp_dir):
+            old = f"{self.temp_dir}.old-{time.monotonic_ns()}"
+            os.rename(self.temp_dir, old)
+            self._remove_later(old)
         for path in (self.working_dir, self.temp_dir):
-            shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path, mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
+
+    def _remove_later(self, path: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _runner_config(self) -> dict[str, Any]:
         return {
