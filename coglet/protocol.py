@@ -226,7 +226,7 @@ def read_json(path: str) -> Optional[Any]:
             return _loads_once(_read_rest(fd, data))
     finally:
         os.close(fd)
-    return json.loads(data)
+    return _loads(data)
 
 
 def read_json_file(path: str) -> Any:
@@ -273,7 +273,16 @@ def _loads_once(data: bytearray) -> Any:
     # copies of a large output at once. Decoding here lets the bytes go before the parse.
     text = data.decode("utf-8", "surrogatepass")
     data.clear()
-    return json.loads(text)
+    return _loads(text)
+
+
+def _loads(data: Any) -> Any:
+    try:
+        return json.loads(data)
+    except RecursionError:
+        # Readers handle ValueError (malformed); nesting past the interpreter's recursion
+        # limit is malformed too, and must not escape as a different exception.
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 _READ_CHUNK = 1 << 16

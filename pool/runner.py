@@ -27,7 +27,7 @@ from typing import Any
 from coglet import protocol
 from pool.config import PoolConfig, project_root
 from pool.files import has_path
-from pool.prediction import Prediction, utc_now
+from pool.prediction import EVENT_COMPLETED, Prediction, utc_now
 
 __all__ = [
     "BUSY",
@@ -117,7 +117,9 @@ class Slot:
     prediction: Prediction
     dispatched_at: float
     next_epoch: int = 0
-    backlog: list[Pending] = field(default_factory=list)  # deltas awaiting a load or encoding
+    pending: list[Pending] = field(default_factory=list)  # behind a spilled delta's load
+    loader: asyncio.Task[None] | None = None
+    backlog: list[dict[str, Any]] = field(default_factory=list)  # deltas awaiting encoding
     encoder: asyncio.Task[None] | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
@@ -560,15 +562,44 @@ class RunnerHandle:
             self.memory_errors += 1
 
     def _deliver(self, slot: Slot, item: Pending) -> None:
-        # A spilled delta is read off the loop, and Path outputs are encoded (data: URI or
-        # upload) before anyone sees them; later deltas of the same prediction wait behind
-        # one that is loading or encoding, so order holds.
-        if isinstance(item, dict):
-            self._note_failure(item)
-            if slot.encoder is None and not self._needs_encoding(item):
-                slot.prediction.apply_delta(item)
-                return
-        slot.backlog.append(item)
+        # A spilled delta is read in a worker thread, off the loop; the deltas after it wait
+        # behind it (slot.pending), so epoch order holds.
+        if isinstance(item, DeltaFile) or slot.loader is not None:
+            slot.pending.append(item)
+            if slot.loader is None:
+                slot.loader = asyncio.get_running_loop().create_task(self._load_pending(slot))
+                self._tasks.add(slot.loader)
+            return
+        self._apply(slot, item)
+
+    async def _load_pending(self, slot: Slot) -> None:
+        try:
+            while slot.pending:
+                item = slot.pending.pop(0)
+                if isinstance(item, DeltaFile):
+                    try:
+                        item = await asyncio.to_thread(_load_delta_file, item.path)
+                    except Exception as e:  # unreadable: the prediction fails, with why
+                        log.warning(
+                            "response_read_failed prediction=%s error=%s", slot.prediction.id, e
+                        )
+                        item = self._bad_response(e)
+                self._apply(slot, item)
+        finally:
+            if slot.loader is not None:
+                self._tasks.discard(slot.loader)
+            slot.loader = None
+
+    def _apply(self, slot: Slot, delta: dict[str, Any]) -> None:
+        """Hand one delta, in epoch order, to its prediction (through the output encoder)."""
+        self._note_failure(delta)
+        self._track_spills(slot.prediction, delta)
+        # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
+        # of the same prediction wait behind an encoding one, so order holds.
+        if slot.encoder is None and not self._needs_encoding(delta):
+            slot.prediction.apply_delta(delta)
+            return
+        slot.backlog.append(delta)
         if slot.encoder is None:
             slot.encoder = asyncio.get_running_loop().create_task(self._drain_backlog(slot))
             self._tasks.add(slot.encoder)
@@ -578,32 +609,40 @@ class RunnerHandle:
             has_path(delta.get("output")) or has_path(delta.get("output_append"))
         )
 
+    def _track_spills(self, prediction: Prediction, delta: dict[str, Any]) -> None:
+        """Remove the runner's copies of returned file objects once the prediction is over
+        (its outputs encoded): only paths inside this runner's temporary root qualify."""
+        if "output" not in delta and "output_append" not in delta:
+            return
+        spilled = [p for p in _paths_in(delta) if self.owns(p)]
+        if not spilled:
+            return
+
+        def on_event(_: Prediction, event: str) -> None:
+            if event == EVENT_COMPLETED:
+                task = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(self._remove_spilled, spilled)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        prediction.add_listener(on_event)
+
     async def _drain_backlog(self, slot: Slot) -> None:
+        assert self._encode_output is not None
         try:
             while slot.backlog:
-                item = slot.backlog.pop(0)
-                spilled: list[str] = []
+                delta = slot.backlog.pop(0)
                 try:
-                    if isinstance(item, DeltaFile):
-                        delta = await asyncio.to_thread(_load_delta_file, item.path)
-                        self._note_failure(delta)
-                    else:
-                        delta = item
-                    if self._needs_encoding(delta):
-                        spilled = [p for p in _paths_in(delta) if self.owns(p)]
-                        delta = await self._encode_delta(delta)
-                except Exception as e:  # a load or an upload failed: the prediction fails
+                    delta = await self._encode_delta(delta)
+                except Exception as e:  # an upload failed: the prediction fails, with why
                     log.warning(
                         "output_encode_failed prediction=%s error=%s", slot.prediction.id, e
                     )
-                    what = "reading" if isinstance(item, DeltaFile) else "output upload"
                     delta = {
                         "status": protocol.STATUS_FAILED,
-                        "error": f"{what} failed: {e}",
+                        "error": f"output upload failed: {e}",
                     }
-                finally:
-                    if spilled:
-                        await asyncio.to_thread(self._remove_spilled, spilled)
                 slot.prediction.apply_delta(delta)
         finally:
             if slot.encoder is not None:
@@ -708,7 +747,10 @@ class RunnerHandle:
             slot = self.slots[prediction_id]
             self._release(prediction_id)
             slot.prediction.runner_died = True
-            if slot.encoder is not None:
+            if slot.loader is not None:
+                # A spilled delta is still being read: the failure lands after it, in order.
+                slot.pending.append({"status": protocol.STATUS_FAILED, "error": error})
+            elif slot.encoder is not None:
                 # Updates are still being encoded: the failure lands after them, in order.
                 slot.backlog.append({"status": protocol.STATUS_FAILED, "error": error})
             else:
