@@ -364,7 +364,18 @@ class RunnerHandle:
         if not self.alive:
             return
         self.stop_requested = True
-        protocol.write_atomic(os.path.join(self.working_dir, protocol.STOP_FILE), b"")
+        try:
+            protocol.write_atomic(os.path.join(self.working_dir, protocol.STOP_FILE), b"")
+        except OSError as e:
+            # A full tmpfs must not keep a runner alive: SIGTERM asks for the same clean stop.
+            log.warning(
+                "runner_stop_file_failed runner=%d pid=%s error=%r action=sigterm",
+                self.index,
+                self.pid,
+                e,
+            )
+            self.send(signal.SIGTERM)
+            return
         self.send(protocol.SIG_RESCAN)
 
     def close(self) -> None:

@@ -94,14 +94,16 @@ async def running_pool(
 
 
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
-    """A real tmpfs of ``size`` at ``path`` (as Docker's /dev/shm is one, 64 MiB by default);
-    unmounted after. The suite runs as root (CI's container does too)."""
+def small_tmpfs(path: Path, size: str = "4m", *, nr_inodes: int | None = None) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``path`` (as Docker's /dev/shm is one, 64 MiB by default),
+    with at most ``nr_inodes`` files if given; unmounted after. The suite runs as root (CI's
+    container does too)."""
     import subprocess
 
     path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
         capture_output=True,
         text=True,
         check=False,
@@ -129,3 +131,13 @@ def fill_filesystem(path: Path) -> None:
                 f.write(b"\0" * 512)
         except OSError:
             pass
+
+
+def fill_inodes(directory: Path) -> None:
+    """Create empty files in ``directory`` until its filesystem has no inode left."""
+    directory.mkdir(exist_ok=True)
+    for n in range(1_000_000):
+        try:
+            (directory / f"f{n}").touch()
+        except OSError:
+            return
