@@ -707,9 +707,25 @@ class RunnerHandle:
         if prediction_id not in self.slots:
             return False
         self.slots[prediction_id].prediction.cancel_requested = True
-        protocol.write_atomic(
-            os.path.join(self.working_dir, protocol.cancel_name(prediction_id)), b""
-        )
+        try:
+            protocol.write_atomic(
+                os.path.join(self.working_dir, protocol.cancel_name(prediction_id)), b""
+            )
+        except OSError as e:
+            # The runner cannot be told which prediction to stop (a full tmpfs): rather than
+            # hold the slot for good, the runner is killed if it still has it after the grace.
+            log.warning(
+                "prediction_cancel_write_failed prediction=%s runner=%d error=%r action=%s",
+                prediction_id,
+                self.index,
+                e,
+                "kill_after_cancel_grace",
+            )
+            loop = asyncio.get_running_loop()
+            grace = self.config.runners.cancel_grace_s
+            timer = loop.call_later(grace, self._on_cancel_grace_over, prediction_id)
+            self.slots[prediction_id].timers.append(timer)
+            return True
         self.send(protocol.SIG_CANCEL)
         log.info("prediction_cancel_sent prediction=%s runner=%d", prediction_id, self.index)
         return True

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from pool_helpers import (
     fill_filesystem,
+    fill_inodes,
     make_config,
     path_exists,
     pid_alive,
@@ -331,3 +333,23 @@ async def test_a_path_the_model_returns_is_never_deleted(tmp_path: Path) -> None
     assert p.status == "succeeded", p.error
     assert base64.b64decode(p.output.split(",", 1)[1]) == b"mine"
     assert path_exists(str(own / "cog-output-mine" / "keep.txt"))
+
+
+async def test_a_cancel_that_cannot_be_written_still_frees_the_slot(tmp_path: Path) -> None:
+    # Steps: the state dir is a tmpfs with few inodes; a long prediction runs; the inodes run
+    # out; the prediction is canceled (the cancel file cannot be created).
+    with small_tmpfs(tmp_path / "shm", nr_inodes=64) as shm:
+        config = make_config(
+            tmp_path, "proc", state_dir=str(shm / "state"), runners__cancel_grace_s=0.5
+        )
+        async with running_pool(config) as manager:
+            p = await submit(manager, sleep_s=120, say="working")
+            await wait_until(lambda: "working" in p.logs, what="prediction running")
+            await asyncio.to_thread(fill_inodes, shm / "filler")
+            assert await manager.cancel(p.id)
+            # Result: the runner is killed after the cancel grace, which ends the prediction
+            # and frees its slot; with inodes back, a fresh runner serves.
+            await p.wait(30)
+            await asyncio.to_thread(shutil.rmtree, shm / "filler")
+            await wait_until(lambda: manager.status == "READY", what="runner back")
+    assert p.status in ("failed", "canceled") and p.done
