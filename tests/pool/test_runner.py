@@ -129,13 +129,14 @@ async def test_a_returned_file_object_is_encoded_and_its_temporary_copy_removed(
     async with running_pool(config) as manager:
         p = await submit(manager, text="from a buffer")
         await p.wait(30)
-        # The copy lives in the runner's private temporary root, not in the model's TMPDIR.
-        left = os.listdir(manager._supervisor.runners[0].temp_dir)
+        # The copy lives in the runner's private temporary root, not in the model's TMPDIR,
+        # and is removed (in a worker thread) once the prediction is complete.
+        temp_dir = manager._supervisor.runners[0].temp_dir
+        await wait_until(lambda: os.listdir(temp_dir) == [], what="the spilled copy removed")
         in_model_tmp = [path.name for path in runner_tmp.iterdir()]
     assert p.status == "succeeded", p.error
     assert p.output.startswith("data:text/plain")
     assert base64.b64decode(p.output.split(",", 1)[1]) == b"from a buffer"
-    assert left == []  # the runner's spilled copy is gone
     assert in_model_tmp == []
 
 
