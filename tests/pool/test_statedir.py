@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import stat
@@ -97,3 +98,26 @@ async def test_a_configured_state_dirs_runner_dirs_are_private(tmp_path: Path) -
         # The protocol dir (requests, inputs' paths), then the runner's temporary root.
         assert oct(stat.S_IMODE(os.stat(runner.working_dir).st_mode)) == oct(0o700)
         assert oct(stat.S_IMODE(os.stat(runner.temp_dir).st_mode)) == oct(0o700)
+
+
+async def test_serve_on_a_state_dir_in_use_exits_3_naming_dir_and_holder(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "proc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COG_POOL_")}
+    env["PYTHONPATH"] = str(PROJECT) + os.pathsep + env.get("PYTHONPATH", "")
+    async with running_pool(config):
+        # Steps: `cog-pool serve --state-dir <the same dir>` while the first pool serves.
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "pool", "serve", str(MODELS / "proc"), "--port", "0"),
+            *("--state-dir", str(config.state_dir)),
+            cwd=PROJECT,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    # Result: it exits at once with code 3 and says which dir and which pool holds it.
+    assert proc.returncode == 3, err
+    assert (
+        f"state dir {config.state_dir} is in use by another pool (pid {os.getpid()}"
+        in err.decode()
+    )

@@ -319,3 +319,21 @@ async def test_a_supervisor_pass_that_keeps_failing_makes_serve_exit_non_zero(
     assert any(m.startswith("supervisor_failed consecutive_failed_ticks=3") for m in messages)
     spawned = [int(m.split("pid=")[1]) for m in messages if m.startswith("runner_spawned ")]
     assert spawned and not any(pid_alive(pid) for pid in spawned)
+
+
+async def test_a_recycle_costs_only_the_recycled_runners_capacity(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__count=2, runners__max_predictions=1)
+    async with running_pool(config) as manager:
+        await wait_until(all_ready(manager), what="both runners READY")
+        # Steps: one prediction; its runner has then served its one and is recycled.
+        p = await submit(manager, n=1)
+        await p.wait(30)
+        used, other = p.runner_index, 1 - (p.runner_index or 0)
+        await wait_until(lambda: runner(manager, used)["recycles"] == 1, what="a recycle")
+        # Result: while it drains and restarts, the other runner is READY and serves at once.
+        assert runner(manager, other)["status"] == "READY"
+        assert manager.free_slots() >= 1
+        q = await submit(manager, n=2)
+        await q.wait(30)
+        assert q.status == "succeeded" and q.runner_index == other
+        await wait_until(all_ready(manager), what="the recycled runner back")
