@@ -2,6 +2,7 @@
 
     cog-pool submit --redis-url redis://127.0.0.1:6379 -i text=world
     cog-pool submit --amqp-url amqp://guest:guest@127.0.0.1/ --queue q --json '{"input": {}}'
+    cog-pool submit --redis-url redis://127.0.0.1:6379 --file inputs.jsonl --out results.jsonl
 
 The result (the Cog prediction object) goes to stdout as JSON; progress entries, when the
 pool publishes them, go to stderr. Exit status: 0 succeeded, 1 failed or canceled, 2 usage,
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ingest import names
+from ingest.batch import add_batch_arguments, batch_main
 from pool.config import AmqpConfig, RedisConfig
 
 __all__ = ["build_parser", "submit_main"]
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="the whole request body (POST /predictions shape)")
     p.add_argument("--id", help="prediction id (default: generated)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
+    add_batch_arguments(p)
     return p
 
 
@@ -71,6 +74,8 @@ def build_body(args: argparse.Namespace) -> dict[str, Any]:
 def submit_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cog-pool submit`` (hook it into the CLI's subcommands)."""
     args = build_parser().parse_args(argv)
+    if args.file:
+        return batch_main(args)
     try:
         body = build_body(args)
     except ValueError as e:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, Protocol
 
@@ -53,6 +55,14 @@ _DISCONNECT_CHECK_S = 1.0
 
 _PREFER_ASYNC = "respond-async"
 
+# Orchestrator probes: answered without the token (a kubelet or load balancer has none).
+LIVE_PATH = "/health/live"
+READY_PATH = "/health/ready"
+OPEN_PATHS = frozenset({LIVE_PATH, READY_PATH, "/health-check"})
+METRICS_PATH = "/metrics"
+# Pool statuses in which a runner can take work (BUSY: a request waits in the pool's queue).
+_READY_STATUSES = frozenset({"READY", "BUSY"})
+
 
 class ManagerAPI(Protocol):
     """What the HTTP API uses of :class:`pool.manager.PoolManager`."""
@@ -61,6 +71,10 @@ class ManagerAPI(Protocol):
     def status(self) -> str: ...
     @property
     def schema(self) -> dict[str, Any] | None: ...
+    @property
+    def shutting_down(self) -> bool: ...
+    @property
+    def last_tick_at(self) -> float | None: ...
 
     async def start(self) -> None: ...
     async def shutdown(self, grace_s: float | None = None) -> None: ...
@@ -89,7 +103,10 @@ def create_app(
     ``manage_lifecycle`` the app starts the manager on server start-up and shuts it down on
     clean-up; pass False when the caller drives ``start``/``shutdown`` itself.
     """
-    app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=[_json_errors])
+    middlewares: list[Any] = [_json_errors]
+    if config.http.auth_token is not None:
+        middlewares.append(_bearer_auth(config.http.auth_token, config.http.metrics_public))
+    app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[MANAGER_KEY] = manager
     found = metrics if metrics is not None else getattr(manager, "metrics", None)
@@ -99,13 +116,15 @@ def create_app(
         [
             web.get("/", index),
             web.get("/health-check", health_check),
+            web.get(LIVE_PATH, health_live),
+            web.get(READY_PATH, health_ready),
             web.get("/openapi.json", openapi),
             web.post("/predictions", create_prediction),
             web.put("/predictions/{prediction_id}", put_prediction),
             web.get("/predictions/{prediction_id}", get_prediction),
             web.post("/predictions/{prediction_id}/cancel", cancel_prediction),
             web.post("/shutdown", shutdown),
-            web.get("/metrics", metrics_page),
+            web.get(METRICS_PATH, metrics_page),
         ]
     )
     if manage_lifecycle:
@@ -145,6 +164,34 @@ async def _json_errors(
         # Hostile input must never take the server down; the details go to the log only.
         log.exception("http_internal_error method=%s path=%s", request.method, request.path)
         return _error(500, "internal server error")
+
+
+def _bearer_auth(token: str, metrics_public: bool) -> Any:
+    """Middleware: every route but the probes (and /metrics if public) needs the token."""
+    expected = token.encode()
+    open_paths = OPEN_PATHS | {METRICS_PATH} if metrics_public else OPEN_PATHS
+
+    @web.middleware
+    async def bearer_auth(
+        request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        if request.path in open_paths:
+            response: web.StreamResponse = await handler(request)
+            return response
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest takes as long for a wrong token as for a right one of the same length.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            # DEBUG: an unauthenticated client could otherwise fill the log at will.
+            log.debug("http_unauthorized method=%s path=%s", request.method, request.path)
+            return _error(
+                401,
+                "missing or wrong token: send Authorization: Bearer <http.auth_token>",
+                headers={"WWW-Authenticate": 'Bearer realm="cog-pool"'},
+            )
+        response = await handler(request)
+        return response
+
+    return bearer_auth
 
 
 def _retry_after(request: web.Request) -> dict[str, str]:
@@ -214,6 +261,31 @@ async def health_check(request: web.Request) -> web.Response:
     if request.app[SHUTDOWN_KEY].is_set():
         body["shutting_down"] = True
     return web.json_response(body)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    """200 while the supervisor loop turns (its last pass is recent); 503 otherwise."""
+    last = request.app[MANAGER_KEY].last_tick_at
+    limit_s = request.app[CONFIG_KEY].http.live_tick_age_s
+    age_s = None if last is None else round(time.monotonic() - last, 3)
+    alive = age_s is not None and age_s <= limit_s
+    body = {"status": "alive" if alive else "stalled", "last_tick_age_s": age_s}
+    return web.json_response(body, status=200 if alive else 503)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    """200 while a runner can take work and the pool is not draining; 503 otherwise."""
+    manager = request.app[MANAGER_KEY]
+    status = manager.status
+    accepted = {"READY"} if request.app[CONFIG_KEY].http.reject_when_busy else _READY_STATUSES
+    if request.app[SHUTDOWN_KEY].is_set() or manager.shutting_down:
+        reason: str | None = "draining"
+    elif status not in accepted:
+        reason = f"pool status {status}"
+    else:
+        reason = None
+    body = {"ready": reason is None, "status": status, "reason": reason}
+    return web.json_response(body, status=200 if reason is None else 503)
 
 
 async def openapi(request: web.Request) -> web.Response:

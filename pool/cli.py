@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amqp-url", help="queues.amqp.url (enables the AMQP consumer)")
         p.add_argument("--state-dir", help="state_dir: runner working directories")
         p.add_argument("--log-level", help="log_level: debug, info, warning, error")
-    # Listed for --help; its own parser (ingest/submit.py) reads the arguments.
+    # Listed for --help; their own parsers (pool/status.py, ingest/submit.py) read the arguments.
+    sub.add_parser(
+        "status", help="show a running pool's runners and queue consumers", add_help=False
+    )
     sub.add_parser(
         "submit",
         help="push one prediction to a Redis stream or AMQP queue and print its result",
@@ -88,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.submit import submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from pool.status import status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     config_path = args.config or os.environ.get("COG_POOL_CONFIG") or None
     try:
@@ -96,13 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cog-pool: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "config":
-        print(json.dumps(dataclasses.asdict(config), indent=2))
+        shown = dataclasses.asdict(config)
+        if shown["http"]["auth_token"] is not None:  # a secret: say it is set, never print it
+            shown["http"]["auth_token"] = "<set>"
+        print(json.dumps(shown, indent=2))
         return 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from pool.logs import configure_logging
+
+    configure_logging(config.log_level, config.logging.format, sys.stderr)
     try:
         return asyncio.run(serve(config))
     except StateDirBusy as e:

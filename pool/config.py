@@ -31,6 +31,7 @@ __all__ = [
     "AmqpConfig",
     "FilesConfig",
     "HttpConfig",
+    "LoggingConfig",
     "ModelConfig",
     "PoolConfig",
     "QueuesConfig",
@@ -62,6 +63,12 @@ class HttpConfig:
     retry_after_s: int = 1
     recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
     recent_max: int = 10_000
+    # Bearer token every route but the probes needs; set it whenever the pool listens beyond
+    # loopback. auth_token_file: a file holding it (a mounted secret), read at start.
+    auth_token: str | None = None
+    auth_token_file: str | None = None
+    metrics_public: bool = False  # true: /metrics answers without the token
+    live_tick_age_s: float = 10.0  # /health/live fails once the supervisor loop is this stale
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,14 @@ class ShutdownConfig:
     grace_s: float = 30.0
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"  # text: "time LEVEL logger event k=v"; json: one object per line
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +170,7 @@ class PoolConfig:
     files: FilesConfig = field(default_factory=FilesConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     state_dir: str | None = None  # None: /dev/shm/cog-pool-<pid> when /dev/shm exists, else tmp
     log_level: str = "info"
 
@@ -379,6 +395,10 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.retry_after_s", lambda v: v >= 0, ">= 0"),
     ("http.recent_ttl_s", lambda v: v >= 0, ">= 0"),
     ("http.recent_max", lambda v: v >= 0, ">= 0"),
+    ("http.auth_token", lambda v: v.strip() != "" and v == v.strip(), "a non-empty token "
+     "without surrounding whitespace"),
+    ("http.live_tick_age_s", lambda v: v > 0, "> 0"),
+    ("logging.format", lambda v: v in LOG_FORMATS, f"one of {', '.join(LOG_FORMATS)}"),
     ("runners.per_gpu", lambda v: v >= 1, ">= 1"),
     ("runners.count", lambda v: v >= 1, ">= 1"),
     ("runners.max_concurrency", lambda v: v >= 1, ">= 1"),
@@ -541,7 +561,27 @@ def load_config(
         flat["model.python"] = _interpreter(flat["model.python"], env)
     if flat.get("state_dir") is not None:
         flat["state_dir"] = os.path.abspath(flat["state_dir"])
+    if flat.get("http.auth_token_file") is not None:
+        flat["http.auth_token"] = _token_from_file(flat)
     return typing.cast(PoolConfig, _build(PoolConfig, flat))
+
+
+def _token_from_file(flat: dict[str, Any]) -> str:
+    path = os.path.abspath(os.path.expanduser(flat["http.auth_token_file"]))
+    if flat.get("http.auth_token") is not None:
+        raise ConfigError(
+            "http.auth_token_file", "set either http.auth_token or http.auth_token_file, not both"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(
+            "http.auth_token_file", f"cannot read the token file {path}: {e.strerror}"
+        ) from None
+    if not token:
+        raise ConfigError("http.auth_token_file", f"the token file {path} is empty")
+    return token
 
 
 def _model_dir(given: str | None) -> str:

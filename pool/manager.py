@@ -78,6 +78,7 @@ class PoolManager:
         self._ready_once = False
         if metrics is not None:
             metrics.add_collector(self._samples)
+            metrics.add_runner_source(self._supervisor.runners_info)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +172,11 @@ class PoolManager:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    @property
+    def last_tick_at(self) -> float | None:
+        """``time.monotonic()`` of the supervisor loop's last pass (None before start)."""
+        return self._supervisor.last_tick_at
 
     @property
     def runners(self) -> list[dict[str, Any]]:
@@ -310,6 +316,7 @@ class PoolManager:
                 source=prediction.source,
                 queue_wait_s=queue_wait_s,
                 predict_time_s=prediction.metrics.get("predict_time"),
+                runner_index=prediction.runner_index,
             )
         # Successes are counted by /metrics and logged at DEBUG: a log line costs about as
         # much as the rest of the pool's work on a null prediction. Failures and cancels

@@ -132,6 +132,8 @@ class Supervisor:
         self._failed_ticks = 0
         # Set when the supervisor's own pass keeps failing: the pool should exit non-zero.
         self.failed = asyncio.Event()
+        # time.monotonic() of the loop's last pass; /health/live reads it (None: not started).
+        self.last_tick_at: float | None = None
         self.runners = [
             RunnerHandle(
                 i,
@@ -153,6 +155,7 @@ class Supervisor:
         _add_waker(self.handle_signal)
         for runner in self.runners:
             runner.spawn()
+        self.last_tick_at = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pool-supervisor")
 
     def wake(self) -> None:
@@ -181,6 +184,8 @@ class Supervisor:
             finally:
                 safety.cancel()
             self._tick_and_settle()
+            # Here, not in tick(): runner signals tick too, and would keep a dead loop "live".
+            self.last_tick_at = time.monotonic()
 
     def _tick_and_settle(self) -> None:
         try:
@@ -420,7 +425,9 @@ class Supervisor:
         if self._task is not None:
             self._closing = True
             self.wake()
-            await self._task
+            # A loop that already ended (a bug escaped it, or it was cancelled) must not stop
+            # the shutdown from closing the runners.
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for runner in self.runners:
             runner.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -56,6 +57,8 @@ class FakeManager:
         self.stopped = False
         self.changed = asyncio.Event()  # set on every submit and cancel
         self.fail_prediction_with: str | None = None
+        self.shutting_down = False
+        self.last_tick_at: float | None = time.monotonic()
 
     async def start(self) -> None:
         self.started = True
@@ -227,7 +230,7 @@ async def test_metrics_are_prometheus_text_with_collectors(api: Api) -> None:
     assert status == 200
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1' in text
-    assert "cog_pool_queue_depth 3" in text.splitlines()
+    assert "cog_pool_queue_depth 3.0" in text.splitlines()
 
 
 # --- predictions ---------------------------------------------------------------------------------

@@ -199,9 +199,14 @@ async def test_sync_prediction_schema_health_and_metrics(tmp_path: Path) -> None
         status, text = await api.call("GET", "/metrics")
         assert status == 200
         lines = text.splitlines()
-        assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1' in lines
-        assert 'cog_pool_runners{state="READY"} 1' in lines
-        assert "cog_pool_predict_seconds_count 1" in lines
+        assert 'cog_pool_predictions_total{source="http",status="succeeded"} 1.0' in lines
+        assert 'cog_pool_runners{state="READY"} 1.0' in lines
+        assert "cog_pool_predict_seconds_count 1.0" in lines
+        assert 'cog_pool_runner_predictions_total{runner="0"} 1.0' in lines
+        rss = [x for x in lines if x.startswith('cog_pool_runner_resident_memory_bytes{')]
+        assert rss and rss[0].startswith('cog_pool_runner_resident_memory_bytes{gpu="",runner="0"')
+        assert float(rss[0].split()[-1]) > 1_000_000  # a Python process is megabytes
+        assert any(x.startswith("process_resident_memory_bytes ") for x in lines)
 
 
 async def test_failed_prediction_answers_200_and_invalid_input_422(tmp_path: Path) -> None:
