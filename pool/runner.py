@@ -36,8 +36,10 @@ __all__ = [
     "RUNNER_STATES",
     "SETUP_FAILED",
     "STARTING",
+    "DeltaFile",
     "OutputEncoder",
     "RunnerHandle",
+    "Slot",
     "describe_exit",
 ]
 

@@ -30,7 +30,7 @@ from pool import runner as runner_module
 from pool.config import project_root
 from pool.manager import PoolManager
 from pool.prediction import Prediction, PredictionRequest
-from pool.runner import MAX_LINE_BYTES, RunnerHandle, describe_exit
+from pool.runner import MAX_LINE_BYTES, RunnerHandle, Slot, describe_exit
 from pool.supervisor import runner_gpus
 
 
@@ -354,3 +354,55 @@ async def test_a_cancel_that_cannot_be_written_still_frees_the_slot(tmp_path: Pa
             await asyncio.to_thread(shutil.rmtree, shm / "filler")
             await wait_until(lambda: manager.status == "READY", what="runner back")
     assert p.status in ("failed", "canceled") and p.done
+
+
+def _handle_with_slot(tmp_path: Path) -> tuple[RunnerHandle, Prediction]:
+    """A runner handle (no process) holding one prediction in flight, epoch 0 next."""
+    config = make_config(tmp_path, "proc")
+    handle = RunnerHandle(
+        0, None, config, str(tmp_path / "state"), wake=lambda: None, temp_root=str(tmp_path)
+    )
+    os.makedirs(handle.working_dir)
+    os.makedirs(handle.temp_dir)
+    prediction = Prediction(PredictionRequest(id="p1", input={}))
+    handle.slots["p1"] = Slot(prediction=prediction, dispatched_at=0.0)
+    return handle, prediction
+
+
+async def test_a_delta_file_outside_the_runners_temp_root_is_neither_read_nor_removed(
+    tmp_path: Path,
+) -> None:
+    handle, prediction = _handle_with_slot(tmp_path)
+    outside = tmp_path / "not-the-runners.json"
+    outside.write_text('{"status": "succeeded", "output": "stolen"}')
+    # Steps: the runner's response points the pool at a file outside its temporary root.
+    protocol.write_json_atomic(
+        os.path.join(handle.working_dir, protocol.response_name("p1", 0)),
+        {"status": "succeeded", protocol.DELTA_FILE_KEY: str(outside)},
+    )
+    handle.scan()
+    # Result: the prediction fails as a bad response; the file is untouched.
+    assert prediction.status == "failed" and prediction.output is None
+    assert "outside" in (prediction.error or "")
+    assert path_exists(str(outside))
+
+
+async def test_a_spilled_delta_is_applied_in_epoch_order_and_removed(tmp_path: Path) -> None:
+    handle, prediction = _handle_with_slot(tmp_path)
+    spilled = Path(handle.temp_dir) / "delta-p1-0.json"
+    spilled.write_text('{"status": "processing", "logs_append": "first\\n"}')
+    # Steps: epoch 0 is spilled (read in a thread), epoch 1 is inline and comes right after.
+    for epoch, delta in enumerate(
+        [
+            {"status": "processing", protocol.DELTA_FILE_KEY: str(spilled)},
+            {"status": "succeeded", "logs_append": "second\n", "output": "done"},
+        ]
+    ):
+        protocol.write_json_atomic(
+            os.path.join(handle.working_dir, protocol.response_name("p1", epoch)), delta
+        )
+    handle.scan()
+    await prediction.wait(10)
+    # Result: both applied, in order; the spilled file is gone.
+    assert prediction.logs == "first\nsecond\n" and prediction.output == "done"
+    assert not path_exists(str(spilled))
