@@ -32,12 +32,16 @@ from pool.prediction import EVENT_COMPLETED, Prediction, utc_now
 __all__ = [
     "BUSY",
     "DEFUNCT",
+    "EVENT_FINISHED",
+    "EVENT_READY",
+    "EVENT_SETUP_FAILED",
     "READY",
     "RUNNER_STATES",
     "SETUP_FAILED",
     "STARTING",
     "DeltaFile",
     "OutputEncoder",
+    "RunnerEvent",
     "RunnerHandle",
     "Slot",
     "describe_exit",
@@ -102,6 +106,21 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}" + (f" ({meaning})" if meaning else "")
 
 
+EVENT_READY = "ready"
+EVENT_SETUP_FAILED = "setup_failed"
+EVENT_FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RunnerEvent:
+    """Something a runner's channel reported, for the supervisor to act on (the handle only
+    reads and writes the channel; what to do about it is the supervisor's policy)."""
+
+    kind: str  # EVENT_READY, EVENT_SETUP_FAILED, EVENT_FINISHED
+    prediction_id: str | None = None
+    error_type: str | None = None  # EVENT_FINISHED of a failed prediction: the exception's type
+
+
 @dataclass(frozen=True)
 class DeltaFile:
     """A delta the runner spilled to a file in its temporary root (large output or logs)."""
@@ -150,8 +169,8 @@ class RunnerHandle:
         self.capacity = config.runners.max_concurrency or 1
         self.restarts = 0
         self.recycles = 0
-        self.completed = 0  # terminal responses from the current process
-        self.memory_errors = 0  # predictions of the current process that failed MemoryError
+        # What the channel reported since the supervisor last looked (take_events()).
+        self._events: list[RunnerEvent] = []
         self.draining: str | None = None  # why it takes no new work before a recycle
         self.stop_requested = False  # the stop file was written to the current process
         self.schema: dict[str, Any] | None = None
@@ -236,8 +255,7 @@ class RunnerHandle:
         self.schema = None
         self.setup_result = None
         self.setup_timed_out = False
-        self.completed = 0
-        self.memory_errors = 0
+        self._events.clear()
         self.draining = None
         self.stop_requested = False
         self.started_at = time.monotonic()
@@ -481,10 +499,12 @@ class RunnerHandle:
             if isinstance(effective, int) and 1 <= effective < self.capacity:
                 self.capacity = effective
             self._state = READY
+            self._events.append(RunnerEvent(EVENT_READY))
             elapsed = time.monotonic() - (self.started_at or time.monotonic())
             log.info("runner_ready runner=%d pid=%s setup_s=%.3f", self.index, self.pid, elapsed)
         else:
             self._state = SETUP_FAILED
+            self._events.append(RunnerEvent(EVENT_SETUP_FAILED))
             log.error(
                 "runner_setup_failed runner=%d pid=%s error=%s",
                 self.index,
@@ -549,7 +569,6 @@ class RunnerHandle:
         else:
             self._deliver(slot, delta)
         if terminal:
-            self.completed += 1
             self._release(prediction_id)
         return terminal
 
@@ -570,9 +589,22 @@ class RunnerHandle:
         real = os.path.realpath(path)
         return real != root and os.path.commonpath([root, real]) == root
 
-    def _note_failure(self, delta: dict[str, Any]) -> None:
-        if delta.get(protocol.ERROR_TYPE_KEY) == "MemoryError":
-            self.memory_errors += 1
+    def take_events(self) -> list[RunnerEvent]:
+        """What happened on the channel since the last call, in order (the supervisor acts)."""
+        events, self._events = self._events, []
+        return events
+
+    def _note_terminal(self, prediction: Prediction, delta: dict[str, Any]) -> None:
+        if delta.get("status") not in protocol.TERMINAL_STATUSES:
+            return
+        error_type = delta.get(protocol.ERROR_TYPE_KEY)
+        self._events.append(
+            RunnerEvent(
+                EVENT_FINISHED,
+                prediction.id,
+                error_type=error_type if isinstance(error_type, str) else None,
+            )
+        )
 
     def _deliver(self, slot: Slot, item: Pending) -> None:
         # A spilled delta is read in a worker thread, off the loop; the deltas after it wait
@@ -598,6 +630,7 @@ class RunnerHandle:
                         )
                         item = self._bad_response(e)
                 self._apply(slot, item)
+                self._wake()  # a terminal delta read here is news for the supervisor
         finally:
             if slot.loader is not None:
                 self._tasks.discard(slot.loader)
@@ -605,7 +638,7 @@ class RunnerHandle:
 
     def _apply(self, slot: Slot, delta: dict[str, Any]) -> None:
         """Hand one delta, in epoch order, to its prediction (through the output encoder)."""
-        self._note_failure(delta)
+        self._note_terminal(slot.prediction, delta)
         self._track_spills(slot.prediction, delta)
         # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
         # of the same prediction wait behind an encoding one, so order holds.

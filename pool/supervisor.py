@@ -24,6 +24,7 @@ from pool.config import PoolConfig
 from pool.runner import (
     BUSY,
     DEFUNCT,
+    EVENT_FINISHED,
     READY,
     SETUP_FAILED,
     STARTING,
@@ -103,7 +104,10 @@ class _Restarts:
     deaths: collections.deque[float] = field(default_factory=collections.deque)
     due_at: float | None = None  # monotonic time of the scheduled restart
     given_up: bool = False
-    checked: int = -1  # runner.completed when its recycle limits were last checked
+    # The current process's finished predictions (EVENT_FINISHED), for recycling.
+    completed: int = 0
+    memory_errors: int = 0  # ... of which failed with MemoryError
+    checked: int = -1  # `completed` when the recycle limits were last checked
 
 
 class Supervisor:
@@ -223,18 +227,30 @@ class Supervisor:
                 self.handle_exit(runner, code)
 
     def scan(self) -> None:
-        """Read every live runner's directory (signals carry no sender)."""
+        """Read every live runner's directory (signals carry no sender), then act on what each
+        reported."""
         for runner in self.runners:
             if runner.alive:
                 try:
                     runner.scan()
                 except Exception:  # one runner's bad state must not stall the others
                     log.exception("runner_scan_failed runner=%d", runner.index)
+            self.consume(runner)
+
+    def consume(self, runner: RunnerHandle) -> None:
+        """Act on a runner's events: finished predictions count toward its recycle."""
+        book = self._restarts[runner.index]
+        for event in runner.take_events():
+            if event.kind == EVENT_FINISHED:
+                book.completed += 1
+                if event.error_type == "MemoryError":
+                    book.memory_errors += 1
 
     def handle_exit(self, runner: RunnerHandle, code: int) -> None:
         """A runner process ended: fail its work, then restart it, or not."""
         self._exited.set()
         runner.scan()  # responses written just before the exit still count
+        self.consume(runner)
         if runner.draining is not None and code != protocol.EXIT_OK:
             runner.draining = None  # it died while draining: a death like any other
         was = runner.state
@@ -323,7 +339,7 @@ class Supervisor:
                     runner.index,
                     runner.pid,
                     reason,
-                    runner.completed,
+                    self._restarts[runner.index].completed,
                     len(runner.slots),
                 )
             if not runner.slots and not runner.stop_requested:
@@ -331,13 +347,13 @@ class Supervisor:
 
     def _recycle_reason(self, runner: RunnerHandle) -> str | None:
         book = self._restarts[runner.index]
-        if book.checked == runner.completed:
+        if book.checked == book.completed:
             return None  # nothing finished since the last look
-        book.checked = runner.completed
+        book.checked = book.completed
         rc = self.config.runners
-        if runner.memory_errors:
+        if book.memory_errors:
             return RECYCLE_MEMORY_ERROR
-        if rc.max_predictions is not None and runner.completed >= rc.max_predictions:
+        if rc.max_predictions is not None and book.completed >= rc.max_predictions:
             return RECYCLE_MAX_PREDICTIONS
         if rc.max_rss_mb is not None:
             rss_mb = runner.rss_mb()
@@ -356,6 +372,7 @@ class Supervisor:
                 continue
             book.due_at = None
             book.checked = -1
+            book.completed = book.memory_errors = 0  # a fresh process
             if runner.draining is None:
                 runner.restarts += 1
                 if self._metrics is not None:
