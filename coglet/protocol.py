@@ -33,6 +33,7 @@ __all__ = [
     "LOG_FD_ENV",
     "OPENAPI_FILE",
     "PATH_MARKER",
+    "REQUEST_FILE_KEY",
     "REQUEST_RE",
     "RESPONSE_RE",
     "SAFETY_RESCAN_S",
@@ -60,6 +61,7 @@ __all__ = [
     "response_name",
     "write_atomic",
     "write_json_atomic",
+    "write_request",
 ]
 
 # --- prediction ids --------------------------------------------------------------------------
@@ -94,6 +96,28 @@ CANCEL_RE = re.compile(rf"^cancel-(?P<id>{ID_PATTERN})$")
 def request_name(prediction_id: str) -> str:
     """File name of one prediction request: ``{"id", "input", "context"?, "stream"}``."""
     return f"{REQUEST_PREFIX}{prediction_id}.json"
+
+
+def write_request(
+    working_dir: str, prediction_id: str, data: bytes, *, spill_dir: Optional[str] = None
+) -> None:
+    """Write one request's JSON ``data`` for the runner; a large one goes to ``spill_dir``
+    (on disk) with a pointer in the working dir, whose size must not bound an input."""
+    path = os.path.join(working_dir, request_name(prediction_id))
+    if spill_dir is None or len(data) <= SPILL_DELTA_BYTES:
+        write_atomic(path, data)
+        return
+    spilled = os.path.join(spill_dir, request_name(prediction_id))
+    write_atomic(spilled, data)
+    pointer = {"id": prediction_id, REQUEST_FILE_KEY: spilled}
+    try:
+        write_atomic(path, _encode_compact(pointer).encode())
+    except BaseException:
+        try:
+            os.unlink(spilled)
+        except OSError:
+            pass
+        raise
 
 
 def cancel_name(prediction_id: str) -> str:
@@ -131,6 +155,10 @@ SPILL_DIR_PREFIX = "cog-output-"
 SPILL_DELTA_BYTES = 1024 * 1024
 DELTA_FILE_KEY = "delta_file"
 DELTA_FILE_PREFIX = "delta-"
+# Requests likewise: a request over SPILL_DELTA_BYTES (a long text input) is written by the
+# pool to ``<temp_dir>/request-<id>.json`` and the request file carries only
+# ``{"id": ..., REQUEST_FILE_KEY: "<that path>"}``; the runner reads it there and removes it.
+REQUEST_FILE_KEY = "request_file"
 # A terminal "failed" delta may name the exception's type (e.g. "MemoryError"): the pool
 # recycles a runner whose predictions fail for lack of memory.
 ERROR_TYPE_KEY = "error_type"

@@ -346,6 +346,8 @@ class Runner:
             pass
         if raw is None:
             return  # gone between listdir and open
+        if isinstance(raw, dict) and protocol.REQUEST_FILE_KEY in raw:
+            raw = self._read_spilled_request(prediction_id, raw[protocol.REQUEST_FILE_KEY])
         if prediction_id in self._predictions:
             _log.info("request_ignored prediction=%s reason=duplicate_id", prediction_id)
             return
@@ -374,6 +376,26 @@ class Runner:
         if self._timer is None:  # sync: the timer thread's tick announces (see _on_sync_tick)
             self._call_later(ANNOUNCE_DELAY_S, self._announce, prediction_id)
         self._dispatch()
+
+    def _read_spilled_request(self, prediction_id: str, path: Any) -> Any:
+        """A large request the pool wrote to this runner's temporary root; read and removed.
+        Only that exact file is read: a pointer anywhere else is a bad request."""
+        expected = (
+            os.path.join(self._temp_dir, protocol.request_name(prediction_id))
+            if self._temp_dir
+            else None
+        )
+        if expected is None or path != expected:
+            return ValueError(f"request file {path!r} is not this runner's")
+        try:
+            return protocol.read_json_file(path)
+        except (OSError, ValueError) as e:
+            return e
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _new_responder(self, prediction_id: str) -> Responder:
         return Responder(

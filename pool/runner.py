@@ -726,8 +726,11 @@ class RunnerHandle:
             request["context"] = prediction.request.context
         slot = Slot(prediction=prediction, dispatched_at=time.monotonic())
         self.slots[prediction.id] = slot
-        protocol.write_json_atomic(
-            os.path.join(self.working_dir, protocol.request_name(prediction.id)), request
+        protocol.write_request(
+            self.working_dir,
+            prediction.id,
+            _encode_request_bytes(request),
+            spill_dir=self.temp_dir,
         )
         prediction.mark_started(self.index)
         timeout_s = self.config.runners.predict_timeout_s
@@ -839,6 +842,13 @@ class RunnerHandle:
         if lines:
             text += "\nlast output:\n" + "\n".join(lines)
         return text
+
+
+_encode_request = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _encode_request_bytes(request: dict[str, Any]) -> bytes:
+    return _encode_request(request).encode()
 
 
 def _load_delta_file(path: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 
 from coglet import protocol
 from coglet.responder import Responder
+from tests.coglet.harness import PredictionState, RunnerHarness
 
 
 @pytest.fixture
@@ -129,3 +130,40 @@ def test_reading_a_large_response_holds_at_most_twice_its_size(tmp_path: Path) -
     assert delta["output"] == "z" * size
     # The bytes, the text and the value never all live at once (json.loads(bytes) would).
     assert peak <= 2.1 * size, f"peak {peak / size:.2f}x the response size"
+
+
+def test_a_large_request_is_read_from_the_runners_temp_root_and_removed(
+    spawn: Callable[..., RunnerHarness], tmp_path: Path
+) -> None:
+    temp_dir = tmp_path / "runner-tmp"
+    temp_dir.mkdir()
+    config = {"predictor_ref": "sync_models.py:Hello", "max_concurrency": 1}
+    runner = spawn("sync_models.py:Hello", config={**config, "temp_dir": str(temp_dir)})
+    runner.wait_ready()
+    # Steps: a 2 MiB request, written as the pool does (spilled, with a pointer).
+    text = "w" * (2 << 20)
+    body = json.dumps({"id": "p1", "input": {"text": text}, "stream": False}).encode()
+    runner.predictions["p1"] = PredictionState("p1")
+    runner._next_epoch["p1"] = 0
+    protocol.write_request(runner.working_dir, "p1", body, spill_dir=str(temp_dir))
+    assert os.listdir(temp_dir) == [protocol.request_name("p1")]
+    runner.send(protocol.SIG_RESCAN)
+    state = runner.wait_done("p1")
+    # Result: the model saw the whole input; the spilled request is gone.
+    assert state.status == "succeeded" and state.output == "hello " + text
+    assert os.listdir(temp_dir) == []
+
+
+def test_a_request_pointing_elsewhere_is_refused_and_left_alone(
+    spawn: Callable[..., RunnerHarness], tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "request-p1.json"
+    elsewhere.write_text('{"id": "p1", "input": {"text": "x"}}')
+    runner = spawn("sync_models.py:Hello")
+    runner.wait_ready()
+    # Steps: a request file that points the runner at a file outside its temporary root.
+    runner.submit("p1", {}, body={"id": "p1", protocol.REQUEST_FILE_KEY: str(elsewhere)})
+    state = runner.wait_done("p1")
+    # Result: the prediction fails naming the problem; the file is neither read nor removed.
+    assert state.status == "failed" and "is not this runner's" in (state.error or "")
+    assert elsewhere.exists()

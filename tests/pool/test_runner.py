@@ -212,6 +212,22 @@ async def test_an_output_larger_than_a_small_tmpfs_state_dir_succeeds(tmp_path: 
     assert left == []
 
 
+async def test_an_input_larger_than_a_small_tmpfs_state_dir_reaches_the_model(
+    tmp_path: Path,
+) -> None:
+    # Steps: the state dir is a 4 MiB tmpfs; the input is an 8 MiB string.
+    with small_tmpfs(tmp_path / "shm") as shm:
+        config = make_config(tmp_path, "proc", state_dir=str(shm / "state"))
+        async with running_pool(config) as manager:
+            p = await submit(manager, text="t" * (8 * 1024 * 1024))
+            await p.wait(60)
+            left = os.listdir(manager._supervisor.runners[0].temp_dir)
+    # Result: the request went through the runner's temp root on disk, removed once read.
+    assert p.status == "succeeded", p.error
+    assert p.output == 8 * 1024 * 1024
+    assert left == []
+
+
 async def test_a_response_that_cannot_be_written_fails_the_prediction_not_the_slot(
     tmp_path: Path,
 ) -> None:

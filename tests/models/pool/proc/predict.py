@@ -23,9 +23,12 @@ class Predictor(BasePredictor):
         leak_mb: int = Input(default=0, ge=0),
         sleep_s: float = Input(default=0.0, ge=0),
         say: str = "",
+        text: str = "",
     ) -> Any:
         if say:
             print(say)
+        if text:
+            return len(text)
         if memory_error:
             raise MemoryError()
         if leak_mb:
