@@ -82,9 +82,9 @@ async def test_dirs_of_a_pool_killed_with_kill_9_are_swept_by_the_next_pool(
     finally:
         proc.kill()
         proc.wait(30)
-    left = _dead_pool_dirs(proc.pid)
-    # Left behind: the state dir (runner dirs), the inputs dir and the runners' files dir.
-    assert any(path.startswith("/dev/shm/") for path in left), left
+    # Left behind: its state dir (runner dirs, seen above), inputs dir and files dir. (No
+    # assertion here: on a machine shared with other pools, any pool starting now may sweep
+    # them first, which is the behaviour under test too.)
     # Result: the next pool to start removes them (the pid is dead, nobody holds the lock).
     async with running_pool(make_config(tmp_path, "proc")):
         pass
