@@ -48,6 +48,7 @@ class PoolManager:
         self.state_dir = config.state_dir or statedir.default_state_dir()
         os.makedirs(self.state_dir, exist_ok=True)
         self._state_lock = statedir.StateDirLock(self.state_dir)
+        self._dir_locks: list[statedir.StateDirLock] = []
         # Runners' private temporary roots, on disk: spilled outputs must not fill a tmpfs.
         self._files_dir = statedir.files_dir_path()
         # Input files stay on disk (they may be large); protocol files go to the state dir.
@@ -96,6 +97,13 @@ class PoolManager:
         await asyncio.to_thread(statedir.sweep_dead_pools)
         self._state_lock.acquire()  # StateDirBusy when another live pool uses this dir
         os.makedirs(self._files_dir, mode=0o700, exist_ok=True)
+        # This pool's own dirs are locked too: a pool that cannot see this one's pid (another
+        # pid namespace sharing the directory) must not sweep them as a dead pool's.
+        for own in (self._files_dir, self.inputs_dir if self._own_inputs_dir else None):
+            if own is not None:
+                lock = statedir.StateDirLock(own)
+                lock.acquire()
+                self._dir_locks.append(lock)
         await self._supervisor.start()
         # One client for every input download and output upload: connections and TLS
         # sessions are reused across predictions.
@@ -142,6 +150,8 @@ class PoolManager:
 
     def _remove_dirs(self) -> None:
         held = self._state_lock.held
+        for lock in self._dir_locks:
+            lock.release()
         shutil.rmtree(self._files_dir, ignore_errors=True)
         self._state_lock.release()
         if self._own_inputs_dir:

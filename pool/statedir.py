@@ -4,8 +4,8 @@
   ``/dev/shm/cog-pool-<pid>-*`` (a tmpfs: protocol files are small and written often).
 - The **files dir** (``<tmp>/cog-pool-files-<pid>-*``, on disk) holds each runner's private
   temporary root (``runner-<i>-tmp/``), where large deltas and returned file objects spill.
-- One pool at a time per state dir: an exclusive ``flock`` on ``<state_dir>/pool.lock``, which
-  names its holder. A second pool given the same dir fails at start with :class:`StateDirBusy`
+- One pool at a time per state dir: an exclusive ``flock`` on ``<state_dir>/.pool.lock``,
+  which names its holder. A second pool given the same dir fails at start with `StateDirBusy`
   instead of sharing ``runner-0`` and stopping the first pool's runners.
 - A starting pool removes what a pool killed with ``kill -9`` left behind: ``cog-pool-<pid>-*``
   dirs (state, inputs, files) whose pid is no longer alive and whose lock nobody holds.
@@ -37,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger("pool.statedir")
 
-LOCK_FILE = "pool.lock"
+LOCK_FILE = ".pool.lock"  # never a prediction id (ids start with a letter or digit)
 # cog-pool-<pid>-*, cog-pool-inputs-<pid>-*, cog-pool-files-<pid>-*: every dir a pool makes
 # for itself under a shared base; the pid says whose it is.
 _POOL_DIR_RE = re.compile(r"^cog-pool-(?:inputs-|files-)?(?P<pid>[0-9]+)-")
@@ -74,7 +74,7 @@ def sweep_bases() -> list[str]:
 
 
 class StateDirLock:
-    """An exclusive, non-blocking ``flock`` on ``<state_dir>/pool.lock`` for this process."""
+    """An exclusive, non-blocking ``flock`` on ``<state_dir>/.pool.lock`` for this process."""
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
@@ -131,7 +131,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _locked_by_someone(path: str) -> bool:
-    """True when ``<path>/pool.lock`` exists and another open file holds its flock."""
+    """True when ``<path>/.pool.lock`` exists and another open file holds its flock."""
     lock = os.path.join(path, LOCK_FILE)
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
