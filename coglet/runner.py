@@ -740,6 +740,31 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+SETUP_LOGS_KEPT = 64 * 1024  # characters of setup logs kept when the whole does not fit
+
+
+def _write_setup_result(working_dir: str, result: Dict[str, Any]) -> None:
+    """Write setup_result.json; when it does not fit (a full tmpfs, huge setup logs), write it
+    again with only the end of the logs; when not even that fits, exit: the pool must never
+    wait for a setup result that will not come."""
+    path = os.path.join(working_dir, protocol.SETUP_RESULT_FILE)
+    try:
+        protocol.write_json_atomic(path, result)
+        return
+    except OSError as e:
+        logs = result.get("logs") or ""
+        _log.error("setup_result_write_failed error=%r logs_chars=%d", e, len(logs))
+        short = dict(result)
+        short["logs"] = f"[{len(logs) - SETUP_LOGS_KEPT} characters of setup logs cut]\n" + (
+            logs[-SETUP_LOGS_KEPT:]
+        ) if len(logs) > SETUP_LOGS_KEPT else logs
+    try:
+        protocol.write_json_atomic(path, short)
+    except OSError as e:
+        _log.error("setup_result_write_failed error=%r action=exit", e)
+        _exit_response_write_failed()
+
+
 # --- main --------------------------------------------------------------------------------------
 def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m coglet", description=__doc__.splitlines()[0])
@@ -784,7 +809,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     asyncio.set_event_loop(loop)
     predictor, setup_result = _load_and_setup(config, working_dir, router, loop)
     wakeup.install_stop()
-    protocol.write_json_atomic(os.path.join(working_dir, protocol.SETUP_RESULT_FILE), setup_result)
+    _write_setup_result(working_dir, setup_result)
     if predictor is None:
         _log.info(
             "runner_exit reason=setup_failed code=%d error=%s",

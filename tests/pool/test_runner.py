@@ -228,6 +228,23 @@ async def test_an_input_larger_than_a_small_tmpfs_state_dir_reaches_the_model(
     assert left == []
 
 
+async def test_setup_logs_larger_than_a_small_tmpfs_state_dir_are_cut_not_fatal(
+    tmp_path: Path,
+) -> None:
+    # Steps: the state dir is a 4 MiB tmpfs; setup() prints 8 MiB.
+    with small_tmpfs(tmp_path / "shm") as shm:
+        config = make_config(tmp_path, "loud_setup", state_dir=str(shm / "state"))
+        async with running_pool(config) as manager:
+            setup = manager.health()["setup"]
+            p = await submit(manager)
+            await p.wait(30)
+    # Result: setup succeeded; its logs keep their end, behind a marker saying what was cut.
+    assert setup["status"] == "succeeded"
+    assert setup["logs"].startswith("[") and "characters of setup logs cut]" in setup["logs"]
+    assert setup["logs"].endswith("setup done\n")
+    assert p.status == "succeeded"
+
+
 async def test_a_response_that_cannot_be_written_fails_the_prediction_not_the_slot(
     tmp_path: Path,
 ) -> None:
