@@ -639,10 +639,12 @@ class RunnerHandle:
     def _apply(self, slot: Slot, delta: dict[str, Any]) -> None:
         """Hand one delta, in epoch order, to its prediction (through the output encoder)."""
         self._note_terminal(slot.prediction, delta)
-        self._track_spills(slot.prediction, delta)
+        needs_encoding = self._needs_encoding(delta)
+        if needs_encoding:  # only outputs with a Path can hold the runner's copies
+            self._track_spills(slot.prediction, delta)
         # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
         # of the same prediction wait behind an encoding one, so order holds.
-        if slot.encoder is None and not self._needs_encoding(delta):
+        if slot.encoder is None and not needs_encoding:
             slot.prediction.apply_delta(delta)
             return
         slot.backlog.append(delta)
@@ -658,8 +660,6 @@ class RunnerHandle:
     def _track_spills(self, prediction: Prediction, delta: dict[str, Any]) -> None:
         """Remove the runner's copies of returned file objects once the prediction is over
         (its outputs encoded): only paths inside this runner's temporary root qualify."""
-        if "output" not in delta and "output_append" not in delta:
-            return
         spilled = [p for p in _paths_in(delta) if self.owns(p)]
         if not spilled:
             return
