@@ -25,6 +25,8 @@ import typing
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from cog.coder import Coder
+from cog.decorators import STREAMING_ATTR
 from cog.input import MISSING, FieldInfo
 from cog.predictor import BasePredictor, BaseRunner
 from cog.types import SECRET_MASK, File, Path, Secret
@@ -50,8 +52,16 @@ class PredictorError(Exception):
 
 
 # --- loading -----------------------------------------------------------------------------------
-def load_predictor(ref: str) -> LoadedPredictor:
-    """Import ``file.py:Name`` relative to the cwd and check it; PredictorError on any rule."""
+MODE_PREDICT = "predict"
+MODE_TRAIN = "train"
+
+
+def load_predictor(ref: str, *, mode: str = MODE_PREDICT) -> LoadedPredictor:
+    """Import ``file.py:Name`` relative to the cwd and check it; PredictorError on any rule.
+
+    ``mode`` ``train`` loads cog.yaml's ``train:`` target: a function, or a class whose
+    ``train()`` method is called (after its ``setup()``).
+    """
     path, _, name = ref.partition(":")
     if not path or not name:
         raise PredictorError(f"invalid predictor reference {ref!r}: expected 'file.py:Name'")
@@ -59,7 +69,28 @@ def load_predictor(ref: str) -> LoadedPredictor:
     target = getattr(module, name, None)
     if target is None:
         raise PredictorError(f"cannot find {name!r} in {path}")
-    return LoadedPredictor(ref, target)
+    _find_coders(module)
+    return LoadedPredictor(ref, target, mode=mode)
+
+
+def _is_coder(obj: Any) -> bool:
+    return inspect.isclass(obj) and obj is not Coder and issubclass(obj, Coder)
+
+
+def _find_coders(module: ModuleType) -> None:
+    """Register the coders a model defines or imports, as Cog does: classes in the module,
+    and classes in the modules it imports (``from cog.coder import json_coder``).
+
+    Module dicts are read with ``vars()``, never ``getattr``: a lazily importing package
+    (``transformers``) would otherwise import every submodule it names.
+    """
+    for obj in list(vars(module).values()):
+        if _is_coder(obj):
+            Coder.register(obj)
+        elif isinstance(obj, ModuleType):
+            for inner in list(vars(obj).values()):
+                if _is_coder(inner):
+                    Coder.register(inner)
 
 
 def _uses_future_annotations(source: str) -> bool:
@@ -82,7 +113,19 @@ def _module_name(path: str) -> str:
     return "cog_predictor_" + re.sub(r"\W", "_", stem)
 
 
+# One module per file: cog.yaml's predict: and train: may name the same file.
+_MODULES: Dict[str, ModuleType] = {}
+
+
 def _import_model_file(path: str) -> ModuleType:
+    full = os.path.join(os.getcwd(), path)
+    module = _MODULES.get(full)
+    if module is None:
+        module = _MODULES[full] = _import_new_model_file(path)
+    return module
+
+
+def _import_new_model_file(path: str) -> ModuleType:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -133,6 +176,14 @@ def _predict_method(cls: type) -> Tuple[str, Callable[..., Any]]:
     raise PredictorError(f"{cls.__name__} does not define predict()")
 
 
+def _train_method(cls: type) -> Tuple[str, Callable[..., Any]]:
+    """A training class's ``train()`` (run after its ``setup()``)."""
+    fn = getattr(cls, "train", None)
+    if fn is None:
+        raise PredictorError(f"{cls.__name__} does not define train()")
+    return "train", fn
+
+
 def _check_setup(setup: Any) -> bool:
     """Check setup()'s signature; True when it takes ``weights``."""
     if not inspect.isfunction(setup):
@@ -175,7 +226,8 @@ def _check_signature(fn: Callable[..., Any], fname: str, is_method: bool) -> Lis
 
 def _type_hints(fn: Callable[..., Any]) -> Dict[str, Any]:
     try:
-        return typing.get_type_hints(fn)
+        # With Annotated kept: ``Annotated[T, cog.Opaque]`` means an opaque object.
+        return typing.get_type_hints(fn, include_extras=True)
     except Exception as e:
         raise PredictorError(f"cannot resolve type annotations: {type(e).__name__}: {e}") from e
 
@@ -233,7 +285,8 @@ def _check_options(order: int, name: str, ct: CogType, info: FieldInfo) -> Input
         raise PredictorError(
             f"default and default_factory are mutually exclusive for input: {in_repr}"
         )
-    if info.default is None and not ct.is_optional:
+    if info.default is None and not ct.is_optional and ct.kind != t.SECRET:
+        # ``key: Secret = Input(default=None)`` is an optional secret (Cog 0.23 serves it).
         raise PredictorError(f"error-prone usage of default=None for input: {in_repr}")
     has_range = info.ge is not None or info.le is not None
     has_length = info.min_length is not None or info.max_length is not None
@@ -298,23 +351,35 @@ def _check_choices(
     return tuple(values)
 
 
-def _default_values(spec: InputSpec) -> List[Any]:
+def _default_leaves(spec: InputSpec) -> List[Tuple[Any, CogType]]:
+    """The default's scalar values with the type each must have (lists walked, any depth)."""
     if spec.default_factory is not None:
         value = spec.default_factory()
     elif spec.default is MISSING or spec.default is None:
         return []
     else:
         value = spec.default
-    if spec.type.is_list:
+    leaves: List[Tuple[Any, CogType]] = []
+    _collect_leaves(spec.name, value, spec.type, leaves)
+    return leaves
+
+
+def _collect_leaves(name: str, value: Any, ct: CogType, out: List[Tuple[Any, CogType]]) -> None:
+    if ct.kind == t.OPTIONAL and ct.item is not None:
+        if value is not None:
+            _collect_leaves(name, value, ct.item, out)
+        return
+    if ct.kind == t.LIST and ct.item is not None:
         if not isinstance(value, (list, tuple)):
-            raise PredictorError(f"default={value!r} is not a list for input: {spec.name}")
-        return list(value)
-    return [value]
+            raise PredictorError(f"default={value!r} is not a list for input: {name}")
+        for item in value:
+            _collect_leaves(name, item, ct.item, out)
+        return
+    out.append((value, ct))
 
 
 def _check_default(spec: InputSpec, in_repr: str) -> None:
-    elem = spec.type.element
-    for value in _default_values(spec):
+    for value, elem in _default_leaves(spec):
         if not _matches_type(value, elem):
             raise PredictorError(
                 f"default={value!r} is not a valid {elem.name()} for input: {in_repr}"
@@ -353,8 +418,17 @@ def _check_default_string(spec: InputSpec, value: Any, in_repr: str) -> None:
 def _matches_type(value: Any, ct: CogType) -> bool:
     """Whether a Python default fits its declared type (shallow for objects)."""
     if ct.enum_values is not None:
-        return isinstance(value, ct.py) or value in ct.enum_values
+        return (ct.py is not None and isinstance(value, ct.py)) or value in ct.enum_values
     kind = ct.kind
+    if kind == t.UNION:
+        return any(_matches_type(value, v) for v in ct.variants)
+    if kind == t.OPTIONAL and ct.item is not None:
+        return value is None or _matches_type(value, ct.item)
+    if kind == t.LIST and ct.item is not None:
+        item = ct.item
+        return isinstance(value, (list, tuple)) and all(_matches_type(v, item) for v in value)
+    if kind == t.DICT:
+        return isinstance(value, dict)
     if kind == t.BOOL:
         return isinstance(value, bool)
     if kind == t.INT:
@@ -383,8 +457,12 @@ def _coerce(value: Any, ct: CogType) -> Any:
         return {k: _coerce(v, ct.item) for k, v in value.items()}
     if kind == t.OBJECT:
         return _coerce_object(value, ct)
+    if kind == t.CUSTOM:
+        return ct.coder.decode(value)
+    if kind == t.UNION:
+        return value  # the validator chose the member and kept (or widened) the wire type
     if ct.enum_values is not None:
-        return ct.py(value)
+        return value if ct.py is None else ct.py(value)
     if kind == t.FLOAT:
         return float(value)
     if kind == t.PATH:
@@ -441,6 +519,9 @@ def encode_output(value: Any) -> Any:
         return {str(k): encode_output(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [encode_output(v) for v in value]
+    names = t.pydantic_fields(type(value))
+    if names is not None:  # a model's own pydantic output (Cog 0.23 takes them)
+        return {name: encode_output(getattr(value, name)) for name in names}
     tolist = getattr(value, "tolist", None)  # numpy arrays and scalars, without importing numpy
     if callable(tolist):
         return encode_output(tolist())
@@ -473,13 +554,17 @@ def _spill_file(f: io.IOBase) -> str:
 class LoadedPredictor:
     """A checked predictor, ready for the runner: setup, inputs, predict, outputs."""
 
-    def __init__(self, ref: str, target: Any) -> None:
+    def __init__(self, ref: str, target: Any, *, mode: str = MODE_PREDICT) -> None:
         self.ref = ref
+        self.mode = mode
         self.instance: Any = None
         self._setup: Optional[Callable[..., Any]] = None
         self._setup_takes_weights = False
+        self._setup_ran = False
         if inspect.isclass(target):
-            self.method_name, fn = _predict_method(target)
+            self.method_name, fn = (
+                _train_method(target) if mode == MODE_TRAIN else _predict_method(target)
+            )
             if _overrides(target, "setup", object) and hasattr(target, "setup"):
                 self._setup_takes_weights = _check_setup(target.setup)
             params = _check_signature(fn, self.method_name, is_method=True)
@@ -494,11 +579,17 @@ class LoadedPredictor:
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
         self.is_iterator = self.output.iterator is not None
         self.is_concatenate = self.output.iterator == t.ITER_CONCATENATE
+        # ``@cog.streaming`` marks the function; the pool offers SSE only for such models.
+        self.is_streaming = bool(getattr(fn, STREAMING_ATTR, False))
+        self._has_custom = _has_custom(self.output.type)
         self._schema = openapi_schema(self.inputs, self.output)
+        self.healthcheck: Optional[Callable[[], Any]] = None
         if inspect.isclass(target):
             self.instance = target()
             self._predict: Callable[..., Any] = getattr(self.instance, self.method_name)
             self._setup = getattr(self.instance, "setup", None)
+            check = getattr(self.instance, "healthcheck", None)
+            self.healthcheck = check if callable(check) else None
         else:
             self._predict = fn
 
@@ -513,6 +604,15 @@ class LoadedPredictor:
         if self._setup_takes_weights:
             return self._setup(weights=_resolve_weights())
         return self._setup()
+
+    @property
+    def needs_setup(self) -> bool:
+        """True until :meth:`setup_done` (a trainer's setup() runs at its first training)."""
+        return self._setup is not None and not self._setup_ran
+
+    def setup_done(self) -> None:
+        """setup() has completed (a failed one is tried again next time)."""
+        self._setup_ran = True
 
     def prepare_input(self, raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         """Validate ``raw`` (InputValidationError), coerce to Python types, fill defaults."""
@@ -530,8 +630,44 @@ class LoadedPredictor:
         return self._predict(**kwargs)
 
     def encode_output(self, value: Any) -> Any:
-        """The output (or one iterator item) as JSON-able data; see :func:`encode_output`."""
+        """The output (or one iterator item) as JSON-able data; see :func:`encode_output`.
+
+        Values of types a ``cog.coder.Coder`` handles go through its ``encode()`` first.
+        """
+        if self._has_custom:
+            value = _apply_coders(value, self.output.type)
         return encode_output(value)
+
+
+def _has_custom(ct: CogType) -> bool:
+    if ct.kind == t.CUSTOM:
+        return True
+    if ct.item is not None and _has_custom(ct.item):
+        return True
+    return any(_has_custom(ft) for _, ft in ct.fields) or any(_has_custom(v) for v in ct.variants)
+
+
+def _apply_coders(value: Any, ct: CogType) -> Any:
+    """``value`` with each part of a coder-handled type replaced by the coder's JSON."""
+    if value is None:
+        return None
+    if ct.kind == t.CUSTOM:
+        return ct.coder.encode(value)
+    if ct.kind == t.OPTIONAL and ct.item is not None:
+        return _apply_coders(value, ct.item)
+    if ct.kind in (t.LIST, t.DICT) and ct.item is not None:
+        if isinstance(value, dict):
+            return {k: _apply_coders(v, ct.item) for k, v in value.items()}
+        return [_apply_coders(v, ct.item) for v in value]
+    if ct.kind == t.OBJECT and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        types = ct.field_map()
+        return {
+            f.name: _apply_coders(getattr(value, f.name), types[f.name])
+            if f.name in types
+            else getattr(value, f.name)
+            for f in dataclasses.fields(value)
+        }
+    return value
 
 
 def _fresh_default(spec: InputSpec) -> Any:

@@ -29,7 +29,15 @@ __all__ = [
     "EXIT_PARENT_DIED",
     "EXIT_RESPONSE_WRITE_FAILED",
     "EXIT_SETUP_FAILED",
+    "FEATURE_HEALTHCHECK",
+    "FEATURE_STREAMING",
+    "FEATURE_TRAINING",
+    "HEALTHCHECK_INTERVAL_S",
+    "HEALTHCHECK_TIMEOUT_S",
+    "HEALTH_FILE",
     "ID_PATTERN",
+    "KIND_PREDICTION",
+    "KIND_TRAINING",
     "LOG_FD_ENV",
     "OPENAPI_FILE",
     "PATH_MARKER",
@@ -38,6 +46,8 @@ __all__ = [
     "RESPONSE_RE",
     "SAFETY_RESCAN_S",
     "SETUP_RESULT_FILE",
+    "SETUP_TIMEOUT_ENV",
+    "SETUP_TIMEOUT_ERROR",
     "SIG_BUSY",
     "SIG_CANCEL",
     "SIG_OUTPUT",
@@ -81,6 +91,10 @@ CONFIG_FILE = "config.json"  # pool -> runner, before spawn
 OPENAPI_FILE = "openapi.json"  # runner -> pool, before setup()
 SETUP_RESULT_FILE = "setup_result.json"  # runner -> pool, after setup()
 STOP_FILE = "stop"  # pool -> runner: finish or cancel work, flush, exit 0
+# runner -> pool, after setup, only for a predictor with a healthcheck() method; rewritten
+# after every check: {"healthy": bool, "error": str|null, "checked_at": iso}. The runner
+# sends SIG_OUTPUT when the result (healthy, error) changes, never for a repeat.
+HEALTH_FILE = "health.json"
 TMP_PREFIX = ".tmp-"  # temporary names; match no pattern below
 
 REQUEST_PREFIX = "request-"
@@ -166,6 +180,29 @@ ERROR_TYPE_KEY = "error_type"
 # descriptor when the variable names one, so the pool can keep them out of predictions' logs;
 # the runner's stdout/stderr carry only what the model and its children write.
 LOG_FD_ENV = "COGLET_LOG_FD"
+
+# --- config.json and setup_result.json keys beyond the basics ---------------------------------
+# config.json (pool -> runner):
+#   "train_ref":               cog.yaml's train: ("train.py:train"); absent: no trainings
+#   "healthcheck_interval_s":  seconds between user healthcheck() runs (default below)
+# setup_result.json (runner -> pool) carries, once setup succeeded:
+#   "features": {FEATURE_STREAMING: bool, FEATURE_TRAINING: bool, FEATURE_HEALTHCHECK: bool}
+#   "training_error": why train_ref could not be used (trainings disabled, predictions run)
+FEATURE_STREAMING = "streaming"  # predict() has @cog.streaming: the pool may answer SSE
+FEATURE_TRAINING = "training"  # a train_ref loaded: requests of kind "training" run train()
+FEATURE_HEALTHCHECK = "healthcheck"  # the predictor has healthcheck(): health.json is kept
+HEALTHCHECK_INTERVAL_S = 5.0
+# A check that takes longer than this counts as failed (Cog's limit).
+HEALTHCHECK_TIMEOUT_S = 5.0
+
+# A request file's "kind" (default KIND_PREDICTION); the response deltas are the same.
+KIND_PREDICTION = "prediction"
+KIND_TRAINING = "training"
+
+# Seconds the runner allows import + setup(), from its environment (Cog's variable; the pool
+# also passes cog.yaml's environment:). Past it, setup fails with Cog's error text.
+SETUP_TIMEOUT_ENV = "COG_SETUP_TIMEOUT"
+SETUP_TIMEOUT_ERROR = "worker setup timed out"
 
 # --- status words ------------------------------------------------------------------------------
 STATUS_STARTING = "starting"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextvars
 import ctypes
 import inspect
 import json
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, TextIO, Tuple
@@ -36,13 +38,21 @@ from cog.exceptions import CancelationException
 from cog.scope import Scope, use_scope
 
 from coglet import capture, protocol
-from coglet.predictor import LoadedPredictor, PredictorError, load_predictor, set_spill_root
+from coglet.health import HealthChecker
+from coglet.predictor import (
+    MODE_TRAIN,
+    LoadedPredictor,
+    PredictorError,
+    load_predictor,
+    set_spill_root,
+)
 from coglet.responder import Responder, encode_json
+from coglet.schema import add_training
 from coglet.signals import SignalWakeup
 from coglet.sync import SyncGuard, TimerThread
 from coglet.validation import InputValidationError
 
-__all__ = ["ConfigError", "RunnerConfig", "main", "read_config"]
+__all__ = ["ConfigError", "RunnerConfig", "cog_error_text", "main", "read_config"]
 
 _log = logging.getLogger("coglet")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -63,6 +73,8 @@ class RunnerConfig:
     predictor_ref: str
     max_concurrency: int
     runner_index: Optional[int] = None
+    train_ref: Optional[str] = None  # cog.yaml train:; requests of kind "training" run it
+    healthcheck_interval_s: float = protocol.HEALTHCHECK_INTERVAL_S
     temp_dir: Optional[str] = None  # the runner's private temporary root (made by the pool)
 
 
@@ -86,10 +98,24 @@ def read_config(working_dir: str) -> RunnerConfig:
     index = raw.get("runner_index")
     if index is not None and not _is_int(index):
         raise ConfigError(f"{path}: runner_index must be an integer")
+    train_ref, interval_s = _read_feature_config(path, raw)
     temp_dir = raw.get("temp_dir")
     if temp_dir is not None and not (isinstance(temp_dir, str) and os.path.isabs(temp_dir)):
         raise ConfigError(f"{path}: temp_dir must be an absolute path")
-    return RunnerConfig(ref, concurrency, index, temp_dir)
+    return RunnerConfig(ref, concurrency, index, train_ref, interval_s, temp_dir)
+
+
+def _read_feature_config(path: str, raw: Dict[str, Any]) -> Tuple[Optional[str], float]:
+    """config.json's ``train_ref`` and ``healthcheck_interval_s`` (Cog features)."""
+    train_ref = raw.get("train_ref")
+    if train_ref is not None and (not isinstance(train_ref, str) or ":" not in train_ref):
+        raise ConfigError(f"{path}: train_ref must be a string like 'train.py:train'")
+    interval_s = raw.get("healthcheck_interval_s", protocol.HEALTHCHECK_INTERVAL_S)
+    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)):
+        raise ConfigError(f"{path}: healthcheck_interval_s must be a number of seconds")
+    if not 0 < interval_s < float("inf"):
+        raise ConfigError(f"{path}: healthcheck_interval_s must be > 0")
+    return train_ref, float(interval_s)
 
 
 def _is_int(value: object) -> bool:
@@ -152,8 +178,15 @@ def _log_stream(real_err: TextIO) -> TextIO:
         return real_err
 
 
+# The runner's own log stream (the pool's log channel, else stderr): coglet's lines, and text
+# that belongs to no prediction (a healthcheck's prints, a stray thread's late output).
+_runner_log: Optional[TextIO] = None
+
+
 def _setup_logging(real_err: TextIO) -> None:
-    handler = logging.StreamHandler(_log_stream(real_err))
+    global _runner_log
+    _runner_log = _log_stream(real_err)
+    handler = logging.StreamHandler(_runner_log)
     handler.setFormatter(logging.Formatter("coglet %(message)s"))
     _log.addHandler(handler)
     _log.propagate = False  # the root logger is the model's, captured into its logs
@@ -174,13 +207,18 @@ class Prediction:
         responder: Responder,
         kwargs: Dict[str, Any],
         context: Dict[str, Any],
+        predictor: LoadedPredictor,
     ) -> None:
         self.id = prediction_id
+        self.predictor = predictor  # the model's predict(), or its train() for a training
         self.responder = responder
         self.kwargs = kwargs
         self.scope = Scope(context)
         self.cancel_requested = False
         self.announced = False
+        # Set once predict() has returned an iterator and the runner is taking its items:
+        # Cog words a failure there differently (see cog_error_text).
+        self.iterating = False
         self.task: Optional[asyncio.Task] = None  # async predictors only
 
 
@@ -196,10 +234,15 @@ class Runner:
         wakeup: SignalWakeup,
         parent_pid: int,
         real_err: TextIO,
+        *,
+        trainer: Optional[LoadedPredictor] = None,
+        training_error: Optional[str] = None,
     ) -> None:
         self._dir = working_dir
         self._temp_dir = config.temp_dir
         self._predictor = predictor
+        self._trainer = trainer
+        self._training_error = training_error
         self._router = router
         self._wakeup = wakeup
         self._parent_pid = parent_pid
@@ -355,9 +398,12 @@ class Runner:
         kwargs: Dict[str, Any] = {}
         warnings: List[str] = []
         problem = _request_problem(raw, prediction_id)
+        predictor = self._predictor
+        if problem is None:
+            predictor, problem = self._predictor_for(raw)
         if problem is None:
             try:
-                kwargs, warnings = self._predictor.prepare_input(raw.get("input") or {})
+                kwargs, warnings = predictor.prepare_input(raw.get("input") or {})
             except InputValidationError as e:
                 problem = str(e)
             except Exception as e:
@@ -369,7 +415,11 @@ class Runner:
             return
         context = raw.get("context")
         prediction = Prediction(
-            prediction_id, responder, kwargs, context if isinstance(context, dict) else {}
+            prediction_id,
+            responder,
+            kwargs,
+            context if isinstance(context, dict) else {},
+            predictor,
         )
         self._predictions[prediction_id] = prediction
         self._waiting.append(prediction)
@@ -396,6 +446,20 @@ class Runner:
                 os.unlink(path)
             except OSError:
                 pass
+
+    def _predictor_for(self, raw: Dict[str, Any]) -> Tuple[LoadedPredictor, Optional[str]]:
+        """What a request of its ``kind`` runs: predict(), or train() for a training."""
+        kind = raw.get("kind", protocol.KIND_PREDICTION)
+        if kind == protocol.KIND_PREDICTION:
+            return self._predictor, None
+        if kind == protocol.KIND_TRAINING:
+            if self._training_error is not None:
+                return self._predictor, f"trainings are disabled: {self._training_error}"
+            if self._trainer is None:
+                return self._predictor, "this model has no trainer (cog.yaml has no train:)"
+            return self._trainer, None
+        kinds = [protocol.KIND_PREDICTION, protocol.KIND_TRAINING]
+        return self._predictor, f"request kind must be one of {kinds}, not {kind!r}"
 
     def _new_responder(self, prediction_id: str) -> Responder:
         return Responder(
@@ -547,17 +611,25 @@ class Runner:
             except CancelationException:
                 outcome.status = protocol.STATUS_CANCELED
             except BaseException as e:
-                outcome.fail(prediction, e)
+                outcome.fail(prediction, e, is_async=prediction.predictor.is_async)
         sync.running = None
         self._complete(prediction, outcome, time.perf_counter() - started)
 
     def _call_sync(self, prediction: Prediction) -> Optional[str]:
-        result: Any = self._predictor.predict(prediction.kwargs)
-        if self._predictor.is_iterator:
+        if prediction.predictor.needs_setup:
+            awaitable = _train_setup(prediction.predictor)
+            if awaitable is not None:  # `async def setup` beside a sync train()
+                _run_in_fresh_loop(awaitable)
+                prediction.predictor.setup_done()
+        result: Any = prediction.predictor.predict(prediction.kwargs)
+        if inspect.isawaitable(result) or hasattr(result, "__aiter__"):
+            return _drive_on_own_loop(prediction, result)  # an async train() beside sync predict
+        if prediction.predictor.is_iterator:
+            prediction.iterating = True
             for item in result:
-                prediction.responder.append_output(self._encode(item))
+                prediction.responder.append_output(_encode(prediction, item))
             return None
-        return self._encode(result)
+        return _encode(prediction, result)
 
     # --- async predictions: tasks on the loop ---------------------------------------------------
     async def _run_async(self, prediction: Prediction) -> None:
@@ -570,27 +642,34 @@ class Runner:
             except (asyncio.CancelledError, CancelationException):
                 outcome.status = protocol.STATUS_CANCELED
             except BaseException as e:
-                outcome.fail(prediction, e)
+                outcome.fail(prediction, e, is_async=prediction.predictor.is_async)
         self._complete(prediction, outcome, time.perf_counter() - started)
         self._finished(prediction)
 
     async def _call_async(self, prediction: Prediction) -> Optional[str]:
-        result: Any = self._predictor.predict(prediction.kwargs)
-        if self._predictor.is_iterator:
+        if not prediction.predictor.is_async:
+            # A sync train() beside an async predict(): on its own thread, so the loop and the
+            # other predictions keep running.
+            return await _in_daemon_thread(lambda: self._call_sync(prediction))
+        if prediction.predictor.needs_setup:
+            awaitable = _train_setup(prediction.predictor)
+            if awaitable is not None:
+                await awaitable
+                prediction.predictor.setup_done()
+        result: Any = prediction.predictor.predict(prediction.kwargs)
+        if prediction.predictor.is_iterator:
             if hasattr(result, "__aiter__"):
                 async for item in result:
-                    prediction.responder.append_output(self._encode(item))
+                    prediction.responder.append_output(_encode(prediction, item))
             else:
                 for item in await result if inspect.isawaitable(result) else result:
-                    prediction.responder.append_output(self._encode(item))
+                    prediction.responder.append_output(_encode(prediction, item))
             return None
         if inspect.isawaitable(result):
             result = await result
-        return self._encode(result)
+        return _encode(prediction, result)
 
     # --- both -----------------------------------------------------------------------------------
-    def _encode(self, value: Any) -> str:
-        return encode_json(self._predictor.encode_output(value))
 
     def _complete(self, prediction: Prediction, outcome: _Outcome, predict_time_s: float) -> None:
         metrics = dict(prediction.scope.metrics)
@@ -599,7 +678,7 @@ class Runner:
             prediction.responder,
             outcome.status,
             output_json=outcome.output_json,
-            stream=self._predictor.is_iterator,
+            stream=prediction.predictor.is_iterator,
             error=outcome.error,
             error_type=outcome.error_type,
             metrics=metrics,
@@ -654,9 +733,125 @@ class Runner:
         except ProcessLookupError:
             pass  # the parent is gone: the safety rescan exits
 
+    def notify_health(self) -> None:
+        """health.json changed (coglet.health): tell the pool to rescan."""
+        self._signal_parent(protocol.SIG_OUTPUT)
+
+    def write_runner_log(self, text: str) -> None:
+        """Text for the runner's own log (stderr), never a prediction's."""
+        self._late_log(text)
+
     def _late_log(self, text: str) -> None:
-        self._real_err.write(text)
-        self._real_err.flush()
+        # Not stderr: the pool gives stderr lines to the one prediction in flight, and this
+        # text is no prediction's (or a finished one's).
+        stream = _runner_log or self._real_err
+        stream.write(text)
+        stream.flush()
+
+
+def _train_setup(trainer: LoadedPredictor) -> Optional[Any]:
+    """A training class's setup(), at its first training (its output goes to that training's
+    logs, a failure fails it and the next training tries again); an awaitable when async."""
+    _log.info("train_setup_starting ref=%s", trainer.ref)
+    result = trainer.setup()
+    if inspect.isawaitable(result):
+        return result
+    trainer.setup_done()
+    return None
+
+
+def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
+    """Await (or iterate) an async train()'s result from the sync path: on a helper thread
+    with its own loop, while this (main) thread waits where a cancel's signal can raise
+    CancelationException; that cancels the helper's task."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: Dict[str, Any] = {}
+
+    async def consume() -> Optional[str]:
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                prediction.responder.append_output(_encode(prediction, item))
+            return None
+        return _encode(prediction, await result)
+
+    def work() -> None:
+        try:
+            box["task"] = task = loop.create_task(consume())
+            started.set()
+            box["value"] = loop.run_until_complete(task)
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            started.set()
+            loop.close()
+
+    # The prediction's context (its scope, its log attribution) goes with it to the thread.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(work,), name="coglet-async-train")
+    thread.daemon = True
+    thread.start()
+    try:
+        thread.join()
+    except CancelationException:
+        started.wait()
+        task = box.get("task")
+        if task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: it has ended anyway
+        thread.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return typing.cast(Optional[str], box.get("value"))
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``await fn()`` run on a daemon thread with this context: a training thread must never
+    hold the runner's exit (an executor's workers are joined at interpreter exit). A cancel
+    ends the wait at once; Python cannot stop the thread, which runs to its end."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            value = context.run(fn)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, future.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(settle, future.set_result, value)
+
+    threading.Thread(target=work, name="coglet-sync-train", daemon=True).start()
+    return await future
+
+
+def _run_in_fresh_loop(awaitable: Any) -> None:
+    """Await ``awaitable`` to its end from sync code that runs inside the runner's own loop
+    (which cannot be re-entered): on a helper thread with its own loop."""
+    failure: List[BaseException] = []
+
+    def work() -> None:
+        try:
+            asyncio.run(_await(awaitable))
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=work, name="coglet-train-setup", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _encode(prediction: Prediction, value: Any) -> str:
+    return encode_json(prediction.predictor.encode_output(value))
 
 
 class _Outcome:
@@ -668,15 +863,47 @@ class _Outcome:
         self.error: Optional[str] = None
         self.error_type: Optional[str] = None
 
-    def fail(self, prediction: Prediction, exc: BaseException) -> None:
+    def fail(self, prediction: Prediction, exc: BaseException, *, is_async: bool) -> None:
         self.status = protocol.STATUS_FAILED
         self.output_json = None
-        self.error = _error_message(exc)
+        self.error = cog_error_text(
+            exc,
+            is_async=is_async,
+            iterating=prediction.iterating,
+            training=prediction.predictor.mode == MODE_TRAIN,
+        )
         self.error_type = type(exc).__name__
         # Cog shows the traceback in the prediction's logs and the message as its error.
         prediction.responder.append_log(
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         )
+
+
+# --- Cog's words for a failed prediction (Cog 0.23.1, measured) --------------------------------
+# Cog's worker names the exception after a phase prefix, and its server prefixes that again
+# with "Prediction failed: ", so a sync predict() that raises reads
+# "Prediction failed: Prediction failed: ValueError: this is a value error". Clients match on
+# these strings, so they are kept word for word (docs/architecture.md, Cog compatibility).
+COG_FAILED_PREFIX = "Prediction failed: "
+COG_SYNC_PREFIX = "Prediction failed: "
+COG_ITERATION_PREFIX = "Generator iteration error: "
+COG_ASYNC_PREFIX = "Async prediction failed: "
+COG_TRAINING_PREFIX = "Training failed: "
+COG_ASYNC_TRAINING_PREFIX = "Async training failed: "
+
+
+def cog_error_text(
+    exc: BaseException, *, is_async: bool, iterating: bool, training: bool = False
+) -> str:
+    """A failed prediction's (or training's) ``error``, as Cog 0.23.1 words it; the
+    traceback goes to the logs."""
+    if is_async:
+        phase = COG_ASYNC_TRAINING_PREFIX if training else COG_ASYNC_PREFIX
+    elif iterating:
+        phase = COG_ITERATION_PREFIX
+    else:
+        phase = COG_TRAINING_PREFIX if training else COG_SYNC_PREFIX
+    return f"{COG_FAILED_PREFIX}{phase}{type(exc).__name__}: {exc}"
 
 
 def _error_message(exc: BaseException) -> str:
@@ -697,27 +924,31 @@ def _request_problem(raw: Any, prediction_id: str) -> Optional[str]:
 
 
 # --- setup -------------------------------------------------------------------------------------
+@dataclass
+class _Models:
+    """What setup produced: the predictor and, with cog.yaml train:, the trainer."""
+
+    predictor: Optional[LoadedPredictor] = None
+    trainer: Optional[LoadedPredictor] = None
+    training_error: Optional[str] = None  # why train_ref did not load (predictions still run)
+
+
 def _load_and_setup(
     config: RunnerConfig,
     working_dir: str,
     router: capture.LogRouter,
     loop: asyncio.AbstractEventLoop,
-) -> Tuple[Optional[LoadedPredictor], Dict[str, Any]]:
-    """Load the predictor, write openapi.json, run setup(); returns (predictor|None, result)."""
+) -> Tuple[_Models, Dict[str, Any]]:
+    """Load the predictor (and trainer), write openapi.json, run setup(); returns the models
+    (``predictor`` None when setup failed) and the setup result."""
     logs = capture.SetupLogs()
     router.fallback = logs
     result: Dict[str, Any] = {"status": protocol.STATUS_SUCCEEDED, "started_at": _now_iso()}
-    predictor: Optional[LoadedPredictor] = None
+    models = _Models()
+    watchdog = SetupWatchdog.from_env(working_dir, logs, result["started_at"])
     try:
         with capture.attributed(logs):
-            predictor = load_predictor(config.predictor_ref)
-            protocol.write_json_atomic(
-                os.path.join(working_dir, protocol.OPENAPI_FILE), predictor.openapi_schema()
-            )
-            awaitable = predictor.setup()
-            if inspect.isawaitable(awaitable):
-                # The loop predictions will use: what setup binds to it stays usable.
-                loop.run_until_complete(_await(awaitable))
+            _load_models(config, working_dir, loop, models)
     except PredictorError as e:
         result.update(status=protocol.STATUS_FAILED, error=str(e))
         logs.append_log(f"{e}\n")
@@ -726,14 +957,174 @@ def _load_and_setup(
         logs.append_log(traceback.format_exc())
     finally:
         router.fallback = None
+        if watchdog is not None:
+            watchdog.finish()
     result["completed_at"] = _now_iso()
     result["logs"] = logs.text()
     if result["status"] != protocol.STATUS_SUCCEEDED:
-        return None, result
+        return _Models(), result
+    predictor = models.predictor
     assert predictor is not None
     # The capacity this runner really has: a sync predict() runs one at a time.
     result["max_concurrency"] = config.max_concurrency if predictor.is_async else 1
-    return predictor, result
+    result["features"] = _features(models)
+    if models.training_error is not None:
+        result["training_error"] = models.training_error
+    return models, result
+
+
+def _load_models(
+    config: RunnerConfig,
+    working_dir: str,
+    loop: asyncio.AbstractEventLoop,
+    models: _Models,
+) -> None:
+    """Load and check predict (and train), write openapi.json, then run predict's setup().
+
+    A trainer that cannot be loaded disables trainings only: Cog serves predictions and
+    trainings from separate processes, so a broken train: never stops predict: there. For the
+    same reason a training class's own setup() waits for the first training (see
+    Runner._train_setup): a runner that only predicts never loads a second model.
+    """
+    predictor = models.predictor = load_predictor(config.predictor_ref)
+    schema = predictor.openapi_schema()
+    if config.train_ref is not None:
+        try:
+            # An async train() beside a sync predict() runs on its own loop, a sync one beside
+            # an async predict() on its own thread (Runner._call_sync / _call_async).
+            models.trainer = load_predictor(config.train_ref, mode=MODE_TRAIN)
+        except Exception as e:
+            _disable_training(models, e)
+        else:
+            add_training(schema, models.trainer.inputs, models.trainer.output)
+    protocol.write_json_atomic(os.path.join(working_dir, protocol.OPENAPI_FILE), schema)
+    _run_setup(predictor, loop)
+
+
+def _disable_training(models: _Models, exc: Exception) -> None:
+    text = str(exc) if isinstance(exc, PredictorError) else f"{type(exc).__name__}: {exc}"
+    models.trainer = None
+    models.training_error = text
+    if not isinstance(exc, PredictorError):
+        traceback.print_exc()  # into the setup logs, as a failed setup() would be
+    print(f"trainings disabled: {text}")
+    _log.warning("training_disabled error=%s", json.dumps(text))
+
+
+def _run_setup(model: LoadedPredictor, loop: asyncio.AbstractEventLoop) -> None:
+    awaitable = model.setup()
+    if inspect.isawaitable(awaitable):
+        # The loop predictions will use: what setup binds to it stays usable.
+        loop.run_until_complete(_await(awaitable))
+    model.setup_done()
+
+
+def _features(models: _Models) -> Dict[str, bool]:
+    """What the pool may offer for this model (setup_result.json ``features``)."""
+    predictor = models.predictor
+    assert predictor is not None
+    return {
+        protocol.FEATURE_STREAMING: predictor.is_streaming,
+        protocol.FEATURE_TRAINING: models.trainer is not None,
+        protocol.FEATURE_HEALTHCHECK: predictor.healthcheck is not None,
+    }
+
+
+def _start_healthchecks(
+    config: RunnerConfig,
+    working_dir: str,
+    predictor: LoadedPredictor,
+    runner: Runner,
+    loop: asyncio.AbstractEventLoop,
+) -> Optional[HealthChecker]:
+    """Run the predictor's healthcheck() periodically (coglet.health), when it has one."""
+    if predictor.healthcheck is None:
+        return None
+    checker = HealthChecker(
+        predictor.healthcheck,
+        working_dir=working_dir,
+        interval_s=config.healthcheck_interval_s,
+        notify=runner.notify_health,
+        log_write=runner.write_runner_log,
+        # An async predictor's loop is free between awaits; a sync one's is not.
+        loop=loop if predictor.is_async else None,
+    )
+    checker.start()
+    return checker
+
+
+class SetupWatchdog:
+    """``COG_SETUP_TIMEOUT``: past it, setup fails with Cog's text and the runner exits.
+
+    A timer thread, because setup() may be stuck where nothing can interrupt it (C code, a
+    download): at the deadline it writes the failed setup_result.json itself and leaves with
+    EXIT_SETUP_FAILED, so the pool never restart-loops a model that cannot load in time.
+    """
+
+    def __init__(
+        self, timeout_s: float, working_dir: str, logs: capture.SetupLogs, started_at: str
+    ) -> None:
+        self.timeout_s = timeout_s
+        self._path = os.path.join(working_dir, protocol.SETUP_RESULT_FILE)
+        self._logs = logs
+        self._started_at = started_at
+        self._lock = threading.Lock()
+        self._finished = False
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @classmethod
+    def from_env(
+        cls, working_dir: str, logs: capture.SetupLogs, started_at: str
+    ) -> Optional[SetupWatchdog]:
+        """A running watchdog when COG_SETUP_TIMEOUT holds a number of seconds > 0, else None."""
+        text = os.environ.get(protocol.SETUP_TIMEOUT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            timeout_s = float(text)
+        except ValueError:
+            timeout_s = float("nan")
+        if not timeout_s > 0 or timeout_s == float("inf"):
+            # As Cog: a bad value (or 0, which would fail at once) means no timeout.
+            _log.warning(
+                "setup_timeout_ignored %s=%r reason=not_a_positive_number",
+                protocol.SETUP_TIMEOUT_ENV,
+                text,
+            )
+            return None
+        return cls(timeout_s, working_dir, logs, started_at)
+
+    def finish(self) -> None:
+        """Setup ended in time: the deadline no longer applies."""
+        with self._lock:  # a deadline firing right now finishes (and exits) first
+            self._finished = True
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            result = {
+                "status": protocol.STATUS_FAILED,
+                "started_at": self._started_at,
+                "completed_at": _now_iso(),
+                "logs": self._logs.text() + protocol.SETUP_TIMEOUT_ERROR + "\n",
+                "error": protocol.SETUP_TIMEOUT_ERROR,
+            }
+            try:
+                protocol.write_json_atomic(self._path, result)
+            finally:
+                _log.info(
+                    "runner_exit reason=setup_timeout code=%d timeout_s=%s pid=%d",
+                    protocol.EXIT_SETUP_FAILED,
+                    self.timeout_s,
+                    os.getpid(),
+                )
+                logging.shutdown()
+                # setup() still runs on the main thread and cannot be interrupted: leave now.
+                os._exit(protocol.EXIT_SETUP_FAILED)
 
 
 async def _await(awaitable: Any) -> Any:
@@ -807,7 +1198,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    predictor, setup_result = _load_and_setup(config, working_dir, router, loop)
+    models, setup_result = _load_and_setup(config, working_dir, router, loop)
+    predictor = models.predictor
     wakeup.install_stop()
     _write_setup_result(working_dir, setup_result)
     if predictor is None:
@@ -817,7 +1209,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dumps(setup_result.get("error")),
         )
         return protocol.EXIT_SETUP_FAILED
-    runner = Runner(config, working_dir, predictor, router, wakeup, parent_pid, real_err)
+    runner = Runner(
+        config,
+        working_dir,
+        predictor,
+        router,
+        wakeup,
+        parent_pid,
+        real_err,
+        trainer=models.trainer,
+        training_error=models.training_error,
+    )
     _log.info(
         "runner_ready runner=%s pid=%d async=%s capacity=%d",
         config.runner_index,
@@ -829,4 +1231,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.kill(parent_pid, protocol.SIG_READY)
     except ProcessLookupError:
         _exit_parent_died()
-    return runner.serve(loop)
+    checker = _start_healthchecks(config, working_dir, predictor, runner, loop)
+    try:
+        return runner.serve(loop)
+    finally:
+        if checker is not None:
+            checker.stop()

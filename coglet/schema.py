@@ -15,7 +15,7 @@ from cog.input import MISSING
 from coglet import types as t
 from coglet.types import CogType, InputSpec, OutputType
 
-__all__ = ["input_property", "json_type", "openapi_schema", "title"]
+__all__ = ["add_training", "input_property", "json_type", "openapi_schema", "title"]
 
 OPENAPI_VERSION = "3.0.2"
 _REF = "#/components/schemas/"
@@ -29,6 +29,10 @@ _FIXED_COMPONENTS = frozenset(
         "WebhookEvent",
         "HTTPValidationError",
         "ValidationError",
+        "TrainingInput",
+        "TrainingOutput",
+        "TrainingRequest",
+        "TrainingResponse",
     }
 )
 
@@ -57,6 +61,10 @@ def json_type(ct: CogType) -> Dict[str, Any]:
         return schema
     if ct.kind == t.OBJECT:
         return _object_schema(ct)
+    if ct.kind == t.UNION:
+        return {"anyOf": [json_type(v) for v in ct.variants]}
+    if ct.kind == t.CUSTOM:
+        return {"type": "object"}  # as Cog: a coder's value is a JSON object
     return {}  # Any: an opaque JSON value, unchecked
 
 
@@ -117,9 +125,13 @@ def schema_default(spec: InputSpec) -> Any:
 
 
 # --- Input -------------------------------------------------------------------------------------
-def enum_component_name(spec: InputSpec) -> str:
-    """Cog names a choices component after the field; avoid clobbering a fixed component."""
-    return f"{spec.name}Choices" if spec.name in _FIXED_COMPONENTS else spec.name
+def enum_component_name(spec: InputSpec, prefix: str = "") -> str:
+    """Cog names a choices component after the field; avoid clobbering a fixed component.
+
+    ``prefix`` (``Training``) keeps a train() input's choices apart from predict()'s.
+    """
+    name = prefix + spec.name
+    return f"{name}Choices" if name in _FIXED_COMPONENTS else name
 
 
 def _choices(spec: InputSpec) -> Any:
@@ -129,11 +141,11 @@ def _choices(spec: InputSpec) -> Any:
     return list(enum_values) if enum_values is not None else None
 
 
-def input_property(spec: InputSpec) -> Dict[str, Any]:
+def input_property(spec: InputSpec, prefix: str = "") -> Dict[str, Any]:
     """The ``Input.properties[name]`` entry of one parameter."""
     prop: Dict[str, Any] = {"x-order": spec.order}
     if _choices(spec) is not None:
-        ref = {"allOf": [{"$ref": _REF + enum_component_name(spec)}]}
+        ref = {"allOf": [{"$ref": _REF + enum_component_name(spec, prefix)}]}
         if spec.type.is_list:
             prop.update({"title": title(spec.name), "type": "array", "items": ref})
         else:
@@ -165,11 +177,13 @@ def is_required(spec: InputSpec) -> bool:
     return not has_default(spec) and not spec.type.is_optional
 
 
-def input_schema(inputs: Sequence[InputSpec]) -> Dict[str, Any]:
+def input_schema(
+    inputs: Sequence[InputSpec], title: str = "Input", prefix: str = ""
+) -> Dict[str, Any]:
     schema: Dict[str, Any] = {
-        "title": "Input",
+        "title": title,
         "type": "object",
-        "properties": {spec.name: input_property(spec) for spec in inputs},
+        "properties": {spec.name: input_property(spec, prefix) for spec in inputs},
     }
     required = [spec.name for spec in inputs if is_required(spec)]
     if required:
@@ -177,13 +191,13 @@ def input_schema(inputs: Sequence[InputSpec]) -> Dict[str, Any]:
     return schema
 
 
-def enum_components(inputs: Sequence[InputSpec]) -> Dict[str, Any]:
+def enum_components(inputs: Sequence[InputSpec], prefix: str = "") -> Dict[str, Any]:
     components: Dict[str, Any] = {}
     for spec in inputs:
         choices = _choices(spec)
         if choices is None:
             continue
-        components[enum_component_name(spec)] = {
+        components[enum_component_name(spec, prefix)] = {
             "title": spec.name,
             "description": "An enumeration.",
             "enum": choices,
@@ -193,8 +207,8 @@ def enum_components(inputs: Sequence[InputSpec]) -> Dict[str, Any]:
 
 
 # --- Output ------------------------------------------------------------------------------------
-def output_schema(output: OutputType) -> Dict[str, Any]:
-    schema: Dict[str, Any] = {"title": "Output"}
+def output_schema(output: OutputType, title: str = "Output") -> Dict[str, Any]:
+    schema: Dict[str, Any] = {"title": title}
     if output.iterator is None:
         schema.update(json_type(output.type))
         return schema
@@ -312,3 +326,28 @@ def openapi_schema(inputs: Sequence[InputSpec], output: OutputType) -> Dict[str,
         "paths": {},
         "components": {"schemas": components},
     }
+
+
+# --- trainings (cog.yaml train:) ---------------------------------------------------------------
+TRAINING_PREFIX = "Training"
+
+
+def add_training(
+    schema: Dict[str, Any], inputs: Sequence[InputSpec], output: OutputType
+) -> Dict[str, Any]:
+    """``schema`` with Cog's training components: ``TrainingInput``, ``TrainingOutput``,
+    ``TrainingRequest``, ``TrainingResponse`` (and the training inputs' choices, prefixed)."""
+    components = schema["components"]["schemas"]
+    components["TrainingInput"] = input_schema(inputs, "TrainingInput", TRAINING_PREFIX)
+    components["TrainingOutput"] = output_schema(output, "TrainingOutput")
+    components.update(enum_components(inputs, TRAINING_PREFIX))
+    fixed = _fixed_components()
+    for name, kind in (("Request", "PredictionRequest"), ("Response", "PredictionResponse")):
+        component = fixed[kind]
+        component["title"] = f"Training{name}"
+        properties = component["properties"]
+        properties["input"] = {"$ref": _REF + "TrainingInput"}
+        if "output" in properties:
+            properties["output"] = {"$ref": _REF + "TrainingOutput"}
+        components[f"Training{name}"] = component
+    return schema

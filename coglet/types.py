@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from cog.coder import Coder
+from cog.markers import Opaque
 from cog.model import BaseModel
 from cog.types import AsyncConcatenateIterator, ConcatenateIterator, File, Path, Secret
 
@@ -25,6 +27,7 @@ __all__ = [
     "CogType",
     "InputSpec",
     "OutputType",
+    "pydantic_fields",
     "resolve_output",
     "resolve_type",
     "type_name",
@@ -34,6 +37,7 @@ __all__ = [
 STR, INT, FLOAT, BOOL = "str", "int", "float", "bool"
 PATH, FILE, SECRET = "path", "file", "secret"
 LIST, OPTIONAL, OBJECT, DICT, ANY = "list", "optional", "object", "dict", "any"
+UNION, CUSTOM = "union", "custom"
 PRIMITIVE_KINDS = frozenset({STR, INT, FLOAT, BOOL, PATH, FILE, SECRET})
 
 ITER_PLAIN = "iterator"
@@ -54,8 +58,11 @@ class CogType:
     """One resolved annotation.
 
     ``kind`` is a primitive kind, or ``list``/``optional``/``dict`` (with ``item``), or
-    ``object`` (with ``fields``), or ``any``. ``py`` is the annotation's own class where it
-    matters for coercion (an Enum, a Path subclass, a dataclass, a TypedDict).
+    ``object`` (with ``fields``), or ``union`` (with ``variants``: ``str | float``; a None
+    member makes it the item of an ``optional``), or ``custom`` (a type a registered
+    ``cog.coder.Coder`` handles, with ``coder``), or ``any``. ``py`` is the annotation's own
+    class where it matters for coercion (an Enum, a Path subclass, a dataclass, a TypedDict).
+    ``enum_values`` holds the choices of an Enum or a ``Literal[...]``.
     """
 
     kind: str
@@ -64,6 +71,8 @@ class CogType:
     fields: Tuple[Tuple[str, CogType], ...] = ()
     required: Tuple[str, ...] = ()
     enum_values: Optional[Tuple[Any, ...]] = None
+    variants: Tuple[CogType, ...] = ()
+    coder: Any = None
 
     @property
     def element(self) -> CogType:
@@ -93,6 +102,10 @@ class CogType:
             return f"List[{self.item.name()}]"
         if self.kind == DICT and self.item is not None:
             return f"Dict[str, {self.item.name()}]"
+        if self.kind == UNION:
+            return " | ".join(v.name() for v in self.variants)
+        if self.enum_values is not None and self.py is None:
+            return f"Literal[{', '.join(repr(v) for v in self.enum_values)}]"
         if self.py is not None:
             return type_name(self.py)
         return {PATH: "Path", FILE: "File", SECRET: "Secret", ANY: "Any"}.get(self.kind, self.kind)
@@ -145,35 +158,101 @@ def resolve_type(tp: Any) -> CogType:
     """Resolve one annotation; ``ValueError`` with Cog's wording when it is not supported."""
     if tp is typing.Any:
         return CogType(ANY)
+    if typing.get_origin(tp) is typing.Annotated:
+        return _resolve_annotated(tp)
     if _is_union(tp):
         return _resolve_union(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return _resolve_literal(tp)
     if _is_list(tp):
         return _resolve_list(tp)
     if _is_dict(tp):
         return _resolve_dict(tp)
     if isinstance(tp, type):
         return _resolve_class(tp)
-    raise ValueError(f"unsupported Cog type {type_name(tp)}")
+    return _resolve_custom(tp)
+
+
+def _resolve_annotated(tp: Any) -> CogType:
+    """``Annotated[T, ...]`` is ``T``; with ``cog.Opaque`` it is an opaque JSON object (a list
+    of them for a list, nullable for Optional), as Cog 0.23."""
+    inner, *metadata = typing.get_args(tp)
+    if not any(m is Opaque for m in metadata):
+        return resolve_type(inner)
+    if _is_union(inner):
+        non_none = [a for a in typing.get_args(inner) if a is not type(None)]
+        if len(non_none) == 1:
+            return CogType(OPTIONAL, item=_opaque(non_none[0]))
+    return _opaque(inner)
+
+
+def _opaque(tp: Any) -> CogType:
+    opaque_object = CogType(DICT, item=CogType(ANY))
+    if _is_list(tp):
+        return CogType(LIST, item=opaque_object)
+    return opaque_object
+
+
+def _resolve_custom(tp: Any) -> CogType:
+    """A type only a registered coder knows (``cog.coder``), else Cog's refusal."""
+    coder = Coder.lookup(tp)
+    if coder is None:
+        raise ValueError(f"unsupported Cog type {type_name(tp)}")
+    return CogType(CUSTOM, py=tp, coder=coder)
 
 
 def _resolve_union(tp: Any) -> CogType:
+    """``Optional[X]``, or a union of JSON-typed members (``str | float | None``) as Cog 0.23."""
     args = typing.get_args(tp)
     non_none = [a for a in args if a is not type(None)]
-    if len(args) != 2 or len(non_none) != 1:
-        raise ValueError(f"unsupported union type {type_name(tp)}")
-    return CogType(OPTIONAL, item=resolve_type(non_none[0]))
+    if len(non_none) == 1:
+        return CogType(OPTIONAL, item=resolve_type(non_none[0]))
+    variants = []
+    for arg in non_none:
+        try:
+            variant = resolve_type(arg)
+        except ValueError:
+            variant = None
+        if variant is None or not _is_union_member(variant):
+            raise ValueError(f"unsupported union member {type_name(arg)} in union {type_name(tp)}")
+        variants.append(variant)
+    union = CogType(UNION, variants=tuple(variants))
+    return CogType(OPTIONAL, item=union) if len(non_none) < len(args) else union
+
+
+_UNION_SCALARS = frozenset({STR, INT, FLOAT, BOOL})
+
+
+def _is_union_member(ct: CogType) -> bool:
+    """What a union may hold (as Cog): str, int, float, bool, a dict, or a list of those."""
+    if ct.kind == LIST and ct.item is not None:
+        ct = ct.item
+        if ct.kind == ANY:
+            return True
+    if ct.kind == DICT:
+        return True
+    return ct.kind in _UNION_SCALARS and ct.py is None and ct.enum_values is None
+
+
+def _resolve_literal(tp: Any) -> CogType:
+    """``Literal["a", "b"]``: a str (or int) input with those choices."""
+    values = typing.get_args(tp)
+    if values and all(isinstance(v, str) for v in values):
+        return CogType(STR, enum_values=tuple(values))
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return CogType(INT, enum_values=tuple(values))
+    raise ValueError(
+        f"unsupported Cog type {type_name(tp)}: Literal values must be all str or all int"
+    )
 
 
 def _resolve_list(tp: Any) -> CogType:
     args = typing.get_args(tp)
     if not args:
         return CogType(LIST, item=CogType(ANY))
-    elem = args[0]
-    if _is_list(elem):
-        raise ValueError("List cannot have nested type list")
-    if _is_union(elem):
-        raise ValueError("List cannot have nested type Union")
-    return CogType(LIST, item=resolve_type(elem))
+    # Nested lists (``List[List[float]]``, every embedding model) and lists of unions are
+    # served as Cog 0.23 serves them.
+    return CogType(LIST, item=resolve_type(args[0]))
 
 
 def _resolve_dict(tp: Any) -> CogType:
@@ -202,7 +281,36 @@ def _resolve_class(tp: type) -> CogType:
         return _object(tp, hints, [n for n in hints if n in required])
     if dataclasses.is_dataclass(tp) or issubclass(tp, BaseModel):
         return _resolve_dataclass(tp)
-    raise ValueError(f"unsupported Cog type {type_name(tp)}")
+    if pydantic_fields(tp) is not None:
+        return _resolve_pydantic(tp)
+    return _resolve_custom(tp)
+
+
+def pydantic_fields(tp: Any) -> Optional[Tuple[str, ...]]:
+    """The field names of a pydantic model class (v2 ``model_fields``, v1 ``__fields__``),
+    else None. Duck-typed: coglet never imports pydantic, the model's environment has it."""
+    if not isinstance(tp, type):
+        return None
+    for attr in ("model_fields", "__fields__"):
+        fields = getattr(tp, attr, None)
+        if isinstance(fields, dict) and callable(
+            getattr(tp, "__get_validators__", None) or getattr(tp, "model_validate", None)
+        ):
+            return tuple(fields)
+    return None
+
+
+def _resolve_pydantic(tp: type) -> CogType:
+    """A pydantic model (Cog 0.23 takes them as outputs): its fields, as an object; the
+    Optional ones may be null and are not required."""
+    hints = typing.get_type_hints(tp)
+    names = pydantic_fields(tp) or ()
+    required = [
+        n
+        for n in names
+        if not _is_union(hints.get(n)) or type(None) not in typing.get_args(hints.get(n))
+    ]
+    return _object(tp, {n: hints[n] for n in names if n in hints}, required)
 
 
 def _resolve_enum(tp: type) -> CogType:

@@ -91,8 +91,12 @@ def _deref(prop: Any, components: Dict[str, Any], depth: int = 0) -> Dict[str, A
 
 
 # --- the validator -----------------------------------------------------------------------------
-def validate_input(schema: Dict[str, Any], raw: Any) -> Tuple[Dict[str, Any], List[str]]:
+def validate_input(
+    schema: Dict[str, Any], raw: Any, component: str = "Input"
+) -> Tuple[Dict[str, Any], List[str]]:
     """Check ``raw`` against ``schema`` (a whole openapi.json).
+
+    ``component`` names the inputs' component: ``Input``, or ``TrainingInput`` for a training.
 
     Returns ``(values, warnings)``: values coerced to their JSON types (an int given for a
     number becomes a float), schema defaults filled in (as fresh copies), unknown keys dropped
@@ -103,7 +107,7 @@ def validate_input(schema: Dict[str, Any], raw: Any) -> Tuple[Dict[str, Any], Li
             [{"field": "input", "msg": "input must be a JSON object", "type": "type_error.dict"}]
         )
     components = _components(schema)
-    input_schema = components.get("Input")
+    input_schema = components.get(component)
     input_schema = input_schema if isinstance(input_schema, dict) else {}
     props = input_schema.get("properties")
     props = props if isinstance(props, dict) else {}
@@ -154,9 +158,12 @@ def _check(label: str, value: Any, prop: Dict[str, Any], comps: Dict[str, Any], 
     """Validate and coerce one value; ``label`` names it in messages (``xs[2]``, ``cfg.k``)."""
     if depth > _MAX_SCHEMA_DEPTH:
         raise _Invalid(f"{label} is nested too deeply", "value_error")
+    if value is None and prop.get("nullable"):
+        return None
+    variants = prop.get("anyOf")
+    if isinstance(variants, list):
+        return _check_union(label, value, variants, comps, depth)
     if value is None:
-        if prop.get("nullable"):
-            return None
         raise _type_error(label, value, prop.get("type"))
     kind = prop.get("type")
     if kind == "array":
@@ -168,6 +175,74 @@ def _check(label: str, value: Any, prop: Dict[str, Any], comps: Dict[str, Any], 
     _check_numeric(label, value, prop)
     _check_string(label, value, prop)
     return value
+
+
+# --- unions (``str | float | None``, ``list[int] | list[float]``), as Cog 0.23 --------------------
+# A member whose JSON type is the value's own is tried first, then the others in this order;
+# the value keeps its wire type (1 stays an int even where only a number member takes it, as
+# Cog 0.23 passes it). A bool is never a number and a string never a number: union members
+# match by wire type, without the coercion a plain number input allows.
+_UNION_ORDER = {"boolean": 0, "integer": 1, "number": 2, "string": 3, "object": 4}
+
+
+def _member_kind(variant: Dict[str, Any]) -> Tuple[bool, Any]:
+    """(is a list, the scalar JSON type) of one union member."""
+    if variant.get("type") == "array":
+        items = variant.get("items")
+        return True, items.get("type") if isinstance(items, dict) else None
+    return False, variant.get("type")
+
+
+def _scalar_accepts(value: Any, kind: Any, exact: bool) -> bool:
+    if kind == "boolean":
+        return type(value) is bool
+    if kind == "integer":
+        return type(value) is int
+    if kind == "number":
+        return type(value) is float or (not exact and type(value) is int)
+    if kind == "string":
+        return type(value) is str
+    if kind == "object":
+        return isinstance(value, dict)
+    return kind is None  # a member with no type takes anything
+
+
+def _member_accepts(value: Any, variant: Dict[str, Any], exact: bool) -> bool:
+    is_list, kind = _member_kind(variant)
+    if is_list:
+        if not isinstance(value, list):
+            return False
+        return exact or all(_scalar_accepts(v, kind, False) for v in value)
+    return _scalar_accepts(value, kind, exact)
+
+
+def _check_union(
+    label: str, value: Any, variants: List[Any], comps: Dict[str, Any], depth: int
+) -> Any:
+    members = [_deref(v, comps) for v in variants]
+
+    def rank(item: Tuple[int, Dict[str, Any]]) -> Tuple[bool, int, int]:
+        index, member = item
+        is_list, kind = _member_kind(member)
+        order = _UNION_ORDER.get(kind, 9) if isinstance(kind, str) else 9
+        return (not _member_accepts(value, member, True), 10 * is_list + order, index)
+
+    for _, member in sorted(enumerate(members), key=rank):
+        if not _member_accepts(value, member, False):
+            continue
+        try:
+            _check(label, value, member, comps, depth + 1)
+        except _Invalid:
+            continue
+        return value  # the wire type kept: the member's check would widen an int
+    names = ", ".join(_member_name(m) for m in members)
+    raise _Invalid(f"{label}={_short(value)} is not one of the types: {names}", "type_error.union")
+
+
+def _member_name(member: Dict[str, Any]) -> str:
+    is_list, kind = _member_kind(member)
+    word = kind if isinstance(kind, str) else "any"
+    return f"list of {word}" if is_list else word
 
 
 def _type_error(label: str, value: Any, kind: Any) -> _Invalid:

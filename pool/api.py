@@ -15,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import hmac
+import importlib.metadata
 import json
 import logging
+import platform
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
+from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -207,8 +210,24 @@ def _translate(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, (PoolFull, ShuttingDown)):
         return _error(503, str(exc) or type(exc).__name__, headers=_retry_after(request))
     if isinstance(exc, NotReady):
-        return _error(503, str(exc) or "the model is not ready", headers=_retry_after(request))
+        return _setup_not_finished(request, exc)
     raise exc
+
+
+# Cog 0.23.1's answer to a prediction that setup (not finished, or failed) does not allow.
+COG_SETUP_NOT_FINISHED = (
+    "Setup has not finished yet. Wait until it has finished, or GET /health-check for status."
+)
+
+
+def _setup_not_finished(request: web.Request, exc: NotReady) -> web.Response:
+    """503 with Cog's body (``status``, ``error``); ``detail`` says which state, Retry-After."""
+    body = {
+        "status": "failed",
+        "error": COG_SETUP_NOT_FINISHED,
+        "detail": str(exc) or "the model is not ready",
+    }
+    return web.json_response(body, status=503, headers=_retry_after(request))
 
 
 # --- bodies ----------------------------------------------------------------------------------
@@ -258,9 +277,31 @@ async def health_check(request: web.Request) -> web.Response:
     The manager's ``health()`` already carries each queue consumer's health source.
     """
     body = dict(request.app[MANAGER_KEY].health())
+    body.setdefault("version", VERSION)
     if request.app[SHUTDOWN_KEY].is_set():
         body["shutting_down"] = True
     return web.json_response(body)
+
+
+def _version() -> dict[str, str]:
+    """``/health-check`` ``version``, Cog's object: the runtime, the Python SDK, Python.
+
+    ``cog`` and ``coglet`` ship in this project, so the SDK's version is the project's.
+    ``python`` is the pool's interpreter (a model's own, ``model.python``, may differ).
+    """
+    try:
+        project = importlib.metadata.version("cog-pool")
+    except importlib.metadata.PackageNotFoundError:
+        project = "unknown"
+    return {
+        "runtime": "cog-pool",
+        "cog_pool": project,
+        "python_sdk": project,
+        "python": platform.python_version(),
+    }
+
+
+VERSION = _version()
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -322,9 +363,14 @@ async def get_prediction(request: web.Request) -> web.Response:
 
 
 async def cancel_prediction(request: web.Request) -> web.Response:
+    """200 with the prediction's state for as long as it is known (as Cog: a repeat, or a
+    cancel after the end, is still 200); 404 for an id never seen or long forgotten."""
     manager = request.app[MANAGER_KEY]
     prediction_id = request.match_info["prediction_id"]
     if not await manager.cancel(prediction_id):
+        known = manager.get(prediction_id)
+        if known is not None:
+            return web.json_response(known.to_dict())
         return _error(404, "prediction not found")
     log.info("http_cancel prediction=%s", prediction_id)
     prediction = manager.get(prediction_id)
@@ -366,7 +412,12 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
         existing is not None,
     )
     if respond_async:
-        return web.json_response(prediction.to_dict(), status=202)
+        body = prediction.to_dict()
+        if existing is None and body.get("status") not in TERMINAL_STATUSES:
+            # Cog's async create answers "starting": the answer is the acceptance; progress
+            # (processing, then the end) follows by webhook and GET.
+            body["status"] = STATUS_STARTING
+        return web.json_response(body, status=202)
     await _wait(request, manager, prediction, owned=existing is None)
     return web.json_response(prediction.to_dict())
 

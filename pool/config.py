@@ -4,8 +4,9 @@ Precedence: defaults < YAML file < ``COG_POOL_*`` environment < CLI flags. Every
 ``config/pool.yaml`` maps to one field here; an unknown key, a wrong type or an impossible
 value raises :class:`pool.errors.ConfigError` naming the key.
 
-The loader also reads the model's ``cog.yaml`` (``predict``, ``concurrency.max``) and fills
-``model.predict`` and ``runners.max_concurrency`` with the effective values, resolves
+The loader also reads the model's ``cog.yaml`` (``predict`` or ``run``, ``train``,
+``concurrency.max``, ``environment``) and fills ``model.predict``, ``model.train``,
+``runners.max_concurrency`` and ``runners.env`` with the effective values, resolves
 ``runners.gpus: auto`` through ``nvidia-smi -L`` and makes ``model.path`` absolute, so code
 that receives a loaded :class:`PoolConfig` never has to look anything up again.
 """
@@ -51,6 +52,7 @@ class ModelConfig:
     path: str = "examples/hello"  # model directory holding cog.yaml
     python: str | None = None  # interpreter of the model's own environment; None: the pool's
     predict: str | None = None  # "predict.py:Predictor"; None: read from cog.yaml
+    train: str | None = None  # "train.py:train"; None: cog.yaml's train:, if any
 
 
 @dataclass(frozen=True)
@@ -504,11 +506,19 @@ def detect_gpus(env: Mapping[str, str]) -> tuple[str, ...] | None:
     return tuple(str(i) for i in range(count)) or None
 
 
-def _read_cog_yaml(model_dir: str, predict: str | None) -> tuple[str, int | None]:
-    """(predict ref, concurrency.max or None) from ``<model_dir>/cog.yaml``."""
+@dataclass(frozen=True)
+class _CogYaml:
+    predict: str
+    train: str | None = None
+    concurrency_max: int | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def _read_cog_yaml(model_dir: str, predict: str | None) -> _CogYaml:
+    """What the pool takes from ``<model_dir>/cog.yaml``."""
     path = os.path.join(model_dir, "cog.yaml")
     if not os.path.exists(path) and predict is not None:
-        return predict, None  # model.predict given: a cog.yaml is optional
+        return _CogYaml(predict)  # model.predict given: a cog.yaml is optional
     if not os.path.exists(path):
         raise ConfigError(
             path,
@@ -518,18 +528,40 @@ def _read_cog_yaml(model_dir: str, predict: str | None) -> tuple[str, int | None
     data = _read_yaml(path, "cog.yaml")
     if not isinstance(data, Mapping):
         raise ConfigError(path, "cog.yaml must be a mapping with a `predict` key")
-    ref = predict if predict is not None else data.get("predict")
+    if data.get("predict") is not None and data.get("run") is not None:
+        raise ConfigError(path, "set either predict or run in cog.yaml, not both")
+    # Cog 0.23 spells it `run: "run.py:Runner"`; `predict:` keeps working.
+    key = "run" if data.get("run") is not None else "predict"
+    ref = predict if predict is not None else data.get(key)
     if not isinstance(ref, str) or ":" not in ref:
-        raise ConfigError(
-            path, f'predict must be "file.py:Name" (got {data.get("predict")!r}) in cog.yaml'
-        )
+        raise ConfigError(path, f'{key} must be "file.py:Name" (got {data.get(key)!r}) in cog.yaml')
+    train = data.get("train")
+    if train is not None and (not isinstance(train, str) or ":" not in train):
+        raise ConfigError(path, f'train must be "file.py:name" (got {train!r}) in cog.yaml')
     concurrency = data.get("concurrency") or {}
     if not isinstance(concurrency, Mapping):
         raise ConfigError(path, "concurrency must be a mapping like {max: 4} in cog.yaml")
     most = concurrency.get("max")
     if most is not None and (not isinstance(most, int) or isinstance(most, bool) or most < 1):
         raise ConfigError(path, f"concurrency.max must be an integer >= 1 (got {most!r})")
-    return ref, most
+    return _CogYaml(ref, train, most, _cog_environment(path, data.get("environment")))
+
+
+def _cog_environment(path: str, entries: Any) -> dict[str, str]:
+    """cog.yaml's ``environment:`` list of ``NAME=value`` strings (e.g. COG_SETUP_TIMEOUT)."""
+    if entries is None:
+        return {}
+    if not isinstance(entries, list):
+        raise ConfigError(path, "environment must be a list of NAME=value strings in cog.yaml")
+    env: dict[str, str] = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=") if isinstance(entry, str) else ("", "", "")
+        if not sep or not name:
+            raise ConfigError(
+                path, f"environment entries must be NAME=value strings (got {entry!r}) in cog.yaml"
+            )
+        env[name] = value
+    return env
 
 
 def load_config(
@@ -553,10 +585,15 @@ def load_config(
     model_dir = flat["model.path"]
     if not os.path.isdir(model_dir):
         raise ConfigError("model.path", f"model directory {model_dir} does not exist")
-    ref, most = _read_cog_yaml(model_dir, flat.get("model.predict"))
-    flat["model.predict"] = ref
+    cog_yaml = _read_cog_yaml(model_dir, flat.get("model.predict"))
+    flat["model.predict"] = cog_yaml.predict
+    if flat.get("model.train") is None:
+        flat["model.train"] = cog_yaml.train
     if flat.get("runners.max_concurrency") is None:
-        flat["runners.max_concurrency"] = most or 1
+        flat["runners.max_concurrency"] = cog_yaml.concurrency_max or 1
+    if cog_yaml.environment:
+        # The pool's own runners.env wins over the model's cog.yaml environment:.
+        flat["runners.env"] = {**cog_yaml.environment, **(flat.get("runners.env") or {})}
     if flat.get("model.python") is not None:
         flat["model.python"] = _interpreter(flat["model.python"], env)
     if flat.get("state_dir") is not None:

@@ -287,13 +287,16 @@ class RunnerHandle:
         task.add_done_callback(self._tasks.discard)
 
     def _runner_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "predictor_ref": self.config.model.predict,
             "max_concurrency": self.capacity,
             "runner_index": self.index,
             "gpu": self.gpu,
             "temp_dir": self.temp_dir,
         }
+        if self.config.model.train is not None:
+            config["train_ref"] = self.config.model.train  # cog.yaml train: (issue 9)
+        return config
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -9,6 +9,7 @@ no site-packages at all), and real predictions under the oldest and newest Pytho
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -164,3 +165,34 @@ def test_real_predictions_under_python(version: str, tmp_path) -> None:
         runner.cancel("sl")
         assert runner.wait_done("sl").status == "canceled"
         assert runner.stop() == 0
+
+
+@pytest.mark.parametrize("version", sorted(PYTHONS))
+def test_cog_023_shapes_under_python(version: str) -> None:
+    """Unions, nested lists, an optional Secret, Literal, json_coder, @cog.streaming, a
+    healthcheck and a trainer (issue 9) load and run under the oldest and newest Python."""
+    models = str(ROOT / "tests" / "models" / "compat")
+    config = {
+        "predictor_ref": "oldpython.py:Predictor",
+        "max_concurrency": 1,
+        "train_ref": "oldpython.py:train",
+        "healthcheck_interval_s": 0.2,
+    }
+    with RunnerHarness(models, "", python=PYTHONS[version], config=config) as runner:
+        result = runner.wait_ready()
+        assert result["features"] == {"streaming": True, "training": True, "healthcheck": True}
+        runner.submit("p", {"u": 1, "rows": [[1, 2.5]], "mode": "b", "data": {"k": [1]}})
+        state = runner.wait_done("p")
+        assert state.output == [[1.0, 2.5]], (state.error, state.logs)
+        assert "u=1 key=None mode=b data={'k': [1]}\n" in state.logs
+        runner.submit(
+            "t", {"steps": 2}, body={"id": "t", "input": {"steps": 2}, "kind": "training"}
+        )
+        state = runner.wait_done("t")
+        assert state.status == "succeeded", (state.error, state.logs)
+        assert state.output["weights"]["__cog_path__"].endswith("oldpython-train-2.txt")
+        runner.wait_for(
+            lambda: os.path.exists(runner.path("health.json")), timeout_s=30, what="health.json"
+        )
+        health = json.loads(Path(runner.path("health.json")).read_text())
+        assert health["error"] == "Healthcheck failed: user-defined healthcheck returned False"

@@ -30,6 +30,13 @@ def test_public_names() -> None:
         "current_scope",
         "CancelationException",
         "emit_metric",
+        "streaming",
+        "concurrent",
+        "Coder",
+        "Opaque",
+        "FieldInfo",
+        "ExperimentalFeatureWarning",
+        "__version__",
     ):
         assert name in cog.__all__, name
         assert hasattr(cog, name), name
@@ -154,8 +161,96 @@ def test_record_metric_modes() -> None:
         cog.emit_metric("ratio", 0.5)
     assert scope.metrics == {"tokens": 7, "steps": ["a", "b"], "ratio": 0.5}
     assert cog.current_scope() is not scope
-    with pytest.raises(ValueError, match="metric mode must be one of"):
+    with pytest.raises(TypeError, match="Invalid metric mode: 'bogus'"):
         scope.record_metric("x", 1, mode="bogus")
+
+
+def test_metrics_follow_cog_023s_recorder() -> None:
+    """scope.metrics as Cog 0.23.1 has it (its results measured beside it)."""
+    scope = cog.Scope()
+    scope.record_metric("timing.inference", 0.5)  # a dotted name nests
+    scope.metrics.record("logprobs", -1.2, mode="append")
+    scope.metrics.record("logprobs", -0.3, mode="append")
+    scope.metrics.record("n", 1, mode="incr")
+    scope.metrics.record("n", 2, mode="incr")
+    scope.metrics["plain"] = 42
+    scope.record_metric("gone", 1)
+    del scope.metrics["gone"]
+    scope.record_metric("once", 1)
+    scope.record_metric("once", 2, mode="append")  # a scalar becomes a list
+    assert scope.metrics == {
+        "timing": {"inference": 0.5},
+        "logprobs": [-1.2, -0.3],
+        "n": 3,
+        "plain": 42,
+        "once": [1, 2],
+    }
+    scope.metrics.delete("n")
+    scope.record_metric("n", "now a string")  # allowed after a delete
+    assert scope.metrics["n"] == "now a string"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "mode", "error", "message"),
+    [
+        (
+            "a",
+            None,
+            None,
+            TypeError,
+            "Unsupported metric value type: NoneType. Expected bool, "
+            "int, float, str, list, or dict.",
+        ),
+        ("a", True, "incr", TypeError, "Increment mode requires int or float, got bool"),
+        ("predict_time", 1, None, ValueError, "'predict_time' is reserved by the runtime"),
+        ("cog.x", 1, None, ValueError, "the 'cog.' prefix is reserved for system metrics"),
+        ("_a", 1, None, ValueError, "metric name segment '_a' must start with a letter"),
+        ("a_", 1, None, ValueError, "metric name segment 'a_' must end with a letter or digit"),
+        (
+            "a__b",
+            1,
+            None,
+            ValueError,
+            "metric name segment 'a__b' must not contain consecutive underscores",
+        ),
+        (
+            "a..b",
+            1,
+            None,
+            ValueError,
+            "metric name must not contain empty segments (consecutive dots)",
+        ),
+        (
+            "a.b.c.d.e",
+            1,
+            None,
+            ValueError,
+            "metric name must have at most 4 dot-separated segments (got 5)",
+        ),
+        (
+            "a" * 129,
+            1,
+            None,
+            ValueError,
+            "metric name must be 128 characters or fewer (got 129 characters)",
+        ),
+    ],
+)
+def test_metric_refusals_read_as_cogs(
+    name: str, value: object, mode: Optional[str], error: type, message: str
+) -> None:
+    with pytest.raises(error) as info:
+        cog.Scope().record_metric(name, value, mode)
+    assert str(info.value) == message
+
+
+def test_a_metric_keeps_its_type_until_deleted() -> None:
+    scope = cog.Scope()
+    scope.record_metric("a", 1)
+    with pytest.raises(TypeError) as info:
+        scope.record_metric("a", 1.5)
+    assert str(info.value) == "Metric 'a' has type int, cannot set to float without deleting first"
+    assert scope.metrics == {"a": 1}
 
 
 async def test_scopes_are_isolated_across_asyncio_tasks() -> None:
@@ -195,3 +290,75 @@ def test_scopes_are_isolated_across_threads() -> None:
     for t in threads:
         t.join(30)
     assert results == {i: {"i": i} for i in range(4)}
+
+
+def test_streaming_marks_the_function_and_returns_it() -> None:
+    def predict() -> str:
+        return "x"
+
+    assert cog.streaming(predict) is predict
+    assert predict.__cog_streaming__ is True  # type: ignore[attr-defined]
+
+    @cog.streaming()
+    def other() -> str:
+        return "y"
+
+    assert other.__cog_streaming__ is True  # type: ignore[attr-defined]
+    assert other() == "y"
+
+
+def test_concurrent_checks_like_cog() -> None:
+    async def predict() -> str:
+        return "x"
+
+    assert cog.concurrent(max=4)(predict) is predict
+    assert predict.__cog_concurrent_max__ == 4  # type: ignore[attr-defined]
+
+    def sync_predict() -> str:
+        return "x"
+
+    with pytest.raises(TypeError, match="requires an async function"):
+        cog.concurrent(max=2)(sync_predict)
+    with pytest.raises(ValueError, match="at least 1"):
+        cog.concurrent(max=0)
+    with pytest.raises(TypeError, match="must be an integer"):
+        cog.concurrent(max=True)
+
+
+def test_coder_lookup_and_json_coder() -> None:
+    from cog.coder import Coder, json_coder
+
+    Coder.register(json_coder.JsonCoder)
+    coder = Coder.lookup(typing.Dict[str, typing.Any])
+    assert isinstance(coder, json_coder.JsonCoder)
+    assert coder.decode({"a": 1}) == {"a": 1} and coder.encode({"b": 2}) == {"b": 2}
+    assert Coder.lookup(int) is None
+
+
+def test_runner_scope_and_record_metric() -> None:
+    class Runner(cog.BaseRunner):
+        def run(self) -> str:
+            self.record_metric("tokens", 3)
+            assert self.scope is cog.current_scope()
+            return "x"
+
+    scope = cog.Scope()
+    with cog.use_scope(scope):
+        Runner().run()
+    assert scope.metrics == {"tokens": 3}
+
+
+def test_metrics_outside_a_prediction_are_ignored() -> None:
+    """As Cog's no-op scope: setup code may record metrics; nothing raises or piles up."""
+    detached = cog.current_scope()
+    for i in range(1000):
+        detached.record_metric("steps", i, mode="append")
+        detached.metrics["bad name!"] = None
+    assert detached.metrics == {}
+
+
+def test_version_is_the_projects() -> None:
+    import importlib.metadata
+
+    assert cog.__version__ == importlib.metadata.version("cog-pool")
+    assert issubclass(cog.ExperimentalFeatureWarning, FutureWarning)

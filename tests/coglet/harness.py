@@ -387,6 +387,11 @@ class RunnerHarness:
         return state
 
     def stray_files(self) -> List[str]:
-        """Files in the working dir other than config/openapi/setup_result."""
-        known = {protocol.CONFIG_FILE, protocol.OPENAPI_FILE, protocol.SETUP_RESULT_FILE}
+        """Files in the working dir other than config/openapi/setup_result/health."""
+        known = {
+            protocol.CONFIG_FILE,
+            protocol.OPENAPI_FILE,
+            protocol.SETUP_RESULT_FILE,
+            protocol.HEALTH_FILE,
+        }
         return sorted(n for n in os.listdir(self.working_dir) if n not in known)

@@ -119,19 +119,26 @@ class Predictor(BaseRunner):
         "invalid input field dt: unsupported Cog type datetime",
     ),
     (
-        "unsupported_union",
-        predictor("u: Union[int, str]"),
-        "invalid input field u: unsupported union type Union[int, str]",
+        "union_with_path_member",
+        predictor("u: Union[Path, str]"),
+        "invalid input field u: unsupported union member Path in union Union[cog.types.Path, str]",
     ),
     (
-        "unsupported_pep604_union",
-        predictor("u: int | str"),
-        "invalid input field u: unsupported union type int | str",
+        "union_with_optional_list_member",
+        predictor("u: int | list[Optional[int]]"),
+        "invalid input field u: unsupported union member list[typing.Optional[int]] in union "
+        "int | list[typing.Optional[int]]",
     ),
     (
-        "nested_list",
-        predictor("xs: List[List[int]]"),
-        "invalid input field xs: List cannot have nested type list",
+        "literal_mixed_values",
+        "from typing import Literal\n" + predictor("m: Literal['a', 1]"),
+        "invalid input field m: unsupported Cog type Literal['a', 1]: "
+        "Literal values must be all str or all int",
+    ),
+    (
+        "custom_type_without_coder",
+        "class Point:\n    pass\n" + predictor("p: Point"),
+        "invalid input field p: unsupported Cog type Point",
     ),
     (
         "enum_not_extending_str",
@@ -376,6 +383,18 @@ class Colors(str, Enum):
     ("pep604_optional", predictor("s: str | None = None, xs: list[int] | None = None")),
     ("list_output", predictor("", "List[Path]")),
     ("opaque_inputs", "from typing import Any\n" + predictor("xs: list, blob: dict, a: Any")),
+    # Cog 0.23 serves these (issue 9): unions, nested lists, optional secrets, Literal.
+    ("union_typing", predictor("u: Union[int, str], v: Union[str, float, None] = None")),
+    ("union_pep604", predictor("u: str | float | None = None, xs: list[int] | list[float] = []")),
+    ("nested_list_input", predictor("xs: List[List[int]] = Input(default=[[1, 2], [3]])")),
+    ("nested_list_output", predictor("", "List[List[float]]")),
+    ("optional_secret", predictor("key: Secret = Input(default=None)")),
+    ("literal_choices", "from typing import Literal\n" + predictor("m: Literal['a', 'b'] = 'a'")),
+    (
+        "json_coder_dicts",
+        "from typing import Any\nfrom cog.coder import json_coder\n"
+        + predictor("d: dict[str, Any]", "dict[str, Any]"),
+    ),
 ]
 
 
@@ -383,3 +402,48 @@ class Colors(str, Enum):
 def test_accepted_definition(body: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
     assert loaded.openapi_schema()["components"]["schemas"]["Input"]["type"] == "object"
+
+
+def test_finding_coders_never_touches_lazy_module_attributes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Coders are looked up in the model's imported modules (as Cog); a lazily importing
+    package (transformers-style ``__getattr__``) must not be made to import everything."""
+    (tmp_path / "lazypkg.py").write_text(
+        textwrap.dedent(
+            """
+            import sys, types
+            class _Lazy(types.ModuleType):
+                def __dir__(self):
+                    return ["heavy"]
+                def __getattr__(self, name):
+                    raise RuntimeError(f"lazy import of {name} triggered")
+            sys.modules[__name__].__class__ = _Lazy
+            """
+        )
+    )
+    body = "import lazypkg\n" + predictor("s: str")
+    loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
+    assert loaded.inputs[0].name == "s"
+
+
+def test_opaque_and_annotated_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Annotated[T, cog.Opaque]`` is an opaque JSON object (Cog 0.23); other Annotated
+    metadata is ignored."""
+    body = (
+        "from typing import Annotated\nfrom cog import Opaque\n"
+        "class Config:\n    pass\n"
+        + predictor(
+            "cfg: Annotated[Config, Opaque], items: Annotated[list, Opaque], "
+            "maybe: Annotated[Optional[Config], Opaque] = None, "
+            "s: Annotated[str, 'documentation only'] = 'x'"
+        )
+    )
+    loaded = load_source(tmp_path, monkeypatch, body, "predict.py:Predictor")
+    props = loaded.openapi_schema()["components"]["schemas"]["Input"]["properties"]
+    assert props["cfg"]["type"] == "object"
+    assert props["items"]["type"] == "array" and props["items"]["items"] == {"type": "object"}
+    assert props["maybe"]["type"] == "object" and props["maybe"]["nullable"] is True
+    assert props["s"]["type"] == "string"
+    kwargs, _ = loaded.prepare_input({"cfg": {"any": ["thing"]}, "items": [{"a": 1}]})
+    assert kwargs["cfg"] == {"any": ["thing"]} and kwargs["items"] == [{"a": 1}]

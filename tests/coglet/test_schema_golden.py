@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from coglet.predictor import load_predictor
+from coglet.predictor import MODE_TRAIN, load_predictor
+from coglet.schema import add_training
 
 FIXTURES = Path(__file__).resolve().parents[1] / "models" / "schema"
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -39,12 +40,24 @@ CASES = {
     "out_iterator_of_model": "sch_out_iter.py:Frames",
     "runner": "sch_runner.py:Runner",
     "function": "sch_runner.py:predict",
+    "compat_inputs": "sch_compat.py:Inputs",
+    "out_nested_list": "sch_compat.py:NestedOut",
+    "out_union": "sch_compat.py:UnionOut",
+    "out_coder": "sch_compat.py:CoderOut",
+    # predict: + train: (the second ref is loaded in train mode; Cog's Training* components)
+    "training": "sch_compat.py:NestedOut+sch_train.py:train",
+    "training_class": "sch_compat.py:NestedOut+sch_train.py:Trainer",
 }
 
 
 def schema_of(ref: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.chdir(FIXTURES)
-    return load_predictor(ref).openapi_schema()
+    predict_ref, _, train_ref = ref.partition("+")
+    schema = load_predictor(predict_ref).openapi_schema()
+    if train_ref:
+        trainer = load_predictor(train_ref, mode=MODE_TRAIN)
+        add_training(schema, trainer.inputs, trainer.output)
+    return schema
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,91 @@ def test_messages_from_a_generated_schema(monkeypatch: pytest.MonkeyPatch) -> No
     assert message_of({**base, "text": "NO"}, schema) == (
         "invalid input value: text='NO' does not match regex '^[a-z ]+$'"
     )
+
+
+def test_training_inputs_validate_against_training_input() -> None:
+    """The pool checks a training's input with component="TrainingInput" of openapi.json."""
+    golden = Path(__file__).resolve().parent / "golden" / "training.json"
+    schema = json.loads(golden.read_text())
+    values, _ = validate_input(schema, {"data": "/tmp/d"}, component="TrainingInput")
+    assert values == {"data": "/tmp/d", "epochs": 3, "schedule": "cosine"}
+    with pytest.raises(InputValidationError) as e:
+        validate_input(schema, {"data": "/d", "schedule": "step"}, component="TrainingInput")
+    assert e.value.errors == [
+        {
+            "field": "schedule",
+            "msg": "invalid input value: schedule='step' does not match choices "
+            "['cosine', 'linear']",
+            "type": "value_error.enum",
+        }
+    ]
+    with pytest.raises(InputValidationError) as e:
+        validate_input(schema, {}, component="TrainingInput")
+    assert e.value.errors[0]["msg"] == "missing required input field: data"
+
+
+UNION_SCHEMA = {
+    "components": {
+        "schemas": {
+            "Input": {
+                "type": "object",
+                "properties": {
+                    "u": {
+                        "anyOf": [{"type": "string"}, {"type": "number"}],
+                        "nullable": True,
+                    },
+                    "n": {"anyOf": [{"type": "integer"}, {"type": "number"}]},
+                    "xs": {
+                        "anyOf": [
+                            {"type": "array", "items": {"type": "integer"}},
+                            {"type": "array", "items": {"type": "number"}},
+                        ]
+                    },
+                    "o": {"anyOf": [{"type": "boolean"}, {"type": "object"}]},
+                },
+            }
+        }
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"u": 1}, {"u": 1}),  # the wire type kept: not widened to 1.0
+        ({"u": 1.5}, {"u": 1.5}),
+        ({"u": "1"}, {"u": "1"}),
+        ({"u": None}, {"u": None}),
+        ({"n": 2}, {"n": 2}),
+        ({"n": 2.0}, {"n": 2.0}),  # a float stays a float where number is a member
+        ({"xs": []}, {"xs": []}),
+        ({"xs": [1, 2.5]}, {"xs": [1, 2.5]}),
+        ({"o": False}, {"o": False}),
+        ({"o": {"k": [1]}}, {"o": {"k": [1]}}),
+    ],
+)
+def test_union_accepts_member_types(raw: dict, expected: dict) -> None:
+    assert validate_input(UNION_SCHEMA, raw)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"u": True},
+        {"u": {}},
+        {"u": [1]},
+        {"n": True},
+        {"n": "3"},
+        {"n": None},
+        {"xs": ["3"]},
+        {"xs": [1, None]},
+        {"xs": 1},
+        {"o": 0},
+    ],
+)
+def test_union_rejects_values_of_no_member_type(raw: dict) -> None:
+    with pytest.raises(InputValidationError) as e:
+        validate_input(UNION_SCHEMA, raw)
+    (error,) = e.value.errors
+    assert error["type"] == "type_error.union"
+    assert "is not one of the types" in error["msg"]

@@ -8,7 +8,9 @@ real PoolManager and real coglet runners.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -248,7 +250,7 @@ async def test_respond_async_is_matched_exactly(api: Api) -> None:
         json={"input": {"text": "a", "hold": True}},
         headers={"Prefer": "respond-async"},
     )
-    assert status == 202 and body["status"] == "processing"
+    assert status == 202 and body["status"] == "starting"  # Cog's word for an accepted create
     status, body, _ = await api.call(
         "POST", "/predictions", json={"input": {"text": "b"}}, headers={"Prefer": "respond-sync"}
     )
@@ -299,6 +301,13 @@ async def test_cancel_known_is_200_unknown_is_404(api: Api) -> None:
     )
     status, body, _ = await api.call("POST", "/predictions/c1/cancel")
     assert status == 200 and body["status"] == "canceled"
+    # As Cog: while the prediction is known, a repeat cancel is 200 too (not 404).
+    status, body, _ = await api.call("POST", "/predictions/c1/cancel")
+    assert status == 200 and body["status"] == "canceled" and body["id"] == "c1"
+    # A finished prediction that is still known: 200 with its state.
+    await api.call("PUT", "/predictions/done1", json={"input": {"text": "x"}})
+    status, body, _ = await api.call("POST", "/predictions/done1/cancel")
+    assert status == 200 and body["status"] == "succeeded"
     status, body, _ = await api.call("POST", "/predictions/nope/cancel")
     assert status == 404 and "detail" in body
 
@@ -381,6 +390,25 @@ async def test_manager_refusals_are_translated(
     status, body, headers = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
     assert status == code and str(error) in body["detail"]
     assert (headers.get("Retry-After") == "7") is retry_after
+
+
+async def test_not_ready_answers_cogs_setup_body(api: Api) -> None:
+    api.fake.fail_with = NotReady("no runner can serve (status SETUP_FAILED); see /health-check")
+    status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
+    assert status == 503
+    assert body["status"] == "failed"
+    assert body["error"] == (
+        "Setup has not finished yet. Wait until it has finished, or GET /health-check for status."
+    )
+
+
+async def test_health_check_carries_a_version_object(api: Api) -> None:
+    status, body, _ = await api.call("GET", "/health-check")
+    assert status == 200
+    version = body["version"]
+    assert version["runtime"] == "cog-pool"
+    assert version["python_sdk"] == version["cog_pool"] == importlib.metadata.version("cog-pool")
+    assert version["python"] == platform.python_version()
 
 
 async def test_an_unexpected_error_is_500_json_and_the_server_keeps_serving(api: Api) -> None:

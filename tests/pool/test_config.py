@@ -245,3 +245,28 @@ def test_example_configs_load(name: str) -> None:
     # model.path and model.python point into a deployment; here, at the fixture model
     config = load(str(PROJECT / "config" / "examples" / name), None, model__python=sys.executable)
     assert config.model.predict
+
+
+def test_cog_yaml_run_train_and_environment(tmp_path: Path) -> None:
+    """Cog 0.23's `run:` stands for `predict:`; `train:` and `environment:` are taken too."""
+    write(
+        tmp_path / "cog.yaml",
+        'run: "run.py:Runner"\ntrain: "train.py:train"\n'
+        "environment:\n  - COG_SETUP_TIMEOUT=30\n  - SHARED=model\n",
+    )
+    config = load(None, None, model__path=str(tmp_path), runners__env={"SHARED": "pool"})
+    assert config.model.predict == "run.py:Runner"
+    assert config.model.train == "train.py:train"
+    assert config.runners.env == {"COG_SETUP_TIMEOUT": "30", "SHARED": "pool"}
+
+
+def test_cog_yaml_predict_and_run_together_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "cog.yaml", 'predict: "p.py:P"\nrun: "r.py:R"\n')
+    with pytest.raises(ConfigError, match="either predict or run"):
+        load(None, None, model__path=str(tmp_path))
+
+
+def test_cog_yaml_bad_environment_entry_names_it(tmp_path: Path) -> None:
+    write(tmp_path / "cog.yaml", 'predict: "p.py:P"\nenvironment: ["NOVALUE"]\n')
+    with pytest.raises(ConfigError, match="NAME=value strings \\(got 'NOVALUE'\\)"):
+        load(None, None, model__path=str(tmp_path))

@@ -439,3 +439,40 @@ async def test_a_spilled_delta_is_applied_in_epoch_order_and_removed(tmp_path: P
     # Result: both applied, in order; the spilled file is gone.
     assert prediction.logs == "first\nsecond\n" and prediction.output == "done"
     assert not path_exists(str(spilled))
+async def test_train_ref_reaches_the_runner(tmp_path: Path) -> None:
+    """cog.yaml train: (model.train) goes to each runner as config.json train_ref."""
+    config = make_config(
+        tmp_path,
+        model=str(Path(project_root(), "tests", "models", "compat")),
+        model__predict="train.py:Predictor",
+        model__train="train.py:train",
+    )
+    async with running_pool(config) as manager:
+        workdir = Path(manager.state_dir, "runner-0")
+        runner_config = json.loads((workdir / protocol.CONFIG_FILE).read_text())
+        setup = json.loads((workdir / protocol.SETUP_RESULT_FILE).read_text())
+    assert runner_config["train_ref"] == "train.py:train"
+    assert setup["features"]["training"] is True
+
+
+async def test_a_healthchecks_prints_stay_out_of_the_running_predictions_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    config = make_config(tmp_path, "health")
+
+    def checks() -> int:
+        return caplog.text.count("healthcheck ran")
+
+    async with running_pool(config) as manager:
+        before = checks()
+        # Steps: one prediction runs for longer than the healthcheck interval (5 s), so the
+        # runner's healthcheck() prints while it is the only prediction in flight.
+        p = await submit(manager, sleep_s=6.5)
+        await p.wait(30)
+        during = checks() - before + p.logs.count("healthcheck ran")
+    # Result: a check ran meanwhile; its print is in the pool's log as the runner's, not in
+    # the prediction's logs.
+    assert during >= 1
+    assert "healthcheck ran" not in p.logs and "predicting" in p.logs
+    assert checks() > before
