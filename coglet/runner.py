@@ -738,7 +738,7 @@ class Runner:
         self._signal_parent(protocol.SIG_OUTPUT)
 
     def write_runner_log(self, text: str) -> None:
-        """Text for the runner's own log (stderr), never a prediction's."""
+        """Text for the runner's own log (the log channel), never a prediction's."""
         self._late_log(text)
 
     def _late_log(self, text: str) -> None:
