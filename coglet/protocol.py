@@ -16,7 +16,7 @@ import json
 import os
 import re
 import signal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 __all__ = [
     "CANCEL_PREFIX",
@@ -239,8 +239,10 @@ EXIT_RESPONSE_WRITE_FAILED = 5
 _tmp_counter = itertools.count()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either nothing or all of it.
+def write_atomic(path: str, data: Union[bytes, Sequence[bytes]]) -> None:
+    """Write ``data`` (bytes, or a sequence of bytes written one after another, which spares
+    joining a large output into one more copy) to ``path`` so that a reader sees either
+    nothing or all of it.
 
     The temporary file lives in the same directory: ``os.replace`` is atomic only within
     one filesystem. Its name is unique to this process and call (pid + counter), which costs
@@ -252,9 +254,10 @@ def write_atomic(path: str, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in (data,) if isinstance(data, (bytes, bytearray)) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         os.replace(tmp, path)

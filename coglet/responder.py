@@ -182,19 +182,23 @@ class Responder:
             fields["logs_append"] = "".join(self._logs)
         if extra:
             fields.update(extra)
-        text = _encode_fields(fields)
         # Output is spliced in as JSON text encoded by the thread that produced it, so an
-        # unencodable value fails the prediction there, with the model's traceback.
+        # unencodable value fails the prediction there, with the model's traceback. The parts
+        # are written one after another, never joined: a large output is not copied again.
+        parts = [_encode_fields(fields)[:-1]]
         if self._items or stream:
-            text = f'{text[:-1]},"output_append":[{",".join(self._items)}]}}'
+            parts.append(f',"output_append":[{",".join(self._items)}]')
         if output_json is not None:
-            text = f'{text[:-1]},"output":{output_json}}}'
+            parts.append(',"output":')
+            parts.append(output_json)
+        parts.append("}")
         # backslashreplace turns a lone surrogate (undecodable bytes a model printed) into a
         # JSON escape instead of an exception; everything else is plain UTF-8.
-        data = text.encode("utf-8", "backslashreplace")
-        del text
+        data = [part.encode("utf-8", "backslashreplace") for part in parts]
+        del parts
+        size = sum(len(chunk) for chunk in data)
         path = f"{self._prefix}{self._epoch}.json"
-        if self._spill_prefix is not None and len(data) > self._spill_bytes:
+        if self._spill_prefix is not None and size > self._spill_bytes:
             spilled = f"{self._spill_prefix}{self._epoch}.json"
             protocol.write_atomic(spilled, data)
             pointer = {"status": status, protocol.DELTA_FILE_KEY: spilled}
