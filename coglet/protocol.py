@@ -64,6 +64,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "TMP_PREFIX",
     "cancel_name",
+    "delta_problem",
     "is_valid_id",
     "read_json",
     "read_json_file",
@@ -211,6 +212,30 @@ STATUS_SUCCEEDED = "succeeded"
 STATUS_FAILED = "failed"
 STATUS_CANCELED = "canceled"
 TERMINAL_STATUSES = frozenset({STATUS_SUCCEEDED, STATUS_FAILED, STATUS_CANCELED})
+STATUSES = frozenset({STATUS_STARTING, STATUS_PROCESSING}) | TERMINAL_STATUSES
+
+
+def delta_problem(delta: Any) -> Optional[str]:
+    """Why ``delta`` is not a well-formed response update (see the list above), or None.
+
+    The reader checks every delta before applying it: a runner that writes garbage fails
+    its prediction with this message instead of breaking the reader.
+    """
+    if not isinstance(delta, dict):
+        return f"not a JSON object but {type(delta).__name__}"
+    status = delta.get("status")
+    if status is not None and (not isinstance(status, str) or status not in STATUSES):
+        return f"unknown status {status!r:.80}"
+    kinds = (
+        ("output_append", list, "a list"),
+        ("logs_append", str, "a string"),
+        ("metrics", dict, "an object"),
+    )
+    for key, kind, words in kinds:
+        if key in delta and not isinstance(delta[key], kind):
+            return f"{key} is not {words}"
+    return None
+
 
 # --- signals -----------------------------------------------------------------------------------
 # runner -> pool
@@ -280,6 +305,8 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def read_json(path: str) -> Optional[Any]:
     """Read a JSON protocol file; None when it does not exist (yet, or any more).
+
+    Raises ValueError (JSONDecodeError, UnicodeDecodeError...) when it is not JSON.
 
     Plain ``os`` calls (open, read, close) rather than ``open()``'s buffered file object,
     which adds an fstat and a second read: half the time, on both sides of every round trip.

@@ -134,9 +134,47 @@ def validate_input(
                     "type": "value_error",
                 }
             )
+    failed = {e["field"] for e in errors}
+    for key, value in raw.items():
+        problem = None if key in failed else _unwritable(key) or _unwritable(value)
+        if problem is not None:
+            msg, type_ = problem
+            label = key if _unwritable(key) is None else _short(key)
+            errors.append(
+                {"field": key, "msg": f"invalid input value: {label} {msg}", "type": type_}
+            )
     if errors:
         raise InputValidationError(errors)
     return values, warnings
+
+
+# Strings hold code points, and a lone surrogate (U+D800..U+DFFF) is one no UTF-8 encoder
+# accepts: such a value could never be written to the runner's request file.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unwritable(value: Any) -> Optional[Tuple[str, str]]:
+    """Why ``value`` (any key or value, any depth) cannot travel as strict UTF-8 JSON."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = None if item.isascii() else _SURROGATE.search(item)
+            if found is not None:
+                return (
+                    f"contains a lone surrogate (U+{ord(found.group()):04X}), which is not "
+                    "valid Unicode",
+                    "value_error.str.surrogate",
+                )
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"is not a finite number ({item!r})", "value_error.number.not_finite"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
 
 
 def _fill_default(

@@ -37,6 +37,7 @@ from pool.prediction import (
     PredictionRequest,
     nests_deeper_than,
 )
+from pool.server import read_body
 
 __all__ = [
     "CONFIG_KEY",
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 _DISCONNECT_CHECK_S = 1.0
 
 _PREFER_ASYNC = "respond-async"
+# Request bodies larger than this are parsed off the event loop (see _read_json).
+PARSE_INLINE_MAX_BYTES = 256 * 1024
 
 # Orchestrator probes: answered without the token (a kubelet or load balancer has none).
 LIVE_PATH = "/health/live"
@@ -236,8 +239,19 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 async def _read_json(request: web.Request) -> Any:
-    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON."""
-    raw = await request.read()  # raises 413 past client_max_size
+    """The request's JSON body ({} when empty); 400 for anything that is not safe JSON.
+
+    The body must arrive within ``http.body_timeout_s`` (else 408). Bodies over
+    ``PARSE_INLINE_MAX_BYTES`` are parsed in a worker thread: a 93 MB body held the event
+    loop (and /health-check, and every other request) for over a second.
+    """
+    raw = await read_body(request, request.app[CONFIG_KEY].http.body_timeout_s)  # 413 past max
+    if len(raw) > PARSE_INLINE_MAX_BYTES:
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         return {}
     try:
@@ -253,6 +267,53 @@ async def _read_json(request: web.Request) -> Any:
 
 def _bad_json(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"detail": message}), content_type="application/json")
+
+
+async def _prediction_response(
+    request: web.Request, prediction: Prediction, *, status: int = 200
+) -> web.StreamResponse:
+    """The prediction as JSON; a large finished one is serialised in a worker thread and
+    sent a slice at a time.
+
+    ``json.dumps`` of a 100 MB output (a data: URI, a long text) held the event loop for
+    hundreds of milliseconds, and one ``transport.write`` of the whole body cost seconds more:
+    asyncio (3.11) keeps the unsent rest in one bytearray and moves it down after every send.
+    """
+    body = prediction.to_dict()
+    # Only a finished prediction is left alone by the loop while a thread reads it.
+    if not prediction.done or not _larger_than(body, PARSE_INLINE_MAX_BYTES):
+        return web.json_response(body, status=status)
+    data = await asyncio.to_thread(lambda: json.dumps(body).encode())
+    response = web.StreamResponse(status=status)
+    response.content_type = "application/json"
+    response.content_length = len(data)
+    await response.prepare(request)
+    view = memoryview(data)
+    for start in range(0, len(data), _WRITE_CHUNK_BYTES):
+        await response.write(view[start : start + _WRITE_CHUNK_BYTES])  # waits for the drain
+    await response.write_eof()
+    return response
+
+
+_WRITE_CHUNK_BYTES = 1 << 20
+
+
+def _larger_than(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
+    """Whether ``value``'s strings add up to more than ``limit`` characters (a bounded look)."""
+    total = 0
+    stack = [value]
+    while stack and max_nodes > 0:
+        max_nodes -= 1
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+            if total > limit:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return bool(stack)  # too many nodes to look at: large enough
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -347,7 +408,18 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def shutdown(request: web.Request) -> web.Response:
-    """Stop taking predictions now; the server's owner drains and exits."""
+    """Stop taking predictions now; the server's owner drains and exits.
+
+    Off unless ``http.allow_shutdown``: anyone who can reach the port (or make the pool send
+    a request to itself) could otherwise stop it. SIGTERM always works.
+    """
+    if not request.app[CONFIG_KEY].http.allow_shutdown:
+        log.info("http_shutdown_refused reason=disabled")
+        return _error(
+            403,
+            "POST /shutdown is disabled; set http.allow_shutdown: true "
+            "(COG_POOL_HTTP_ALLOW_SHUTDOWN=true) to enable it, or send the process SIGTERM",
+        )
     event = request.app[SHUTDOWN_KEY]
     if not event.is_set():
         log.info("http_shutdown_requested")
@@ -355,11 +427,11 @@ async def shutdown(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-async def get_prediction(request: web.Request) -> web.Response:
+async def get_prediction(request: web.Request) -> web.StreamResponse:
     prediction = request.app[MANAGER_KEY].get(request.match_info["prediction_id"])
     if prediction is None:
         return _error(404, "prediction not found")
-    return web.json_response(prediction.to_dict())
+    return await _prediction_response(request, prediction)
 
 
 async def cancel_prediction(request: web.Request) -> web.Response:
@@ -377,17 +449,17 @@ async def cancel_prediction(request: web.Request) -> web.Response:
     return web.json_response(prediction.to_dict() if prediction is not None else {})
 
 
-async def create_prediction(request: web.Request) -> web.Response:
+async def create_prediction(request: web.Request) -> web.StreamResponse:
     """POST /predictions: run one prediction, sync or (Prefer: respond-async) async."""
     return await _create(request, path_id=None)
 
 
-async def put_prediction(request: web.Request) -> web.Response:
+async def put_prediction(request: web.Request) -> web.StreamResponse:
     """PUT /predictions/{id}: idempotent create; a known id answers with its current state."""
     return await _create(request, path_id=request.match_info["prediction_id"])
 
 
-async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
+async def _create(request: web.Request, *, path_id: str | None) -> web.StreamResponse:
     if request.app[SHUTDOWN_KEY].is_set():
         return _error(503, "the pool is shutting down", headers=_retry_after(request))
     body = await _read_json(request)
@@ -419,7 +491,7 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.Response:
             body["status"] = STATUS_STARTING
         return web.json_response(body, status=202)
     await _wait(request, manager, prediction, owned=existing is None)
-    return web.json_response(prediction.to_dict())
+    return await _prediction_response(request, prediction)
 
 
 def _disconnected(request: web.Request) -> bool:
@@ -488,6 +560,36 @@ _VALIDATION_ERROR = {
     }
 }
 
+# Every other error answer: {"detail": "..."} (see _error and pool/server.py).
+ERROR_COMPONENT = "PoolErrorDetail"
+_ERROR_SCHEMA = {
+    "title": ERROR_COMPONENT,
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"title": "Detail"}},
+}
+_ERROR_REASONS = {
+    "400": "Malformed request or JSON body",
+    "401": "Missing or wrong bearer token (when http.auth_token is set)",
+    "403": "Forbidden (POST /shutdown without http.allow_shutdown)",
+    "404": "Prediction not found",
+    "408": "Request body not received within http.body_timeout_s",
+    "409": "All runners busy (http.reject_when_busy)",
+    "413": "Request body over http.max_body_bytes",
+    "503": "Not ready, queue full, too many connections or shutting down",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {"description": _ERROR_REASONS[code], "content": _json_content(_ref(ERROR_COMPONENT))}
+        for code in codes
+    }
+
+
+# Connection-level answers any route may give (pool/server.py).
+_ANY_ROUTE_ERRORS = ("400", "401", "503")
+_PREDICTION_ERRORS = ("400", "401", "408", "409", "413", "503")
 
 
 def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]:
@@ -515,16 +617,35 @@ def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]
                 "description": "Successful Response",
                 "content": _json_content(_ref("PredictionResponse")),
             },
+            "202": {
+                "description": "Accepted (Prefer: respond-async); progress by webhook",
+                "content": _json_content(_ref("PredictionResponse")),
+            },
             **_VALIDATION_ERROR,
+            # an id with a "/" in it matches no route: 404
+            **_errors(*_PREDICTION_ERRORS, *(("404",) if with_id else ())),
         },
     }
 
 
-def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, Any]:
+def _simple_op(
+    summary: str,
+    op_id: str,
+    *,
+    with_id: bool = False,
+    errors: tuple[str, ...] = (),
+    content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "operationId": op_id,
-        "responses": {"200": {"description": "Successful Response", "content": _json_content({})}},
+        "responses": {
+            "200": {
+                "description": "Successful Response",
+                "content": content if content is not None else _json_content({}),
+            },
+            **_errors(*_ANY_ROUTE_ERRORS, *errors),
+        },
     }
     if with_id:
         op["parameters"] = [
@@ -539,11 +660,35 @@ def _simple_op(summary: str, op_id: str, *, with_id: bool = False) -> dict[str, 
     return op
 
 
+# Fields of a prediction that are null until (or unless) they are set: Cog's document types
+# them as plain strings, so a validator reading it rejects Cog's own answers.
+_NULLABLE_RESPONSE_FIELDS = ("output", "error", "started_at", "completed_at", "logs", "metrics")
+
+
+def _nullable_response(components: dict[str, Any]) -> None:
+    response = components.get("PredictionResponse")
+    props = response.get("properties") if isinstance(response, dict) else None
+    if not isinstance(props, dict):
+        return
+    for name in _NULLABLE_RESPONSE_FIELDS:
+        prop = props.get(name)
+        if not isinstance(prop, dict):
+            continue
+        if "$ref" in prop:  # OpenAPI 3.0 ignores siblings of $ref
+            props[name] = {"allOf": [prop], "nullable": True}
+        else:
+            prop["nullable"] = True
+    props.setdefault("status", _ref("Status"))
+
+
 def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` (the runner's: every component, Cog's shape) with Cog's API paths added."""
     doc = copy.deepcopy(schema)
     doc.setdefault("openapi", "3.0.2")
     doc.setdefault("info", {"title": "Cog", "version": "0.1.0"})
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault(ERROR_COMPONENT, _ERROR_SCHEMA)
+    _nullable_response(components)
     doc["paths"] = {
         "/": {"get": _simple_op("Root", "root__get")},
         "/health-check": {"get": _simple_op("Healthcheck", "healthcheck_health_check_get")},
@@ -557,15 +702,29 @@ def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                 with_id=True,
             ),
             "get": _simple_op(
-                "Get Prediction", "get_prediction_predictions__prediction_id__get", with_id=True
+                "Get Prediction",
+                "get_prediction_predictions__prediction_id__get",
+                with_id=True,
+                errors=("404",),
             ),
         },
         "/predictions/{prediction_id}/cancel": {
             "post": _simple_op(
-                "Cancel", "cancel_predictions__prediction_id__cancel_post", with_id=True
+                "Cancel",
+                "cancel_predictions__prediction_id__cancel_post",
+                with_id=True,
+                errors=("404",),
             )
         },
-        "/shutdown": {"post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post")},
-        "/metrics": {"get": _simple_op("Metrics", "metrics_metrics_get")},
+        "/shutdown": {
+            "post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post", errors=("403",))
+        },
+        "/metrics": {
+            "get": _simple_op(
+                "Metrics",
+                "metrics_metrics_get",
+                content={"text/plain": {"schema": {"type": "string"}}},
+            )
+        },
     }
     return doc

@@ -126,6 +126,7 @@ async def serve(config: PoolConfig) -> int:
     from pool.api import SHUTDOWN_KEY, create_app
     from pool.manager import PoolManager
     from pool.metrics import Metrics
+    from pool.server import start_http
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -140,8 +141,7 @@ async def serve(config: PoolConfig) -> int:
     await runner.setup()  # starts the manager (the app's cleanup_ctx)
     consumers = None
     try:
-        site = web.TCPSite(runner, config.http.host, config.http.port)
-        await site.start()
+        await start_http(runner, config.http, access_log=access_log)
         for addr in runner.addresses:
             log.info("http_listening host=%s port=%s", addr[0], addr[1])
         consumers = await _start_consumers(config, manager)

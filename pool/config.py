@@ -14,6 +14,7 @@ that receives a loaded :class:`PoolConfig` never has to look anything up again.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ __all__ = [
     "HttpConfig",
     "LoggingConfig",
     "ModelConfig",
+    "NetworkConfig",
     "PoolConfig",
     "QueuesConfig",
     "RedisConfig",
@@ -65,6 +67,13 @@ class HttpConfig:
     retry_after_s: int = 1
     recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
     recent_max: int = 10_000
+    allow_shutdown: bool = False  # POST /shutdown: off unless the operator turns it on
+    # The HTTP server's own limits (pool/server.py): slow or idle clients cannot hold it.
+    max_connections: int = 1000  # open client connections; beyond it new ones get 503
+    header_timeout_s: float = 15.0  # a new connection's first request headers, complete
+    body_timeout_s: float = 120.0  # a request body, complete, once its headers are in
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection between requests
+    error_log_interval_s: float = 10.0  # connection errors: one log line per kind per this
     # Bearer token every route but the probes needs; set it whenever the pool listens beyond
     # loopback. auth_token_file: a file holding it (a mounted secret), read at start.
     auth_token: str | None = None
@@ -107,6 +116,15 @@ class FilesConfig:
     upload_url: str | None = None
     download_timeout_s: float = 60.0
     max_download_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where client-chosen URLs (input files, webhooks) may connect (pool/network.py)."""
+
+    allow_private: bool = False  # loopback, private, link-local...; never metadata addresses
+    allow_hosts: tuple[str, ...] = ()  # host names ("files.internal", "*.corp") always allowed
+    allow_cidrs: tuple[str, ...] = ()  # address ranges ("10.0.0.0/8", "127.0.0.1/32") allowed
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,7 @@ class PoolConfig:
     runners: RunnersConfig = field(default_factory=RunnersConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -397,6 +416,11 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.retry_after_s", lambda v: v >= 0, ">= 0"),
     ("http.recent_ttl_s", lambda v: v >= 0, ">= 0"),
     ("http.recent_max", lambda v: v >= 0, ">= 0"),
+    ("http.max_connections", lambda v: v >= 1, ">= 1"),
+    ("http.header_timeout_s", lambda v: v > 0, "> 0"),
+    ("http.body_timeout_s", lambda v: v > 0, "> 0"),
+    ("http.keepalive_timeout_s", lambda v: v > 0, "> 0"),
+    ("http.error_log_interval_s", lambda v: v > 0, "> 0"),
     ("http.auth_token", lambda v: v.strip() != "" and v == v.strip(), "a non-empty token "
      "without surrounding whitespace"),
     ("http.live_tick_age_s", lambda v: v > 0, "> 0"),
@@ -455,6 +479,7 @@ def _check_rules(flat: dict[str, Any], sources: dict[str, _Value]) -> None:
             where = f" ({sources[key].source})" if key in sources else ""
             raise ConfigError(key, f"must be {must}, got {v!r}{where}")
     _check_backoff(flat)
+    _check_cidrs(flat.get("network.allow_cidrs") or ())
     _check_gpus(flat.get("runners.gpus"))
     if "CUDA_VISIBLE_DEVICES" in (flat.get("runners.env") or {}):
         raise ConfigError(
@@ -470,6 +495,17 @@ def _check_backoff(flat: dict[str, Any]) -> None:
         raise ConfigError(
             "runners.backoff_max_s", f"must be >= runners.backoff_initial_s ({initial})"
         )
+
+
+def _check_cidrs(cidrs: tuple[str, ...]) -> None:
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "network.allow_cidrs",
+                f"{cidr!r} is not an address or a range like 10.0.0.0/8 or fd00::/8",
+            ) from None
 
 
 def _check_gpus(gpus: tuple[str, ...] | None) -> None:

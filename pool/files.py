@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import mimetypes
 import os
 import re
 import tempfile
 import urllib.parse
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,16 @@ from tenacity import (
 )
 
 from coglet import protocol
-from pool.config import FilesConfig
+from pool.config import FilesConfig, NetworkConfig
 from pool.errors import InvalidInput, PoolError
+from pool.network import (
+    NetworkPolicy,
+    NetworkRefused,
+    client_session,
+    redact_text,
+    redact_url,
+    refusal,
+)
 
 __all__ = [
     "FileFetchError",
@@ -62,13 +71,16 @@ _CHUNK = 1 << 16
 _NAME_MAX = 100
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _UPLOAD_ATTEMPTS = 3
+# data: URIs longer than this are decoded in a worker thread: a 93 MB one took 1.34 s of the
+# event loop, during which /health-check and every other prediction waited.
+DECODE_INLINE_MAX_CHARS = 256 * 1024
 
 
 class FileFetchError(PoolError):
     """An input file could not be fetched; the message names the input, URL and status."""
 
     def __init__(self, field: str, url: str, reason: str, *, status: int | None = None) -> None:
-        super().__init__(f"failed to fetch input {field!r} from {_redact(url)}: {reason}")
+        super().__init__(f"failed to fetch input {field!r} from {redact_url(url)}: {reason}")
         self.field = field
         self.url = url
         self.status = status
@@ -82,17 +94,6 @@ class _RetryableUpload(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
-
-
-def _redact(url: str) -> str:
-    """A URL for messages: no credentials, no query (signed URLs carry secrets there)."""
-    if url.startswith("data:"):
-        return url[:32] + "..." if len(url) > 32 else url
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 # --- the schema ------------------------------------------------------------------------------
@@ -138,11 +139,17 @@ async def prepare_inputs(
     config: FilesConfig,
     *,
     session: aiohttp.ClientSession | None = None,
+    network: NetworkConfig | NetworkPolicy | None = None,
 ) -> dict[str, Any]:
     """Return ``values`` with every Path/File URL replaced by a local file path.
 
+    Downloads go through ``session``, which must come from :func:`pool.network.client_session`
+    (the caller's network policy); without one, a guarded session for ``network`` (default:
+    the default policy) is made for this call.
+
     Raises :class:`InvalidInput` for a value that is neither an http(s) URL nor a ``data:``
-    URI (or a malformed ``data:`` URI), :class:`FileFetchError` when a download fails.
+    URI (or a malformed ``data:`` URI), :class:`FileFetchError` when a download fails or the
+    network policy refuses its address.
     """
     fields = file_input_fields(schema)
     jobs: list[_Job] = []
@@ -156,9 +163,11 @@ async def prepare_inputs(
             jobs.append(_job(name, None, value))
     if not jobs:
         return values
+    # Every data: URI is decoded before any download starts, so a bad one fails first.
+    jobs = [await _decoded(job) for job in jobs]
     os.makedirs(dest_dir, exist_ok=True)
     own_session = session is None
-    client = session or aiohttp.ClientSession()
+    client = session or client_session(network or NetworkConfig())
     try:
         paths = await _gather_all([_fetch_one(client, job, dest_dir, config) for job in jobs])
     finally:
@@ -184,11 +193,19 @@ class _Job:
 
 
 def _job(field: str, index: int | None, value: Any) -> _Job:
-    """Check one value and decode data: URIs now, so a bad value fails before any download."""
+    """Check one value (its data: URI is decoded by :func:`_decoded`)."""
     _check_file_value(field, value)
-    if value.startswith("data:"):
-        return _Job(field, index, value, decode_data_uri(field, value))
     return _Job(field, index, value)
+
+
+async def _decoded(job: _Job) -> _Job:
+    if not job.url.startswith("data:"):
+        return job
+    if len(job.url) <= DECODE_INLINE_MAX_CHARS:
+        data = decode_data_uri(job.field, job.url)
+    else:
+        data = await asyncio.to_thread(decode_data_uri, job.field, job.url)
+    return dataclasses.replace(job, data=data)
 
 
 def _check_file_value(field: str, value: Any) -> None:
@@ -240,20 +257,57 @@ def _write_file(path: str, data: bytes) -> None:
 
 
 def decode_data_uri(field: str, uri: str) -> tuple[str, bytes]:
-    """(mime type, bytes) of a ``data:`` URI, base64 or percent-encoded (RFC 2397)."""
+    """(mime type, bytes) of a ``data:`` URI, base64 or percent-encoded (RFC 2397).
+
+    Base64 is decoded in slices of ``CODEC_CHUNK`` characters: the C calls behind it hold the
+    GIL, so even in a worker thread one call over 93 MB stalled the event loop for seconds;
+    a slice holds it for a few milliseconds.
+    """
     header, comma, payload = uri[len("data:") :].partition(",")
     if not comma:
         raise _bad_data_uri(field, "no ',' separates the header from the data")
     params = [p.strip() for p in header.split(";")]
     mime_type = params[0] or "text/plain"
-    raw = urllib.parse.unquote_to_bytes(payload)
-    if "base64" in (p.lower() for p in params[1:]):
-        try:
-            compact = re.sub(rb"\s+", b"", raw)
-            return mime_type, base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise _bad_data_uri(field, f"invalid base64: {e}") from None
-    return mime_type, raw
+    if "base64" not in (p.lower() for p in params[1:]):
+        return mime_type, urllib.parse.unquote_to_bytes(payload)
+    try:
+        return mime_type, _b64decode_chunked(_payload_chunks(payload))
+    except (binascii.Error, ValueError) as e:
+        raise _bad_data_uri(field, f"invalid base64: {e}") from None
+
+
+CODEC_CHUNK = 1 << 20
+_B64_WHITESPACE = b" \t\n\r\x0b\x0c"
+
+
+def _payload_chunks(payload: str) -> Iterator[bytes]:
+    if "%" in payload:  # percent-escapes may straddle a slice: unquote it whole (rare)
+        raw = urllib.parse.unquote_to_bytes(payload)
+        for start in range(0, len(raw), CODEC_CHUNK):
+            yield raw[start : start + CODEC_CHUNK]
+        return
+    for start in range(0, len(payload), CODEC_CHUNK):
+        yield payload[start : start + CODEC_CHUNK].encode("utf-8")
+
+
+def _b64decode_chunked(chunks: Iterable[bytes]) -> bytes:
+    """Strict base64 (whitespace ignored), decoded four characters' quanta at a time."""
+    out: list[bytes] = []
+    pending = b""
+    padded = False
+    for chunk in chunks:
+        data = pending + chunk.translate(None, _B64_WHITESPACE)
+        if padded and data:
+            raise binascii.Error("data after the '=' padding")
+        cut = len(data) - len(data) % 4
+        out.append(base64.b64decode(data[:cut], validate=True))
+        padded = data[:cut].endswith(b"=")
+        pending = data[cut:]
+    if pending:
+        if padded:
+            raise binascii.Error("data after the '=' padding")
+        out.append(base64.b64decode(pending, validate=True))  # raises: incomplete quantum
+    return b"".join(out)
 
 
 def _bad_data_uri(field: str, why: str) -> InvalidInput:
@@ -290,11 +344,18 @@ async def _download(
             await _stream_to_file(resp, path, field, url, config)
     except FileFetchError:
         raise
+    except NetworkRefused as e:
+        raise FileFetchError(field, url, f"refused by the network policy: {e.reason}") from None
     except TimeoutError:
         raise FileFetchError(field, url, f"timed out after {config.download_timeout_s}s") from None
     except (aiohttp.ClientError, OSError) as e:
-        raise FileFetchError(field, url, f"{type(e).__name__}: {e}") from None
-    log.info("input_downloaded field=%s url=%s", field, _redact(url))
+        refused = refusal(e, url)
+        if refused is not None:
+            raise FileFetchError(
+                field, url, f"refused by the network policy: {refused.reason}"
+            ) from None
+        raise FileFetchError(field, url, f"{type(e).__name__}: {redact_text(str(e))}") from None
+    log.info("input_downloaded field=%s url=%s", field, redact_url(url))
     return path
 
 
@@ -381,13 +442,16 @@ def _mime_type(path: str) -> str:
 
 
 def data_uri_for_file(path: str) -> str:
-    """``data:<mime>;base64,<content>`` of one output file."""
+    """``data:<mime>;base64,<content>`` of one output file, encoded a slice at a time."""
+    parts = [f"data:{_mime_type(path)};base64,"]
+    block = CODEC_CHUNK // 4 * 3  # whole base64 quanta: the slices concatenate exactly
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            while data := f.read(block):
+                parts.append(base64.b64encode(data).decode("ascii"))
     except OSError as e:
         raise FileUploadError(f"output file {path} cannot be read: {e}") from None
-    return f"data:{_mime_type(path)};base64,{base64.b64encode(data).decode('ascii')}"
+    return "".join(parts)
 
 
 async def upload_file(session: aiohttp.ClientSession, path: str, upload_url: str) -> str:
@@ -404,9 +468,9 @@ async def upload_file(session: aiohttp.ClientSession, path: str, upload_url: str
         location: str = await retrying(_put_file, session, path, url)
     except (aiohttp.ClientError, TimeoutError, _RetryableUpload, OSError) as e:
         raise FileUploadError(
-            f"failed to upload output file {name} to {_redact(url)}: {e}"
+            f"failed to upload output file {name} to {redact_url(url)}: {redact_text(str(e))}"
         ) from None
-    log.info("output_uploaded file=%s url=%s", name, _redact(location))
+    log.info("output_uploaded file=%s url=%s", name, redact_url(location))
     return location
 
 
@@ -418,7 +482,7 @@ async def _put_file(session: aiohttp.ClientSession, path: str, url: str) -> str:
             raise _RetryableUpload(resp.status)
         if resp.status >= 400:
             raise FileUploadError(
-                f"failed to upload output file to {_redact(url)}: HTTP {resp.status}"
+                f"failed to upload output file to {redact_url(url)}: HTTP {resp.status}"
             )
         location = resp.headers.get("Location")
     if location:

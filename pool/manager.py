@@ -20,7 +20,7 @@ import aiohttp
 
 from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
-from pool import files, statedir
+from pool import files, network, statedir
 from pool.config import PoolConfig
 from pool.errors import InvalidInput, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
@@ -67,7 +67,7 @@ class PoolManager:
             temp_root=self._files_dir,
         )
         self._router = Router(config.http, self._supervisor.runners)
-        self._webhooks = WebhookSender(config.webhooks, metrics=metrics)
+        self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._cancel_forwarders: list[CancelForwarder] = []
         self._preparing: dict[str, Prediction] = {}  # accepted, file inputs downloading
@@ -75,7 +75,8 @@ class PoolManager:
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
-        self._http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None  # input downloads: network policy
+        self._upload_http: aiohttp.ClientSession | None = None  # files.upload_url: trusted
         self._ready_once = False
         if metrics is not None:
             metrics.add_collector(self._samples)
@@ -107,7 +108,8 @@ class PoolManager:
         await self._supervisor.start()
         # One client for every input download and output upload: connections and TLS
         # sessions are reused across predictions.
-        self._http = aiohttp.ClientSession()
+        self._http = network.client_session(self.config.network)
+        self._upload_http = aiohttp.ClientSession()
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Drain (DESIGN §7). Concurrent and repeated calls share one shutdown."""
@@ -133,8 +135,9 @@ class PoolManager:
         for prediction in list(self._router.active.values()):
             prediction.fail("the pool shut down before the prediction finished")
         await self._webhooks.close(self.config.webhooks.timeout_s)
-        if self._http is not None:
-            await self._http.close()
+        for session in (self._http, self._upload_http):
+            if session is not None:
+                await session.close()
         self._remove_dirs()
         log.info("shutdown_complete")
 
@@ -342,7 +345,7 @@ class PoolManager:
         )
 
     async def _encode_output(self, output: Any) -> Any:
-        return await files.encode_outputs(output, self.config.files, session=self._http)
+        return await files.encode_outputs(output, self.config.files, session=self._upload_http)
 
     def _on_tick(self) -> None:
         if not self._ready_once and self.status in (READY, BUSY):

@@ -564,8 +564,9 @@ class RunnerHandle:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         slot.next_epoch += 1
-        if not isinstance(delta, dict):
-            delta = self._bad_response(None)
+        problem = protocol.delta_problem(delta)
+        if problem is not None or not isinstance(delta, dict):  # garbage fails this one only
+            delta = self._bad_response(ValueError(problem))
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
         if protocol.DELTA_FILE_KEY in delta:
             self._deliver(slot, self._delta_file(delta[protocol.DELTA_FILE_KEY]))
@@ -863,8 +864,9 @@ def _load_delta_file(path: str) -> dict[str, Any]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    if not isinstance(delta, dict):
-        raise ValueError(f"spilled response {path} is not a JSON object")
+    problem = protocol.delta_problem(delta)
+    if problem is not None or not isinstance(delta, dict):
+        raise ValueError(f"spilled response {os.path.basename(path)}: {problem}")
     return delta
 
 

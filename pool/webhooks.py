@@ -27,8 +27,16 @@ from tenacity import (
 )
 
 from coglet import protocol
-from pool.config import WebhooksConfig
+from pool.config import NetworkConfig, WebhooksConfig
 from pool.metrics import Metrics
+from pool.network import (
+    NetworkPolicy,
+    NetworkRefused,
+    client_session,
+    redact_text,
+    redact_url,
+    refusal,
+)
 from pool.prediction import (
     EVENT_COMPLETED,
     EVENT_LOGS,
@@ -65,6 +73,7 @@ class _Watch:
         self.completed = False
         self.changed = asyncio.Event()
         self.last_progress_at: float | None = None
+        self.refused = False  # the network policy refused the URL: nothing more is sent
 
     def on_event(self, prediction: Prediction, event: str) -> None:
         """Prediction listener: record only (it runs inside the manager's update path)."""
@@ -83,9 +92,21 @@ class _Watch:
 class WebhookSender:
     """Sends the webhooks of every watched prediction from tasks it owns."""
 
-    def __init__(self, config: WebhooksConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: WebhooksConfig,
+        *,
+        network: NetworkConfig | NetworkPolicy | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        # Webhook URLs come from clients: they are sent only where the network policy allows.
+        self.policy = (
+            network
+            if isinstance(network, NetworkPolicy)
+            else NetworkPolicy(network or NetworkConfig())
+        )
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -184,26 +205,42 @@ class WebhookSender:
     # --- HTTP ----------------------------------------------------------------------------------
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
+            self._session = client_session(
+                self.policy,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
                 headers={"User-Agent": "cog-pool"},
             )
         return self._session
 
     async def _post(self, url: str, payload: dict[str, Any]) -> int:
-        async with self._client().post(url, json=payload) as resp:
-            await resp.read()
-            if resp.status in _RETRY_STATUSES:
-                raise _RetryableResponse(resp.status)
-            return resp.status
+        """POST once; raises NetworkRefused (never retried) when the policy refuses ``url``."""
+        try:
+            async with self._client().post(url, json=payload) as resp:
+                await resp.read()
+                if resp.status in _RETRY_STATUSES:
+                    raise _RetryableResponse(resp.status)
+                return resp.status
+        except aiohttp.ClientError as e:
+            refused = refusal(e, url)
+            if refused is not None:
+                raise refused from None
+            raise
 
     async def _post_once(self, watch: _Watch, event: str, payload: dict[str, Any]) -> None:
         """Non-terminal webhooks are best effort: one attempt, a failure is only logged."""
+        if watch.refused:
+            return
         try:
             status = await self._post(watch.url, payload)
+        except NetworkRefused as e:
+            self._refused(watch, event, e)
+            return
         except (aiohttp.ClientError, TimeoutError, _RetryableResponse) as e:
             log.info(
-                "webhook_skipped prediction=%s event=%s error=%r", watch.prediction.id, event, e
+                "webhook_skipped prediction=%s event=%s error=%s",
+                watch.prediction.id,
+                event,
+                _error_text(e),
             )
             return
         log.debug(
@@ -214,6 +251,8 @@ class WebhookSender:
         )
 
     async def _post_terminal(self, watch: _Watch, payload: dict[str, Any]) -> None:
+        if watch.refused:
+            return
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, self.config.max_attempts)),
             # exponential from retry_initial_s, capped, plus jitter so receivers that come
@@ -224,14 +263,17 @@ class WebhookSender:
             + wait_random(0, self.config.retry_initial_s),
             retry=retry_if_exception_type((aiohttp.ClientError, TimeoutError, _RetryableResponse)),
             before_sleep=lambda rs: log.info(
-                "webhook_retry prediction=%s attempt=%d error=%r",
+                "webhook_retry prediction=%s attempt=%d error=%s",
                 watch.prediction.id,
                 rs.attempt_number,
-                rs.outcome.exception() if rs.outcome else None,
+                _error_text(rs.outcome.exception() if rs.outcome else None),
             ),
         )
         try:
             status: int = await retrying(self._post, watch.url, payload)
+        except NetworkRefused as e:
+            self._refused(watch, EVENT_COMPLETED, e)
+            return
         except RetryError as e:
             self._give_up(watch, e.last_attempt.exception())
             return
@@ -251,10 +293,30 @@ class WebhookSender:
 
     def _give_up(self, watch: _Watch, error: object) -> None:
         log.warning(
-            "webhook_failed prediction=%s url=%s error=%r",
+            "webhook_failed prediction=%s url=%s error=%s",
             watch.prediction.id,
-            watch.url,
-            error,
+            redact_url(watch.url),
+            _error_text(error),
         )
         if self.metrics is not None:
             self.metrics.webhook_failed()
+
+    def _refused(self, watch: _Watch, event: str, error: NetworkRefused) -> None:
+        """Not sent: the network policy refuses the webhook's address (logged, never retried)."""
+        watch.refused = True
+        log.warning(
+            "webhook_refused prediction=%s event=%s url=%s reason=%s",
+            watch.prediction.id,
+            event,
+            redact_url(watch.url),
+            error.reason,
+        )
+        if self.metrics is not None:
+            self.metrics.webhook_failed()
+
+
+def _error_text(error: object) -> str:
+    """An error for a log line: its type and message, any URL in it redacted."""
+    if isinstance(error, BaseException):
+        return redact_text(f"{type(error).__name__}({error})")
+    return redact_text(str(error))

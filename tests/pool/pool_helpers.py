@@ -22,6 +22,8 @@ FAST = {
     "runners.stop_grace_s": 5.0,
     "runners.cancel_grace_s": 5.0,
     "shutdown.grace_s": 10.0,
+    # Webhook receivers in these tests listen on loopback: allowed, as an operator would.
+    "network.allow_cidrs": ["127.0.0.1/32"],
 }
 
 

@@ -152,9 +152,13 @@ class Api:
             return resp.status, body, resp.headers
 
 
-async def _serve(*, handler_cancellation: bool = False) -> tuple[Server, FakeManager]:
+async def _serve(
+    *, handler_cancellation: bool = False, allow_shutdown: bool = False
+) -> tuple[Server, FakeManager]:
     fake = FakeManager()
-    config = PoolConfig(http=HttpConfig(max_body_bytes=MAX_BODY, retry_after_s=7))
+    config = PoolConfig(
+        http=HttpConfig(max_body_bytes=MAX_BODY, retry_after_s=7, allow_shutdown=allow_shutdown)
+    )
     server = Server(create_app(config, fake), handler_cancellation=handler_cancellation)
     await server.start()
     return server, fake
@@ -209,7 +213,12 @@ async def test_openapi_is_503_until_the_schema_is_known(api: Api) -> None:
     status, body, _ = await api.call("GET", "/openapi.json")
     assert status == 200
     assert body["components"]["schemas"]["Input"] == SCHEMA["components"]["schemas"]["Input"]
-    assert body["components"] == SCHEMA["components"]  # the runner's components, as they are
+    # The runner's components, as they are, plus the pool's error body.
+    schemas = body["components"]["schemas"]
+    assert {k: schemas[k] for k in SCHEMA["components"]["schemas"]} == SCHEMA["components"][
+        "schemas"
+    ]
+    assert schemas["PoolErrorDetail"]["required"] == ["detail"]
     post = body["paths"]["/predictions"]["post"]
     assert "422" in post["responses"]
     assert set(body["paths"]) >= {
@@ -421,7 +430,25 @@ async def test_an_unexpected_error_is_500_json_and_the_server_keeps_serving(api:
 
 
 # --- shutdown and disconnects --------------------------------------------------------------------
-async def test_shutdown_sets_the_event_and_stops_intake(api: Api) -> None:
+async def test_shutdown_is_refused_by_default_naming_the_setting(api: Api) -> None:
+    status, body, _ = await api.call("POST", "/shutdown")
+    assert status == 403 and "http.allow_shutdown" in body["detail"]
+    assert not api.app[SHUTDOWN_KEY].is_set()
+    status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "x"}})
+    assert status == 200 and body["status"] == "succeeded"
+
+
+async def test_shutdown_sets_the_event_and_stops_intake() -> None:
+    server, fake = await _serve(allow_shutdown=True)
+    async with aiohttp.ClientSession() as session:
+        api = Api(server, session, fake)
+        try:
+            await _shutdown_stops_intake(api)
+        finally:
+            await server.close()
+
+
+async def _shutdown_stops_intake(api: Api) -> None:
     status, body, _ = await api.call("POST", "/shutdown")
     assert status == 200
     assert api.app[SHUTDOWN_KEY].is_set()
@@ -463,3 +490,70 @@ async def test_sync_client_disconnect_cancels_with_handler_cancellation() -> Non
         await _disconnect_cancels(server, fake)
     finally:
         await server.close()
+
+
+async def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parsing a 93 MB body on the loop held every other request for over a second.
+    import threading
+
+    import pool.api
+
+    threads: list[int] = []
+    parse = pool.api._parse_json
+
+    def recording(raw: bytes) -> Any:
+        threads.append(threading.get_ident())
+        return parse(raw)
+
+    monkeypatch.setattr(pool.api, "_parse_json", recording)
+    fake = FakeManager()
+    config = PoolConfig(http=HttpConfig(max_body_bytes=4 * pool.api.PARSE_INLINE_MAX_BYTES))
+    server = Server(create_app(config, fake), handler_cancellation=False)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            text = "x" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            for body in ({"input": {"text": text}}, {"input": {"text": "small"}}):
+                status, answer, _ = await api.call("POST", "/predictions", json=body)
+                assert status == 200 and answer["output"] == "hello " + body["input"]["text"]
+    finally:
+        await server.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread and threads[1] == loop_thread
+
+
+async def test_large_finished_predictions_are_serialised_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import pool.api
+
+    threads: list[int] = []
+    dumps = json.dumps
+
+    def recording(value: Any, *args: Any, **kwargs: Any) -> str:
+        if isinstance(value, dict) and "output" in value:
+            threads.append(threading.get_ident())
+        return dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(pool.api.json, "dumps", recording)
+    server, fake = await _serve()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            fake_text = "y" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            # A finished prediction with a large output, then a small one.
+            prediction = Prediction(PredictionRequest.from_body({"id": "big", "input": {}}))
+            prediction.mark_started(0)
+            prediction.apply_delta({"status": "succeeded", "output": fake_text})
+            fake.predictions["big"] = prediction
+            status, body, _ = await api.call("GET", "/predictions/big")
+            assert status == 200 and body["output"] == fake_text
+            status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "s"}})
+            assert status == 200 and body["output"] == "hello s"
+    finally:
+        await server.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # the large one, in a worker thread

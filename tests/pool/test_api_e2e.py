@@ -29,6 +29,7 @@ from pool.api import create_app
 from pool.config import load_config
 from pool.manager import PoolManager
 from pool.metrics import Metrics
+from pool.server import start_http
 
 MODELS = Path(__file__).resolve().parent.parent / "models" / "api"
 PROJECT = MODELS.parent.parent.parent
@@ -42,6 +43,9 @@ FAST = {
     "webhooks.retry_initial_s": 0.01,
     "webhooks.retry_max_s": 0.05,
     "webhooks.throttle_s": 0.2,
+    # The receivers below listen on loopback, which the default network policy refuses:
+    # allow it, as an operator with a local file server or webhook receiver would.
+    "network.allow_cidrs": ["127.0.0.1/32"],
 }
 
 
@@ -92,8 +96,7 @@ async def serving(tmp_path: Path, model: str = "echo", **overrides: Any) -> Asyn
     runner = web.AppRunner(create_app(config, manager, metrics=metrics))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        await start_http(runner, config.http, host="127.0.0.1", port=0)  # as the CLI serves
         async with aiohttp.ClientSession() as session:
             api = Api(runner.addresses[0][1], session, manager)
             await wait_until(lambda: manager.status == "READY", "pool READY")
@@ -424,7 +427,12 @@ async def test_path_output_is_uploaded(tmp_path: Path, receiver: Receiver) -> No
 async def test_post_shutdown_drains_and_the_served_process_exits_0(tmp_path: Path) -> None:
     # Steps: serve the echo model with the real CLI on a free port; run one prediction, start
     # a long async one, then POST /shutdown with a short grace.
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "COG_POOL_SHUTDOWN_GRACE_S": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT),
+        "COG_POOL_SHUTDOWN_GRACE_S": "1",
+        "COG_POOL_HTTP_ALLOW_SHUTDOWN": "true",
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
         "--state-dir", str(tmp_path / "state"), "--log-level", "info",

@@ -126,7 +126,9 @@ async def test_serve_predict_and_drain_on_sigterm(tmp_path: Path, served: list[S
 
 
 async def test_post_shutdown_drains_and_exits(tmp_path: Path, served: list[Served]) -> None:
-    s = await start_serving(served, tmp_path, WORKER)
+    config = tmp_path / "pool.yaml"
+    config.write_text("http:\n  allow_shutdown: true\n")
+    s = await start_serving(served, tmp_path, WORKER, "--config", str(config))
     async with aiohttp.ClientSession() as session:
         health = await health_when_ready(session, s)
         async with session.post(s.url("/shutdown")) as r:

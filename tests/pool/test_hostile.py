@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from test_api_e2e import Api, serving
+from test_api_e2e import MODELS, PROJECT, Api, Receiver, receiver, serving, wait_until
+
+__all__ = ["receiver"]  # a fixture, imported for the tests below
 
 
 async def still_serving(api: Api) -> None:
@@ -113,3 +123,99 @@ async def test_body_over_the_limit_is_413_json(tmp_path: Path) -> None:
         )
         assert status == 413 and "detail" in answer
         await still_serving(api)
+
+
+# --- SSRF and the pool's own /shutdown (issue 7, finding 4) ---------------------------------------
+async def test_urls_to_internal_addresses_are_refused_and_cannot_stop_the_pool(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Steps: with the default network policy, one prediction names an input file on a loopback
+    # server and another sends its webhook to the pool's own POST /shutdown.
+    receiver.files["doc.txt"] = b"internal"
+    caplog.set_level(logging.INFO)
+    async with serving(tmp_path, model="files", network__allow_cidrs=[]) as api:
+        url = receiver.url("/files/doc.txt?X-Amz-Signature=TOPSECRET")
+        status, body = await api.call("POST", "/predictions", json={"input": {"doc": url}})
+        # Result: the prediction fails naming the field, the URL and why; nothing was fetched.
+        assert status == 200 and body["status"] == "failed", body
+        assert "'doc'" in body["error"] and receiver.url("/files/doc.txt") in body["error"]
+        assert "loopback" in body["error"] and "network.allow_cidrs" in body["error"]
+        assert "TOPSECRET" not in body["error"]
+
+        hook = api.url("/shutdown?token=TOPSECRET")
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": {"doc": "data:,x"}, "webhook": hook}
+        )
+        assert status == 200 and body["status"] == "succeeded", body
+        await wait_until(lambda: "webhook_refused" in caplog.text, "webhook_refused logged")
+        status, health = await api.call("GET", "/health-check")
+        assert status == 200 and health["status"] == "READY" and "shutting_down" not in health
+        status, body = await api.call("POST", "/predictions", json={"input": {"doc": "data:,y"}})
+        assert status == 200 and body["status"] == "succeeded", body
+    assert "TOPSECRET" not in caplog.text
+
+
+async def test_a_queue_message_cannot_stop_the_pool_through_its_webhook(tmp_path: Path) -> None:
+    # Steps: a served pool (the real CLI) consumes a Redis stream and, as an operator with a
+    # local receiver might, allows loopback; a message's webhook is the pool's own /shutdown.
+    import redis.asyncio as aioredis
+
+    stream = f"test-hostile-{uuid.uuid4().hex[:12]}"
+    log_path = tmp_path / "serve.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("COG_POOL_")},
+        "PYTHONPATH": str(PROJECT),
+        "COG_POOL_QUEUES_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "COG_POOL_QUEUES_REDIS_STREAM": stream,
+        "COG_POOL_QUEUES_REDIS_GROUP": f"{stream}:group",
+        "COG_POOL_QUEUES_REDIS_RESULTS_STREAM": f"{stream}:results",
+        "COG_POOL_QUEUES_REDIS_CANCEL_CHANNEL": f"{stream}:cancel",
+        "COG_POOL_QUEUES_REDIS_BLOCK_MS": "200",
+        "COG_POOL_NETWORK_ALLOW_CIDRS": "127.0.0.1/32",
+    }
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    with open(log_path, "wb") as log:  # noqa: ASYNC230 -- before the pool starts
+        proc = subprocess.Popen(  # noqa: ASYNC220 -- its log goes to a file, read by polling
+            [sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
+             "--state-dir", str(tmp_path / "state")],
+            cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        port = int((await wait_until(lambda: _listening(log_path), "http_listening")).group(1))
+        await wait_until(lambda: "pool_ready" in log_path.read_text(), "pool ready")
+        message = {
+            "id": "hook-shutdown",
+            "input": {"text": "q"},
+            "webhook": f"http://127.0.0.1:{port}/shutdown",
+            "webhook_events_filter": ["completed"],
+        }
+        await client.xadd(stream, {"value": json.dumps(message)})
+        text = await wait_until(
+            lambda: re.search(r"http_shutdown_refused|serve_stopping", log_path.read_text()),
+            "the webhook reaches /shutdown",
+        )
+        assert text.group(0) == "http_shutdown_refused", log_path.read_text()
+        # Result: the pool refused to stop; it still answers and runs predictions.
+        assert proc.poll() is None, log_path.read_text()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health-check") as r:
+                assert r.status == 200 and (await r.json())["status"] == "READY"
+            async with session.post(
+                f"http://127.0.0.1:{port}/predictions", json={"input": {"text": "after"}}
+            ) as r:
+                assert r.status == 200 and (await r.json())["output"] == "hello after"
+        assert "serve_stopping" not in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        await client.delete(stream, f"{stream}:results", f"{stream}:dead")
+        await client.aclose()
+
+
+def _listening(log_path: Path) -> re.Match[str] | None:
+    return re.search(r"http_listening host=\S+ port=(\d+)", log_path.read_text())

@@ -89,6 +89,7 @@ def test_json_keeps_prose_tracebacks_and_reserved_names_on_one_line() -> None:
 def launch(tmp_path: Path, fmt: str | None) -> tuple[subprocess.Popen[bytes], Path]:
     """Start ``cog-pool serve`` on a free port with its stderr in a file."""
     env = cli_env()
+    env["COG_POOL_HTTP_ALLOW_SHUTDOWN"] = "true"  # serve_and_stop stops it with POST /shutdown
     if fmt is not None:
         env["COG_POOL_LOGGING_FORMAT"] = fmt
     log_path = tmp_path / f"serve-{fmt}.log"

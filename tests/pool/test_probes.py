@@ -50,6 +50,7 @@ async def test_probes_through_start_serving_drain_and_stop(tmp_path: Path) -> No
         "gated",
         runners__env={"SETUP_GATE_FILE": str(setup_gate)},
         http__live_tick_age_s=3.0,
+        http__allow_shutdown=True,  # the test drains through POST /shutdown
     )
     manager = PoolManager(config)
     app = create_app(config, manager, manage_lifecycle=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pool.config import WebhooksConfig
+from pool.config import NetworkConfig, WebhooksConfig
 from pool.metrics import Metrics
 from pool.prediction import Prediction, PredictionRequest
 from pool.webhooks import WebhookSender
@@ -70,7 +71,9 @@ def make_sender(**overrides: Any) -> tuple[WebhookSender, Metrics]:
     options: dict[str, Any] = {"throttle_s": 0.2, "retry_initial_s": 0.01, "retry_max_s": 0.05}
     options.update(overrides)
     metrics = Metrics()
-    return WebhookSender(WebhooksConfig(**options), metrics=metrics), metrics
+    # The receivers listen on loopback, which the default network policy refuses.
+    network = NetworkConfig(allow_cidrs=("127.0.0.1/32",))
+    return WebhookSender(WebhooksConfig(**options), network=network, metrics=metrics), metrics
 
 
 def prediction_for(url: str, events: tuple[str, ...] | None = None, pid: str = "p1") -> Prediction:
@@ -251,3 +254,26 @@ async def test_watch_without_webhook_is_a_no_op() -> None:
     sender.watch(p)
     assert not sender._tasks
     await sender.close(1.0)
+
+
+async def test_webhook_urls_are_logged_without_credentials_or_query(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Steps: the receiver refuses the terminal webhook for good (503 then 410), and a second
+    # prediction's webhook points at a closed port; both URLs carry secrets.
+    caplog.set_level(logging.DEBUG)
+    receiver.statuses["/hook"] = [503, 410]
+    url = receiver.url("/hook").replace("http://", "http://user:PASSWORD@") + "?token=TOPSECRET"
+    sender, _ = make_sender(max_attempts=2)
+    first = prediction_for(url, pid="r1")
+    second = prediction_for(closed_port_url() + "?token=TOPSECRET", pid="r2")
+    for p in (first, second):
+        sender.watch(p)
+        p.mark_started(0)
+        p.apply_delta({"status": "succeeded", "output": "x"})
+    await sender.close(DEADLINE_S)
+    # Result: the failures are logged with the URL's host and path, never its secrets.
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("pool"))
+    assert "webhook_failed prediction=r1" in ours and "webhook_failed prediction=r2" in ours
+    assert receiver.url("/hook") in ours
+    assert "TOPSECRET" not in ours and "PASSWORD" not in ours
