@@ -11,6 +11,7 @@ payload: they only say "something changed, rescan".
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "LOG_FD_ENV",
     "OPENAPI_FILE",
     "PATH_MARKER",
+    "RAW_OUTPUT_KEY",
     "REQUEST_FILE_KEY",
     "REQUEST_RE",
     "RESPONSE_RE",
@@ -66,6 +68,7 @@ __all__ = [
     "cancel_name",
     "delta_problem",
     "is_valid_id",
+    "read_delta_file",
     "read_json",
     "read_json_file",
     "request_name",
@@ -170,6 +173,12 @@ SPILL_DIR_PREFIX = "cog-output-"
 SPILL_DELTA_BYTES = 1024 * 1024
 DELTA_FILE_KEY = "delta_file"
 DELTA_FILE_PREFIX = "delta-"
+# A spilled delta whose whole output is one large string carries it raw: the file is the
+# delta's JSON (with RAW_OUTPUT_KEY: true, without "output"), a newline (compact JSON has
+# none), then the string as UTF-8. The reader decodes it in slices: one C call over a huge
+# string (json.loads, bytes.decode) holds the GIL, and would stall the pool's event loop
+# even from a worker thread.
+RAW_OUTPUT_KEY = "output_raw"
 # Requests likewise: a request over SPILL_DELTA_BYTES (a long text input) is written by the
 # pool to ``<temp_dir>/request-<id>.json`` and the request file carries only
 # ``{"id": ..., REQUEST_FILE_KEY: "<that path>"}``; the runner reads it there and removes it.
@@ -335,6 +344,41 @@ def read_json_file(path: str) -> Any:
     finally:
         os.close(fd)
     return _loads_once(data)
+
+
+def read_delta_file(path: str) -> Any:
+    """Read a spilled delta (either form: JSON, or JSON head + raw string output); at most
+    twice the file's size alive at once; no single C call over the whole output."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = _read_rest(fd, b"")
+    finally:
+        os.close(fd)
+    newline = data.find(b"\n")
+    if newline < 0:
+        return _loads_once(data)
+    head = _loads(bytes(data[:newline]).decode("utf-8"))
+    if not isinstance(head, dict) or head.pop(RAW_OUTPUT_KEY, None) is not True:
+        raise ValueError(f"{os.path.basename(path)}: a raw output without {RAW_OUTPUT_KEY!r}")
+    head["output"] = _decode_in_slices(data, newline + 1)
+    return head
+
+
+_DECODE_SLICE = 1 << 20
+
+
+def _decode_in_slices(data: bytearray, start: int) -> str:
+    """UTF-8 ``data[start:]`` as one str, decoded a slice at a time (the GIL is free between
+    slices); ``data`` is emptied before the pieces are joined (one memcpy)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
+    pieces = []
+    view = memoryview(data)
+    for i in range(start, len(data), _DECODE_SLICE):
+        pieces.append(decoder.decode(view[i : i + _DECODE_SLICE]))
+    pieces.append(decoder.decode(b"", final=True))
+    view.release()
+    data.clear()
+    return "".join(pieces)
 
 
 def _read_rest(fd: int, head: bytes) -> bytearray:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from coglet import protocol
 
-__all__ = ["LOG_FLUSH_S", "Responder", "encode_json"]
+__all__ = ["LOG_FLUSH_S", "OutputJSON", "RawText", "Responder", "encode_json"]
 
 # Log text waits this long for company before it is written on its own: a progress bar that
 # redraws a thousand times a second costs twenty files a second, not a thousand.
@@ -27,6 +27,21 @@ encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 """Compact JSON text; raises TypeError/ValueError for values JSON cannot carry."""
 # For the runner's own fields (metrics may hold anything a model recorded): never raises.
 _encode_fields = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=repr).encode
+
+
+class RawText:
+    """A whole output that is one large string, kept raw rather than JSON-encoded: written
+    after the spilled delta's JSON head (protocol.RAW_OUTPUT_KEY), so neither side runs one
+    long JSON call over it. Without a spill dir it is JSON-encoded like any output."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+# The whole output of a prediction: its JSON text, or a large string raw.
+OutputJSON = Union[str, RawText]
 
 
 class Responder:
@@ -129,7 +144,7 @@ class Responder:
         self,
         status: str,
         *,
-        output_json: Optional[str] = None,
+        output_json: Optional[OutputJSON] = None,
         stream: bool = False,
         error: Optional[str] = None,
         error_type: Optional[str] = None,
@@ -172,11 +187,17 @@ class Responder:
     def _write_locked(
         self,
         status: str,
-        output_json: Optional[str],
+        output_json: Optional[OutputJSON],
         extra: Optional[dict] = None,
         *,
         stream: bool = False,
     ) -> None:
+        raw: Optional[str] = None
+        if isinstance(output_json, RawText):
+            if self._spill_prefix is not None:
+                raw, output_json = output_json.text, None
+            else:
+                output_json = encode_json(output_json.text)
         fields: dict = {"status": status}
         if self._logs:
             fields["logs_append"] = "".join(self._logs)
@@ -191,14 +212,19 @@ class Responder:
         if output_json is not None:
             parts.append(',"output":')
             parts.append(output_json)
+        if raw is not None:
+            parts.append(f',"{protocol.RAW_OUTPUT_KEY}":true')
         parts.append("}")
         # backslashreplace turns a lone surrogate (undecodable bytes a model printed) into a
         # JSON escape instead of an exception; everything else is plain UTF-8.
         data = [part.encode("utf-8", "backslashreplace") for part in parts]
         del parts
+        if raw is not None:  # after the head's newline, as UTF-8 (surrogates kept as such)
+            data.append(b"\n")
+            data.append(raw.encode("utf-8", "surrogatepass"))
         size = sum(len(chunk) for chunk in data)
         path = f"{self._prefix}{self._epoch}.json"
-        if self._spill_prefix is not None and size > self._spill_bytes:
+        if self._spill_prefix is not None and (size > self._spill_bytes or raw is not None):
             spilled = f"{self._spill_prefix}{self._epoch}.json"
             protocol.write_atomic(spilled, data)
             pointer = {"status": status, protocol.DELTA_FILE_KEY: spilled}

@@ -46,7 +46,7 @@ from coglet.predictor import (
     load_predictor,
     set_spill_root,
 )
-from coglet.responder import Responder, encode_json
+from coglet.responder import OutputJSON, RawText, Responder, encode_json
 from coglet.schema import add_training
 from coglet.signals import SignalWakeup
 from coglet.sync import SyncGuard, TimerThread
@@ -615,7 +615,7 @@ class Runner:
         sync.running = None
         self._complete(prediction, outcome, time.perf_counter() - started)
 
-    def _call_sync(self, prediction: Prediction) -> Optional[str]:
+    def _call_sync(self, prediction: Prediction) -> Optional[OutputJSON]:
         if prediction.predictor.needs_setup:
             awaitable = _train_setup(prediction.predictor)
             if awaitable is not None:  # `async def setup` beside a sync train()
@@ -629,7 +629,7 @@ class Runner:
             for item in result:
                 prediction.responder.append_output(_encode(prediction, item))
             return None
-        return _encode(prediction, result)
+        return _encode_whole(prediction, result)
 
     # --- async predictions: tasks on the loop ---------------------------------------------------
     async def _run_async(self, prediction: Prediction) -> None:
@@ -646,7 +646,7 @@ class Runner:
         self._complete(prediction, outcome, time.perf_counter() - started)
         self._finished(prediction)
 
-    async def _call_async(self, prediction: Prediction) -> Optional[str]:
+    async def _call_async(self, prediction: Prediction) -> Optional[OutputJSON]:
         if not prediction.predictor.is_async:
             # A sync train() beside an async predict(): on its own thread, so the loop and the
             # other predictions keep running.
@@ -667,7 +667,7 @@ class Runner:
             return None
         if inspect.isawaitable(result):
             result = await result
-        return _encode(prediction, result)
+        return _encode_whole(prediction, result)
 
     # --- both -----------------------------------------------------------------------------------
 
@@ -760,7 +760,7 @@ def _train_setup(trainer: LoadedPredictor) -> Optional[Any]:
     return None
 
 
-def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
+def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[OutputJSON]:
     """Await (or iterate) an async train()'s result from the sync path: on a helper thread
     with its own loop, while this (main) thread waits where a cancel's signal can raise
     CancelationException; that cancels the helper's task."""
@@ -768,12 +768,12 @@ def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
     started = threading.Event()
     box: Dict[str, Any] = {}
 
-    async def consume() -> Optional[str]:
+    async def consume() -> Optional[OutputJSON]:
         if hasattr(result, "__aiter__"):
             async for item in result:
                 prediction.responder.append_output(_encode(prediction, item))
             return None
-        return _encode(prediction, await result)
+        return _encode_whole(prediction, await result)
 
     def work() -> None:
         try:
@@ -805,7 +805,7 @@ def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
         raise
     if "error" in box:
         raise box["error"]
-    return typing.cast(Optional[str], box.get("value"))
+    return typing.cast(Optional[OutputJSON], box.get("value"))
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
@@ -854,12 +854,20 @@ def _encode(prediction: Prediction, value: Any) -> str:
     return encode_json(prediction.predictor.encode_output(value))
 
 
+def _encode_whole(prediction: Prediction, value: Any) -> OutputJSON:
+    """A prediction's whole output: a large string is kept raw (see responder.RawText)."""
+    encoded = prediction.predictor.encode_output(value)
+    if isinstance(encoded, str) and len(encoded) > protocol.SPILL_DELTA_BYTES:
+        return RawText(encoded)
+    return encode_json(encoded)
+
+
 class _Outcome:
     """How one prediction ended, as the terminal delta will say."""
 
     def __init__(self) -> None:
         self.status = protocol.STATUS_SUCCEEDED
-        self.output_json: Optional[str] = None
+        self.output_json: Optional[OutputJSON] = None
         self.error: Optional[str] = None
         self.error_type: Optional[str] = None
 

@@ -858,7 +858,7 @@ def _encode_request_bytes(request: dict[str, Any]) -> bytes:
 def _load_delta_file(path: str) -> dict[str, Any]:
     """Read and remove one spilled delta (runs in a worker thread: it may be large)."""
     try:
-        delta = protocol.read_json_file(path)
+        delta = protocol.read_delta_file(path)
     except FileNotFoundError:
         raise ValueError(f"spilled response {path} is missing") from None
     finally:

@@ -364,7 +364,7 @@ class RunnerHarness:
                 os.unlink(path)
                 if protocol.DELTA_FILE_KEY in delta:  # a large delta, spilled to temp_dir
                     spilled = delta[protocol.DELTA_FILE_KEY]
-                    delta = protocol.read_json_file(spilled)
+                    delta = protocol.read_delta_file(spilled)
                     os.unlink(spilled)
                 state.apply(delta)
                 epoch += 1

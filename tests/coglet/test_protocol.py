@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from coglet import protocol
-from coglet.responder import Responder
+from coglet.responder import RawText, Responder
 from tests.coglet.harness import PredictionState, RunnerHarness
 
 
@@ -167,3 +167,49 @@ def test_a_request_pointing_elsewhere_is_refused_and_left_alone(
     # Result: the prediction fails naming the problem; the file is neither read nor removed.
     assert state.status == "failed" and "is not this runner's" in (state.error or "")
     assert elsewhere.exists()
+
+
+def test_a_large_string_output_is_spilled_raw_and_read_back_exactly(tmp_path: Path) -> None:
+    spill = tmp_path / "runner-tmp"
+    spill.mkdir()
+    # Multi-byte characters across the reader's 1 MiB slices, and a lone surrogate.
+    text = ("é€😀a" * (1 << 18)) + "\ud800" + "end"
+    responder = _responder(tmp_path, spill)
+    responder.append_log("a log line\n")
+    responder.finish(protocol.STATUS_SUCCEEDED, output_json=RawText(text))
+    pointer = _response(tmp_path, 0)
+    raw = Path(pointer[protocol.DELTA_FILE_KEY]).read_bytes()
+    head, _, body = raw.partition(b"\n")
+    # The file: the delta's JSON head (no "output"), a newline, the string as UTF-8.
+    assert json.loads(head) == {
+        "status": "succeeded",
+        "logs_append": "a log line\n",
+        protocol.RAW_OUTPUT_KEY: True,
+    }
+    assert body == text.encode("utf-8", "surrogatepass")
+    assert protocol.read_delta_file(pointer[protocol.DELTA_FILE_KEY]) == {
+        "status": "succeeded",
+        "logs_append": "a log line\n",
+        "output": text,
+    }
+
+
+def test_reading_a_raw_string_delta_holds_at_most_twice_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "delta-p1-0.json"
+    size = 20 << 20
+    path.write_bytes(b'{"status":"succeeded","output_raw":true}\n' + b"r" * size)
+    tracemalloc.start()
+    try:
+        delta = protocol.read_delta_file(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert delta == {"status": "succeeded", "output": "r" * size}
+    assert peak <= 2.1 * size, f"peak {peak / size:.2f}x the delta's size"
+
+
+def test_a_raw_string_without_its_marker_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "delta-p1-0.json"
+    path.write_bytes(b'{"status":"succeeded"}\nnot announced')
+    with pytest.raises(ValueError, match="output_raw"):
+        protocol.read_delta_file(str(path))
