@@ -291,22 +291,26 @@ def _payload_chunks(payload: str) -> Iterator[bytes]:
 
 
 def _b64decode_chunked(chunks: Iterable[bytes]) -> bytes:
-    """Strict base64 (whitespace ignored), decoded four characters' quanta at a time."""
+    """Strict base64 (whitespace ignored), decoded four characters' quanta at a time.
+
+    From the first ``=`` on, the rest is decoded in one call, so padding is judged exactly as
+    ``base64.b64decode(..., validate=True)`` judges it (only a hostile payload has a long rest).
+    """
     out: list[bytes] = []
     pending = b""
-    padded = False
-    for chunk in chunks:
+    rest = iter(chunks)
+    for chunk in rest:
         data = pending + chunk.translate(None, _B64_WHITESPACE)
-        if padded and data:
-            raise binascii.Error("data after the '=' padding")
-        cut = len(data) - len(data) % 4
+        if b"=" in data:
+            tail = data + b"".join(c.translate(None, _B64_WHITESPACE) for c in rest)
+            out.append(base64.b64decode(tail, validate=True))
+            return b"".join(out)
+        # The last whole quantum waits: excess '=' after it is judged together with it.
+        cut = max(0, len(data) - len(data) % 4 - 4)
         out.append(base64.b64decode(data[:cut], validate=True))
-        padded = data[:cut].endswith(b"=")
         pending = data[cut:]
     if pending:
-        if padded:
-            raise binascii.Error("data after the '=' padding")
-        out.append(base64.b64decode(pending, validate=True))  # raises: incomplete quantum
+        out.append(base64.b64decode(pending, validate=True))  # raises on an incomplete quantum
     return b"".join(out)
 
 

@@ -247,3 +247,19 @@ def test_sliced_base64_decoding_matches_one_call_decoding(
         finally:
             pool.files.CODEC_CHUNK = original
         assert got == expected, payload
+
+
+@pytest.mark.parametrize("payload", ["0000=", "0000==", "00==", "000=", "00=0", "AAAA=AAAA", "0"])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5])
+def test_padding_is_judged_as_one_call_decoding_judges_it(payload: str, chunk: int) -> None:
+    """Excess or misplaced '=' found by hypothesis: sliced and one-call decoding agree."""
+    import pool.files
+
+    original, pool.files.CODEC_CHUNK = pool.files.CODEC_CHUNK, chunk
+    try:
+        got: bytes | None = pool.files.decode_data_uri("f", "data:;base64," + payload)[1]
+    except InvalidInput:
+        got = None
+    finally:
+        pool.files.CODEC_CHUNK = original
+    assert got == _reference_decode(payload)
