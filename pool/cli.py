@@ -3,7 +3,8 @@
 ``cog-pool serve [MODEL_DIR]`` loads the configuration (defaults < ``--config`` YAML <
 ``COG_POOL_*`` environment < flags), starts the runners, serves the HTTP API and the queue
 consumers that are configured, and on SIGTERM, SIGINT or ``POST /shutdown`` drains (DESIGN §7)
-and exits 0 with no child left.
+and exits 0 with no child left. Other exits: 2 a configuration error, 3 the state dir is held
+by another live pool, 4 the supervisor's pass kept failing (drained first).
 """
 
 from __future__ import annotations
