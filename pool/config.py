@@ -96,6 +96,9 @@ class RunnersConfig:
     backoff_max_s: float = 30.0
     stop_grace_s: float = 5.0
     env: dict[str, str] = field(default_factory=dict)
+    max_predictions: int | None = None  # None: no recycle by count
+    max_rss_mb: float | None = None  # None: no recycle by memory
+    max_failed_ticks: int = 10  # consecutive failing supervisor ticks, then exit non-zero
 
 
 @dataclass(frozen=True)
@@ -456,6 +459,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("runners.backoff_initial_s", lambda v: v >= 0, ">= 0"),
     ("runners.backoff_max_s", lambda v: v >= 0, ">= 0"),
     ("runners.stop_grace_s", lambda v: v >= 0, ">= 0"),
+    ("runners.max_predictions", lambda v: v >= 1, ">= 1"),
+    ("runners.max_rss_mb", lambda v: v > 0, "> 0"),
+    ("runners.max_failed_ticks", lambda v: v >= 1, ">= 1"),
     ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
     ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),

@@ -20,7 +20,7 @@ import aiohttp
 
 from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
-from pool import files, network
+from pool import files, network, statedir
 from pool.config import PoolConfig
 from pool.errors import InvalidInput, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
@@ -48,12 +48,6 @@ CANCEL_FORWARD_TIMEOUT_S = 5.0
 OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger: checked and encoded in a thread
 
 
-def _default_state_dir() -> str:
-    # Working dirs hold only small protocol files: a tmpfs makes every write cheap.
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix=f"cog-pool-{os.getpid()}-", dir=base)
-
-
 class PoolManager:
     """Runs a pool of runners for one model and routes predictions to them."""
 
@@ -61,8 +55,12 @@ class PoolManager:
         self.config = config
         self.metrics = metrics
         self._own_state_dir = config.state_dir is None
-        self.state_dir = config.state_dir or _default_state_dir()
+        self.state_dir = config.state_dir or statedir.default_state_dir()
         os.makedirs(self.state_dir, exist_ok=True)
+        self._state_lock = statedir.StateDirLock(self.state_dir)
+        self._dir_locks: list[statedir.StateDirLock] = []
+        # Runners' private temporary roots, on disk: spilled outputs must not fill a tmpfs.
+        self._files_dir = statedir.files_dir_path()
         # Input files stay on disk (they may be large); protocol files go to the state dir.
         self._own_inputs_dir = config.state_dir is None
         self.inputs_dir = (
@@ -75,6 +73,7 @@ class PoolManager:
             self.state_dir,
             on_tick=self._on_tick,
             metrics=metrics,
+            temp_root=self._files_dir,
         )
         self._router = Router(config.http, self._supervisor.runners, config.predictions)
         self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
@@ -104,6 +103,17 @@ class PoolManager:
             self.config.model.path,
             self.state_dir,
         )
+        # Before the lock: a dead pool's state dir may be this one, with its leftovers.
+        await asyncio.to_thread(statedir.sweep_dead_pools)
+        self._state_lock.acquire()  # StateDirBusy when another live pool uses this dir
+        os.makedirs(self._files_dir, mode=0o700, exist_ok=True)
+        # This pool's own dirs are locked too: a pool that cannot see this one's pid (another
+        # pid namespace sharing the directory) must not sweep them as a dead pool's.
+        for own in (self._files_dir, self.inputs_dir if self._own_inputs_dir else None):
+            if own is not None:
+                lock = statedir.StateDirLock(own)
+                lock.acquire()
+                self._dir_locks.append(lock)
         await self._supervisor.start()
         # One client for every input download and output upload: connections and TLS
         # sessions are reused across predictions.
@@ -154,11 +164,18 @@ class PoolManager:
         await asyncio.gather(*still, return_exceptions=True)
 
     def _remove_dirs(self) -> None:
+        held = self._state_lock.held
+        for lock in self._dir_locks:
+            lock.release()
+        shutil.rmtree(self._files_dir, ignore_errors=True)
+        self._state_lock.release()
         if self._own_inputs_dir:
             shutil.rmtree(self.inputs_dir, ignore_errors=True)
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             return
+        if not held:
+            return  # a configured dir this pool never locked may be another pool's
         for runner in self._supervisor.runners:
             shutil.rmtree(runner.working_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(self.state_dir, "inputs"), ignore_errors=True)
@@ -171,6 +188,11 @@ class PoolManager:
     @property
     def schema(self) -> dict[str, Any] | None:
         return self._supervisor.schema()
+
+    @property
+    def supervisor_failed(self) -> asyncio.Event:
+        """Set when the supervisor's pass failed ``runners.max_failed_ticks`` times in a row."""
+        return self._supervisor.failed
 
     @property
     def shutting_down(self) -> bool:
@@ -196,6 +218,11 @@ class PoolManager:
                 "current": self._router.in_flight,
             },
         }
+        # Cog's `status` keeps its meaning (READY: a free slot); `degraded` says that part of
+        # the configured capacity is gone for good, which READY alone would hide.
+        reasons = self._supervisor.degraded_reasons()
+        body["degraded"] = bool(reasons)
+        body["degraded_reasons"] = reasons
         for name, fn in self._health_sources.items():
             try:
                 body[name] = fn()
