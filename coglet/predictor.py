@@ -43,6 +43,7 @@ __all__ = [
     "PredictorError",
     "encode_output",
     "load_predictor",
+    "set_spill_root",
 ]
 
 
@@ -527,10 +528,20 @@ def encode_output(value: Any) -> Any:
     raise TypeError(f"cannot encode output of type {type(value).__name__}")
 
 
+_spill_root: Optional[str] = None
+
+
+def set_spill_root(directory: Optional[str]) -> None:
+    """Where returned file objects are copied: the runner's private temporary root, the only
+    place the pool removes files from (None: the system's temporary directory)."""
+    global _spill_root
+    _spill_root = directory
+
+
 def _spill_file(f: io.IOBase) -> str:
     """Write a file object's content to a fresh temporary file; return its path."""
     name = os.path.basename(str(getattr(f, "name", "") or "")) or "output"
-    directory = tempfile.mkdtemp(prefix=protocol.SPILL_DIR_PREFIX)
+    directory = tempfile.mkdtemp(prefix=protocol.SPILL_DIR_PREFIX, dir=_spill_root)
     path = os.path.join(directory, name)
     if f.seekable():
         f.seek(0)

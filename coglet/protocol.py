@@ -11,19 +11,24 @@ payload: they only say "something changed, rescan".
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
 import re
 import signal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 __all__ = [
     "CANCEL_PREFIX",
     "CONFIG_FILE",
+    "DELTA_FILE_KEY",
+    "DELTA_FILE_PREFIX",
+    "ERROR_TYPE_KEY",
     "EXIT_BAD_CONFIG",
     "EXIT_OK",
     "EXIT_PARENT_DIED",
+    "EXIT_RESPONSE_WRITE_FAILED",
     "EXIT_SETUP_FAILED",
     "FEATURE_HEALTHCHECK",
     "FEATURE_STREAMING",
@@ -34,8 +39,11 @@ __all__ = [
     "ID_PATTERN",
     "KIND_PREDICTION",
     "KIND_TRAINING",
+    "LOG_FD_ENV",
     "OPENAPI_FILE",
     "PATH_MARKER",
+    "RAW_OUTPUT_KEY",
+    "REQUEST_FILE_KEY",
     "REQUEST_RE",
     "RESPONSE_RE",
     "SAFETY_RESCAN_S",
@@ -47,6 +55,7 @@ __all__ = [
     "SIG_OUTPUT",
     "SIG_READY",
     "SIG_RESCAN",
+    "SPILL_DELTA_BYTES",
     "SPILL_DIR_PREFIX",
     "STATUS_CANCELED",
     "STATUS_FAILED",
@@ -59,11 +68,14 @@ __all__ = [
     "cancel_name",
     "delta_problem",
     "is_valid_id",
+    "read_delta_file",
     "read_json",
+    "read_json_file",
     "request_name",
     "response_name",
     "write_atomic",
     "write_json_atomic",
+    "write_request",
 ]
 
 # --- prediction ids --------------------------------------------------------------------------
@@ -104,6 +116,28 @@ def request_name(prediction_id: str) -> str:
     return f"{REQUEST_PREFIX}{prediction_id}.json"
 
 
+def write_request(
+    working_dir: str, prediction_id: str, data: bytes, *, spill_dir: Optional[str] = None
+) -> None:
+    """Write one request's JSON ``data`` for the runner; a large one goes to ``spill_dir``
+    (on disk) with a pointer in the working dir, whose size must not bound an input."""
+    path = os.path.join(working_dir, request_name(prediction_id))
+    if spill_dir is None or len(data) <= SPILL_DELTA_BYTES:
+        write_atomic(path, data)
+        return
+    spilled = os.path.join(spill_dir, request_name(prediction_id))
+    write_atomic(spilled, data)
+    pointer = {"id": prediction_id, REQUEST_FILE_KEY: spilled}
+    try:
+        write_atomic(path, _encode_compact(pointer).encode())
+    except BaseException:
+        try:
+            os.unlink(spilled)
+        except OSError:
+            pass
+        raise
+
+
 def cancel_name(prediction_id: str) -> str:
     """File name (empty file) that asks the runner to cancel one prediction."""
     return f"{CANCEL_PREFIX}{prediction_id}"
@@ -125,10 +159,37 @@ def response_name(prediction_id: str, epoch: int) -> str:
 # status. A runner-side output ``Path`` is encoded as {PATH_MARKER: "/absolute/path"}; the pool
 # turns it into a data: URI or an uploaded URL.
 PATH_MARKER = "__cog_path__"
-# A file *object* a model returns is copied by the runner into a fresh temporary directory
-# named with this prefix; the pool removes that directory once the file is encoded or uploaded.
-# (Paths the model returns are its own files and are left alone.)
+# A file *object* a model returns is copied by the runner into a fresh directory named with
+# this prefix, inside the runner's private temporary root (config.json "temp_dir", made by the
+# pool for this runner alone); the pool removes that directory once the file is encoded or
+# uploaded. The pool removes nothing outside that root: Paths the model returns are its own
+# files and are left alone, whatever their directory is called.
 SPILL_DIR_PREFIX = "cog-output-"
+# A delta whose JSON text is larger than this is not written into the working directory (a
+# tmpfs, whose size must not bound an output): the runner writes it to
+# ``<temp_dir>/delta-<id>-<epoch>.json`` on disk and the response file carries only
+# ``{"status": ..., DELTA_FILE_KEY: "<that path>"}``. The pool reads the delta from there
+# (off its event loop), then removes the file.
+SPILL_DELTA_BYTES = 1024 * 1024
+DELTA_FILE_KEY = "delta_file"
+DELTA_FILE_PREFIX = "delta-"
+# A spilled delta whose whole output is one large string carries it raw: the file is the
+# delta's JSON (with RAW_OUTPUT_KEY: true, without "output"), a newline (compact JSON has
+# none), then the string as UTF-8. The reader decodes it in slices: one C call over a huge
+# string (json.loads, bytes.decode) holds the GIL, and would stall the pool's event loop
+# even from a worker thread.
+RAW_OUTPUT_KEY = "output_raw"
+# Requests likewise: a request over SPILL_DELTA_BYTES (a long text input) is written by the
+# pool to ``<temp_dir>/request-<id>.json`` and the request file carries only
+# ``{"id": ..., REQUEST_FILE_KEY: "<that path>"}``; the runner reads it there and removes it.
+REQUEST_FILE_KEY = "request_file"
+# A terminal "failed" delta may name the exception's type (e.g. "MemoryError"): the pool
+# recycles a runner whose predictions fail for lack of memory.
+ERROR_TYPE_KEY = "error_type"
+# The runner's own log lines (coglet's, never the model's) go to this inherited file
+# descriptor when the variable names one, so the pool can keep them out of predictions' logs;
+# the runner's stdout/stderr carry only what the model and its children write.
+LOG_FD_ENV = "COGLET_LOG_FD"
 
 # --- config.json and setup_result.json keys beyond the basics ---------------------------------
 # config.json (pool -> runner):
@@ -202,6 +263,9 @@ EXIT_OK = 0  # stopped on request
 EXIT_BAD_CONFIG = 2  # config.json missing or malformed: a pool bug, do not restart-loop
 EXIT_SETUP_FAILED = 3  # the model's definition or setup() failed: do not restart-loop
 EXIT_PARENT_DIED = 4  # the pool went away; the runner left on its own
+# A response file could not be written even as a short failure notice: the runner exits so
+# that the pool fails its predictions and starts a fresh one, instead of waiting forever.
+EXIT_RESPONSE_WRITE_FAILED = 5
 
 
 # --- atomic files ------------------------------------------------------------------------------
@@ -209,8 +273,10 @@ EXIT_PARENT_DIED = 4  # the pool went away; the runner left on its own
 _tmp_counter = itertools.count()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either nothing or all of it.
+def write_atomic(path: str, data: Union[bytes, Sequence[bytes]]) -> None:
+    """Write ``data`` (bytes, or a sequence of bytes written one after another, which spares
+    joining a large output into one more copy) to ``path`` so that a reader sees either
+    nothing or all of it.
 
     The temporary file lives in the same directory: ``os.replace`` is atomic only within
     one filesystem. Its name is unique to this process and call (pid + counter), which costs
@@ -222,9 +288,10 @@ def write_atomic(path: str, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in (data,) if isinstance(data, (bytes, bytearray)) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -260,21 +327,101 @@ def read_json(path: str) -> Optional[Any]:
     try:
         data = os.read(fd, _READ_CHUNK)
         if len(data) == _READ_CHUNK:  # a regular file reads short only at its end
-            parts = [data]
-            while True:
-                chunk = os.read(fd, _READ_CHUNK)
-                if not chunk:
-                    break
-                parts.append(chunk)
-            data = b"".join(parts)
+            return _loads_once(_read_rest(fd, data))
     finally:
         os.close(fd)
+    return _loads(data)
+
+
+def read_json_file(path: str) -> Any:
+    """Read a possibly large JSON file (a spilled delta); FileNotFoundError if it is gone.
+
+    At most twice the file's size is alive at once: the bytes, then the text, then the value.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = _read_rest(fd, b"")
+    finally:
+        os.close(fd)
+    return _loads_once(data)
+
+
+def read_delta_file(path: str) -> Any:
+    """Read a spilled delta (either form: JSON, or JSON head + raw string output); at most
+    twice the file's size alive at once; no single C call over the whole output."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = _read_rest(fd, b"")
+    finally:
+        os.close(fd)
+    newline = data.find(b"\n")
+    if newline < 0:
+        return _loads_once(data)
+    head = _loads(bytes(data[:newline]).decode("utf-8"))
+    if not isinstance(head, dict) or head.pop(RAW_OUTPUT_KEY, None) is not True:
+        raise ValueError(f"{os.path.basename(path)}: a raw output without {RAW_OUTPUT_KEY!r}")
+    head["output"] = _decode_in_slices(data, newline + 1)
+    return head
+
+
+_DECODE_SLICE = 1 << 20
+
+
+def _decode_in_slices(data: bytearray, start: int) -> str:
+    """UTF-8 ``data[start:]`` as one str, decoded a slice at a time (the GIL is free between
+    slices); ``data`` is emptied before the pieces are joined (one memcpy)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
+    pieces = []
+    view = memoryview(data)
+    for i in range(start, len(data), _DECODE_SLICE):
+        pieces.append(decoder.decode(view[i : i + _DECODE_SLICE]))
+    pieces.append(decoder.decode(b"", final=True))
+    view.release()
+    data.clear()
+    return "".join(pieces)
+
+
+def _read_rest(fd: int, head: bytes) -> bytearray:
+    """``head`` plus the rest of the file, read into one buffer of the file's size."""
+    size = max(os.fstat(fd).st_size, len(head))
+    buf = bytearray(size)
+    buf[: len(head)] = head
+    view = memoryview(buf)
+    filled = len(head)
+    while True:
+        if filled == len(buf):  # the file grew (it should not): read on in chunks
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                break
+            view.release()
+            buf.extend(chunk)
+            view = memoryview(buf)
+            filled = len(buf)
+            continue
+        n = os.readv(fd, [view[filled:]])
+        if n == 0:
+            break
+        filled += n
+    view.release()
+    del buf[filled:]
+    return buf
+
+
+def _loads_once(data: bytearray) -> Any:
+    # json.loads(bytes) decodes to a str and keeps the bytes alive meanwhile, then parses: three
+    # copies of a large output at once. Decoding here lets the bytes go before the parse.
+    text = data.decode("utf-8", "surrogatepass")
+    data.clear()
+    return _loads(text)
+
+
+def _loads(data: Any) -> Any:
     try:
         return json.loads(data)
     except RecursionError:
         # Readers handle ValueError (malformed); nesting past the interpreter's recursion
         # limit is malformed too, and must not escape as a different exception.
-        raise ValueError(f"{os.path.basename(path)}: JSON nested too deeply to read") from None
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 _READ_CHUNK = 1 << 16

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from coglet import protocol
 
-__all__ = ["LOG_FLUSH_S", "Responder", "encode_json"]
+__all__ = ["LOG_FLUSH_S", "OutputJSON", "RawText", "Responder", "encode_json"]
 
 # Log text waits this long for company before it is written on its own: a progress bar that
 # redraws a thousand times a second costs twenty files a second, not a thousand.
@@ -29,6 +29,21 @@ encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _encode_fields = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=repr).encode
 
 
+class RawText:
+    """A whole output that is one large string, kept raw rather than JSON-encoded: written
+    after the spilled delta's JSON head (protocol.RAW_OUTPUT_KEY), so neither side runs one
+    long JSON call over it. Without a spill dir it is JSON-encoded like any output."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+# The whole output of a prediction: its JSON text, or a large string raw.
+OutputJSON = Union[str, RawText]
+
+
 class Responder:
     """Writes ``response-<id>-<epoch>.json`` for one prediction; a log sink; thread-safe."""
 
@@ -40,9 +55,18 @@ class Responder:
         notify: Callable[[], None],
         schedule_flush: Callable[[Responder, float], None],
         late_log: Callable[[str], None],
+        spill_dir: Optional[str] = None,
+        spill_bytes: int = protocol.SPILL_DELTA_BYTES,
     ) -> None:
         self.prediction_id = prediction_id
         self._prefix = os.path.join(working_dir, f"{protocol.RESPONSE_PREFIX}{prediction_id}-")
+        # Large deltas go to disk, not to the working dir (see protocol.SPILL_DELTA_BYTES).
+        self._spill_prefix = (
+            os.path.join(spill_dir, f"{protocol.DELTA_FILE_PREFIX}{prediction_id}-")
+            if spill_dir
+            else None
+        )
+        self._spill_bytes = spill_bytes
         self._notify = notify
         self._schedule_flush = schedule_flush
         self._late_log = late_log
@@ -120,53 +144,102 @@ class Responder:
         self,
         status: str,
         *,
-        output_json: Optional[str] = None,
+        output_json: Optional[OutputJSON] = None,
         stream: bool = False,
         error: Optional[str] = None,
+        error_type: Optional[str] = None,
         metrics: Optional[dict] = None,
     ) -> bool:
         """Write the terminal delta with everything still pending; False if already done.
 
         ``output_json`` is the whole output (non-iterators); ``stream`` marks an iterator,
         whose terminal delta always carries ``output_append`` so an empty stream reads as [].
+
+        When that write fails (a full disk or tmpfs), a short "failed" delta that says why is
+        written in its place; when even that fails, the OSError propagates and the runner
+        must exit (EXIT_RESPONSE_WRITE_FAILED): the parent must never wait for an epoch that
+        will not come.
         """
         extra: Dict[str, Any] = {}
         if error is not None:
             extra["error"] = error
+        if error_type is not None:
+            extra[protocol.ERROR_TYPE_KEY] = error_type
         if metrics:
             extra["metrics"] = metrics
         with self._lock:
             if self._done:
                 return False
             self._done = True
-            self._write_locked(status, output_json, extra, stream=stream)
+            try:
+                self._write_locked(status, output_json, extra, stream=stream)
+            except OSError as e:
+                self._items = []
+                self._logs = []
+                notice = {
+                    "error": f"the runner could not write this prediction's response: {e}",
+                    protocol.ERROR_TYPE_KEY: "OSError",
+                }
+                self._write_locked(protocol.STATUS_FAILED, None, notice)
         self._notify()
         return True
 
     def _write_locked(
         self,
         status: str,
-        output_json: Optional[str],
+        output_json: Optional[OutputJSON],
         extra: Optional[dict] = None,
         *,
         stream: bool = False,
     ) -> None:
+        raw: Optional[str] = None
+        if isinstance(output_json, RawText):
+            if self._spill_prefix is not None:
+                raw, output_json = output_json.text, None
+            else:
+                output_json = encode_json(output_json.text)
         fields: dict = {"status": status}
         if self._logs:
             fields["logs_append"] = "".join(self._logs)
-            self._logs = []
         if extra:
             fields.update(extra)
-        text = _encode_fields(fields)
         # Output is spliced in as JSON text encoded by the thread that produced it, so an
-        # unencodable value fails the prediction there, with the model's traceback.
+        # unencodable value fails the prediction there, with the model's traceback. The parts
+        # are written one after another, never joined: a large output is not copied again.
+        parts = [_encode_fields(fields)[:-1]]
         if self._items or stream:
-            text = f'{text[:-1]},"output_append":[{",".join(self._items)}]}}'
-            self._items = []
+            parts.append(f',"output_append":[{",".join(self._items)}]')
         if output_json is not None:
-            text = f'{text[:-1]},"output":{output_json}}}'
-        path = f"{self._prefix}{self._epoch}.json"
-        self._epoch += 1
+            parts.append(',"output":')
+            parts.append(output_json)
+        if raw is not None:
+            parts.append(f',"{protocol.RAW_OUTPUT_KEY}":true')
+        parts.append("}")
         # backslashreplace turns a lone surrogate (undecodable bytes a model printed) into a
         # JSON escape instead of an exception; everything else is plain UTF-8.
-        protocol.write_atomic(path, text.encode("utf-8", "backslashreplace"))
+        data = [part.encode("utf-8", "backslashreplace") for part in parts]
+        del parts
+        if raw is not None:  # after the head's newline, as UTF-8 (surrogates kept as such)
+            data.append(b"\n")
+            data.append(raw.encode("utf-8", "surrogatepass"))
+        size = sum(len(chunk) for chunk in data)
+        path = f"{self._prefix}{self._epoch}.json"
+        if self._spill_prefix is not None and (size > self._spill_bytes or raw is not None):
+            spilled = f"{self._spill_prefix}{self._epoch}.json"
+            protocol.write_atomic(spilled, data)
+            pointer = {"status": status, protocol.DELTA_FILE_KEY: spilled}
+            try:
+                protocol.write_atomic(path, _encode_fields(pointer).encode())
+            except BaseException:
+                try:
+                    os.unlink(spilled)
+                except OSError:
+                    pass
+                raise
+        else:
+            protocol.write_atomic(path, data)
+        # Only a written delta uses up its epoch and its pending text: after a failed write
+        # the same epoch is tried again with everything still pending, so none goes missing.
+        self._epoch += 1
+        self._logs = []
+        self._items = []

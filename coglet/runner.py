@@ -39,8 +39,14 @@ from cog.scope import Scope, use_scope
 
 from coglet import capture, protocol
 from coglet.health import HealthChecker
-from coglet.predictor import MODE_TRAIN, LoadedPredictor, PredictorError, load_predictor
-from coglet.responder import Responder, encode_json
+from coglet.predictor import (
+    MODE_TRAIN,
+    LoadedPredictor,
+    PredictorError,
+    load_predictor,
+    set_spill_root,
+)
+from coglet.responder import OutputJSON, RawText, Responder, encode_json
 from coglet.schema import add_training
 from coglet.signals import SignalWakeup
 from coglet.sync import SyncGuard, TimerThread
@@ -69,6 +75,7 @@ class RunnerConfig:
     runner_index: Optional[int] = None
     train_ref: Optional[str] = None  # cog.yaml train:; requests of kind "training" run it
     healthcheck_interval_s: float = protocol.HEALTHCHECK_INTERVAL_S
+    temp_dir: Optional[str] = None  # the runner's private temporary root (made by the pool)
 
 
 def read_config(working_dir: str) -> RunnerConfig:
@@ -92,7 +99,10 @@ def read_config(working_dir: str) -> RunnerConfig:
     if index is not None and not _is_int(index):
         raise ConfigError(f"{path}: runner_index must be an integer")
     train_ref, interval_s = _read_feature_config(path, raw)
-    return RunnerConfig(ref, concurrency, index, train_ref, interval_s)
+    temp_dir = raw.get("temp_dir")
+    if temp_dir is not None and not (isinstance(temp_dir, str) and os.path.isabs(temp_dir)):
+        raise ConfigError(f"{path}: temp_dir must be an absolute path")
+    return RunnerConfig(ref, concurrency, index, train_ref, interval_s, temp_dir)
 
 
 def _read_feature_config(path: str, raw: Dict[str, Any]) -> Tuple[Optional[str], float]:
@@ -134,12 +144,49 @@ def _exit_parent_died() -> None:
         "runner_exit reason=parent_died code=%d pid=%d", protocol.EXIT_PARENT_DIED, os.getpid()
     )
     logging.shutdown()
-    # Nobody reads responses any more; leave at once so the GPU is freed.
+    # Nobody reads responses any more; leave at once so the GPU is freed, and take the
+    # model's own children along: they are in this session's process group, and nobody
+    # else would stop them. SIGKILL to the group ends this process too.
+    try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    except OSError:
+        pass
     os._exit(protocol.EXIT_PARENT_DIED)
 
 
+def _exit_response_write_failed() -> None:
+    logging.shutdown()
+    # The parent waits for a terminal delta that cannot be written: leave, so that it fails
+    # this runner's predictions (naming the exit) and starts a fresh runner.
+    os._exit(protocol.EXIT_RESPONSE_WRITE_FAILED)
+
+
+def _log_stream(real_err: TextIO) -> TextIO:
+    """Where coglet's own lines go: the pool's log channel (``LOG_FD_ENV``), else stderr.
+
+    The channel is kept out of the model's children (not inheritable), and the runner's
+    stderr then carries only what the model writes, which the pool attributes to predictions.
+    """
+    raw = os.environ.pop(protocol.LOG_FD_ENV, None)
+    if raw is None:
+        return real_err
+    try:
+        fd = int(raw)
+        os.set_inheritable(fd, False)
+        return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except (ValueError, OSError):
+        return real_err
+
+
+# The runner's own log stream (the pool's log channel, else stderr): coglet's lines, and text
+# that belongs to no prediction (a healthcheck's prints, a stray thread's late output).
+_runner_log: Optional[TextIO] = None
+
+
 def _setup_logging(real_err: TextIO) -> None:
-    handler = logging.StreamHandler(real_err)
+    global _runner_log
+    _runner_log = _log_stream(real_err)
+    handler = logging.StreamHandler(_runner_log)
     handler.setFormatter(logging.Formatter("coglet %(message)s"))
     _log.addHandler(handler)
     _log.propagate = False  # the root logger is the model's, captured into its logs
@@ -192,6 +239,7 @@ class Runner:
         training_error: Optional[str] = None,
     ) -> None:
         self._dir = working_dir
+        self._temp_dir = config.temp_dir
         self._predictor = predictor
         self._trainer = trainer
         self._training_error = training_error
@@ -341,6 +389,8 @@ class Runner:
             pass
         if raw is None:
             return  # gone between listdir and open
+        if isinstance(raw, dict) and protocol.REQUEST_FILE_KEY in raw:
+            raw = self._read_spilled_request(prediction_id, raw[protocol.REQUEST_FILE_KEY])
         if prediction_id in self._predictions:
             _log.info("request_ignored prediction=%s reason=duplicate_id", prediction_id)
             return
@@ -361,7 +411,7 @@ class Runner:
         responder.start("".join(f"{w}\n" for w in warnings))
         if problem is not None:
             _log.debug("prediction_rejected prediction=%s error=%r", prediction_id, problem)
-            responder.finish(protocol.STATUS_FAILED, error=problem)
+            self._finish_or_exit(responder, protocol.STATUS_FAILED, error=problem)
             return
         context = raw.get("context")
         prediction = Prediction(
@@ -376,6 +426,26 @@ class Runner:
         if self._timer is None:  # sync: the timer thread's tick announces (see _on_sync_tick)
             self._call_later(ANNOUNCE_DELAY_S, self._announce, prediction_id)
         self._dispatch()
+
+    def _read_spilled_request(self, prediction_id: str, path: Any) -> Any:
+        """A large request the pool wrote to this runner's temporary root; read and removed.
+        Only that exact file is read: a pointer anywhere else is a bad request."""
+        expected = (
+            os.path.join(self._temp_dir, protocol.request_name(prediction_id))
+            if self._temp_dir
+            else None
+        )
+        if expected is None or path != expected:
+            return ValueError(f"request file {path!r} is not this runner's")
+        try:
+            return protocol.read_json_file(path)
+        except (OSError, ValueError) as e:
+            return e
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _predictor_for(self, raw: Dict[str, Any]) -> Tuple[LoadedPredictor, Optional[str]]:
         """What a request of its ``kind`` runs: predict(), or train() for a training."""
@@ -398,6 +468,7 @@ class Runner:
             notify=self._notify_output,
             schedule_flush=self._schedule_flush,
             late_log=self._late_log,
+            spill_dir=self._temp_dir,
         )
 
     def _dispatch(self) -> None:
@@ -478,7 +549,7 @@ class Runner:
         prediction.cancel_requested = True
         if prediction in self._waiting:
             self._waiting.remove(prediction)
-            prediction.responder.finish(protocol.STATUS_CANCELED)
+            self._finish_or_exit(prediction.responder, protocol.STATUS_CANCELED)
             self._finished(prediction)
         elif prediction.task is not None:
             prediction.task.cancel()
@@ -544,7 +615,7 @@ class Runner:
         sync.running = None
         self._complete(prediction, outcome, time.perf_counter() - started)
 
-    def _call_sync(self, prediction: Prediction) -> Optional[str]:
+    def _call_sync(self, prediction: Prediction) -> Optional[OutputJSON]:
         if prediction.predictor.needs_setup:
             awaitable = _train_setup(prediction.predictor)
             if awaitable is not None:  # `async def setup` beside a sync train()
@@ -558,7 +629,7 @@ class Runner:
             for item in result:
                 prediction.responder.append_output(_encode(prediction, item))
             return None
-        return _encode(prediction, result)
+        return _encode_whole(prediction, result)
 
     # --- async predictions: tasks on the loop ---------------------------------------------------
     async def _run_async(self, prediction: Prediction) -> None:
@@ -575,7 +646,7 @@ class Runner:
         self._complete(prediction, outcome, time.perf_counter() - started)
         self._finished(prediction)
 
-    async def _call_async(self, prediction: Prediction) -> Optional[str]:
+    async def _call_async(self, prediction: Prediction) -> Optional[OutputJSON]:
         if not prediction.predictor.is_async:
             # A sync train() beside an async predict(): on its own thread, so the loop and the
             # other predictions keep running.
@@ -596,23 +667,35 @@ class Runner:
             return None
         if inspect.isawaitable(result):
             result = await result
-        return _encode(prediction, result)
+        return _encode_whole(prediction, result)
 
     # --- both -----------------------------------------------------------------------------------
 
     def _complete(self, prediction: Prediction, outcome: _Outcome, predict_time_s: float) -> None:
         metrics = dict(prediction.scope.metrics)
         metrics["predict_time"] = predict_time_s
+        self._finish_or_exit(
+            prediction.responder,
+            outcome.status,
+            output_json=outcome.output_json,
+            stream=prediction.predictor.is_iterator,
+            error=outcome.error,
+            error_type=outcome.error_type,
+            metrics=metrics,
+        )
+
+    def _finish_or_exit(self, responder: Responder, status: str, **fields: Any) -> None:
+        """Write a terminal delta; when not even a failure notice can be written, exit."""
         try:
-            prediction.responder.finish(
-                outcome.status,
-                output_json=outcome.output_json,
-                stream=prediction.predictor.is_iterator,
-                error=outcome.error,
-                metrics=metrics,
-            )
+            responder.finish(status, **fields)
         except OSError as e:
-            _log.error("response_write_failed prediction=%s error=%r", prediction.id, e)
+            _log.error(
+                "response_write_failed prediction=%s error=%r action=exit code=%d",
+                responder.prediction_id,
+                e,
+                protocol.EXIT_RESPONSE_WRITE_FAILED,
+            )
+            _exit_response_write_failed()
 
     # --- plumbing -------------------------------------------------------------------------------
     def _call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> None:
@@ -634,7 +717,12 @@ class Runner:
         try:
             responder.flush()
         except OSError as e:
-            _log.error("response_write_failed prediction=%s error=%r", responder.prediction_id, e)
+            # What was pending stays pending: the next flush or the terminal delta retries it.
+            _log.error(
+                "response_write_failed prediction=%s error=%r action=retry_later",
+                responder.prediction_id,
+                e,
+            )
 
     def _notify_output(self) -> None:
         self._signal_parent(protocol.SIG_OUTPUT)
@@ -650,12 +738,15 @@ class Runner:
         self._signal_parent(protocol.SIG_OUTPUT)
 
     def write_runner_log(self, text: str) -> None:
-        """Text for the runner's own log (stderr), never a prediction's."""
+        """Text for the runner's own log (the log channel), never a prediction's."""
         self._late_log(text)
 
     def _late_log(self, text: str) -> None:
-        self._real_err.write(text)
-        self._real_err.flush()
+        # Not stderr: the pool gives stderr lines to the one prediction in flight, and this
+        # text is no prediction's (or a finished one's).
+        stream = _runner_log or self._real_err
+        stream.write(text)
+        stream.flush()
 
 
 def _train_setup(trainer: LoadedPredictor) -> Optional[Any]:
@@ -669,7 +760,7 @@ def _train_setup(trainer: LoadedPredictor) -> Optional[Any]:
     return None
 
 
-def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
+def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[OutputJSON]:
     """Await (or iterate) an async train()'s result from the sync path: on a helper thread
     with its own loop, while this (main) thread waits where a cancel's signal can raise
     CancelationException; that cancels the helper's task."""
@@ -677,12 +768,12 @@ def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
     started = threading.Event()
     box: Dict[str, Any] = {}
 
-    async def consume() -> Optional[str]:
+    async def consume() -> Optional[OutputJSON]:
         if hasattr(result, "__aiter__"):
             async for item in result:
                 prediction.responder.append_output(_encode(prediction, item))
             return None
-        return _encode(prediction, await result)
+        return _encode_whole(prediction, await result)
 
     def work() -> None:
         try:
@@ -714,7 +805,7 @@ def _drive_on_own_loop(prediction: Prediction, result: Any) -> Optional[str]:
         raise
     if "error" in box:
         raise box["error"]
-    return typing.cast(Optional[str], box.get("value"))
+    return typing.cast(Optional[OutputJSON], box.get("value"))
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
@@ -763,13 +854,22 @@ def _encode(prediction: Prediction, value: Any) -> str:
     return encode_json(prediction.predictor.encode_output(value))
 
 
+def _encode_whole(prediction: Prediction, value: Any) -> OutputJSON:
+    """A prediction's whole output: a large string is kept raw (see responder.RawText)."""
+    encoded = prediction.predictor.encode_output(value)
+    if isinstance(encoded, str) and len(encoded) > protocol.SPILL_DELTA_BYTES:
+        return RawText(encoded)
+    return encode_json(encoded)
+
+
 class _Outcome:
     """How one prediction ended, as the terminal delta will say."""
 
     def __init__(self) -> None:
         self.status = protocol.STATUS_SUCCEEDED
-        self.output_json: Optional[str] = None
+        self.output_json: Optional[OutputJSON] = None
         self.error: Optional[str] = None
+        self.error_type: Optional[str] = None
 
     def fail(self, prediction: Prediction, exc: BaseException, *, is_async: bool) -> None:
         self.status = protocol.STATUS_FAILED
@@ -780,6 +880,7 @@ class _Outcome:
             iterating=prediction.iterating,
             training=prediction.predictor.mode == MODE_TRAIN,
         )
+        self.error_type = type(exc).__name__
         # Cog shows the traceback in the prediction's logs and the message as its error.
         prediction.responder.append_log(
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -1038,6 +1139,31 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+SETUP_LOGS_KEPT = 64 * 1024  # characters of setup logs kept when the whole does not fit
+
+
+def _write_setup_result(working_dir: str, result: Dict[str, Any]) -> None:
+    """Write setup_result.json; when it does not fit (a full tmpfs, huge setup logs), write it
+    again with only the end of the logs; when not even that fits, exit: the pool must never
+    wait for a setup result that will not come."""
+    path = os.path.join(working_dir, protocol.SETUP_RESULT_FILE)
+    try:
+        protocol.write_json_atomic(path, result)
+        return
+    except OSError as e:
+        logs = result.get("logs") or ""
+        _log.error("setup_result_write_failed error=%r logs_chars=%d", e, len(logs))
+        short = dict(result)
+        short["logs"] = f"[{len(logs) - SETUP_LOGS_KEPT} characters of setup logs cut]\n" + (
+            logs[-SETUP_LOGS_KEPT:]
+        ) if len(logs) > SETUP_LOGS_KEPT else logs
+    try:
+        protocol.write_json_atomic(path, short)
+    except OSError as e:
+        _log.error("setup_result_write_failed error=%r action=exit", e)
+        _exit_response_write_failed()
+
+
 # --- main --------------------------------------------------------------------------------------
 def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m coglet", description=__doc__.splitlines()[0])
@@ -1065,6 +1191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _real_out, real_err = capture.install(router)
     _setup_logging(real_err)
     _detach(parent_pid)
+    set_spill_root(config.temp_dir)
     model_dir = os.getcwd()
     # Importing the model would otherwise write __pycache__/ into the model directory, which
     # is the user's (and often read-only); cached bytecode that is already there still loads.
@@ -1082,7 +1209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     models, setup_result = _load_and_setup(config, working_dir, router, loop)
     predictor = models.predictor
     wakeup.install_stop()
-    protocol.write_json_atomic(os.path.join(working_dir, protocol.SETUP_RESULT_FILE), setup_result)
+    _write_setup_result(working_dir, setup_result)
     if predictor is None:
         _log.info(
             "runner_exit reason=setup_failed code=%d error=%s",

@@ -3,7 +3,8 @@
 ``cog-pool serve [MODEL_DIR]`` loads the configuration (defaults < ``--config`` YAML <
 ``COG_POOL_*`` environment < flags), starts the runners, serves the HTTP API and the queue
 consumers that are configured, and on SIGTERM, SIGINT or ``POST /shutdown`` drains (DESIGN §7)
-and exits 0 with no child left.
+and exits 0 with no child left. Other exits: 2 a configuration error, 3 the state dir is held
+by another live pool, 4 the supervisor's pass kept failing (drained first).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from typing import Any
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
 from pool.manager import PoolManager
+from pool.statedir import StateDirBusy
 
 __all__ = ["build_parser", "main", "serve"]
 
 log = logging.getLogger("cogpool.cli")
 
 EXIT_CONFIG = 2
+EXIT_STATE_DIR_BUSY = 3  # another live pool holds the state dir's lock
+EXIT_SUPERVISOR_FAILED = 4  # the supervisor's pass kept failing: let an orchestrator restart us
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pool.logs import configure_logging
 
     configure_logging(config.log_level, config.logging.format, sys.stderr)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except StateDirBusy as e:
+        print(f"cog-pool: {e}", file=sys.stderr)
+        return EXIT_STATE_DIR_BUSY
 
 
 async def serve(config: PoolConfig) -> int:
@@ -138,8 +146,10 @@ async def serve(config: PoolConfig) -> int:
         for addr in runner.addresses:
             log.info("http_listening host=%s port=%s", addr[0], addr[1])
         consumers = await _start_consumers(config, manager)
-        await _first(stop.wait(), app[SHUTDOWN_KEY].wait())
-        log.info("serve_stopping reason=%s", "signal" if stop.is_set() else "http")
+        failed = manager.supervisor_failed
+        await _first(stop.wait(), app[SHUTDOWN_KEY].wait(), failed.wait())
+        reason = "supervisor_failed" if failed.is_set() else "signal" if stop.is_set() else "http"
+        log.info("serve_stopping reason=%s", reason)
         app[SHUTDOWN_KEY].set()  # the HTTP API answers 503 from now on
         grace_s = config.shutdown.grace_s
         drains = [manager.shutdown(grace_s)]
@@ -148,8 +158,9 @@ async def serve(config: PoolConfig) -> int:
         await asyncio.gather(*drains)
     finally:
         await runner.cleanup()  # the manager's shutdown again: shared, so a no-op by now
-    log.info("serve_exit code=0")
-    return 0
+    code = EXIT_SUPERVISOR_FAILED if manager.supervisor_failed.is_set() else 0
+    log.info("serve_exit code=%d", code)
+    return code
 
 
 async def _start_consumers(config: PoolConfig, manager: PoolManager) -> Any:

@@ -8,7 +8,7 @@ runs it concurrently with the manager's own shutdown (both drain within the same
 
 That order does not matter: a stopping consumer hands back every message no runner has
 started (unacked, for another pool) and never publishes a prediction its shutdown ended
-(``Prediction.ended_by_shutdown``), so the manager canceling those first publishes nothing;
+(``EndReason.SHUTDOWN``), so the manager canceling those first publishes nothing;
 and a message whose ``manager.submit`` is still in progress when it is handed back has its
 prediction canceled as soon as the submit returns, so no prediction is left without an owner.
 """

@@ -13,7 +13,12 @@ from typing import Any, NoReturn
 
 from ingest import names
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
-from pool.prediction import MAX_JSON_DEPTH, PredictionRequest, nests_deeper_than
+from pool.prediction import (
+    MAX_JSON_DEPTH,
+    PredictionRequest,
+    check_wire_safe,
+    nests_deeper_than,
+)
 
 __all__ = [
     "RETRY_LATER",
@@ -66,15 +71,19 @@ def parse_request(
     if nests_deeper_than(body, MAX_JSON_DEPTH):
         # The HTTP API's limit: the result's encoder and the runner's decoder recurse too.
         raise Poison(too_deep)
-    problem = check_values(body)
-    if problem is not None:
-        raise Poison(f"{names.REASON_INVALID_REQUEST}: {problem}")
     if isinstance(body, dict) and "input" not in body:
         raise Poison(f"{names.REASON_INVALID_REQUEST}: missing required field 'input'")
     try:
         request = PredictionRequest.from_body(body)
+        # The wire check HTTP requests get in submit() (input, context, webhook): early here,
+        # so a message that can never run is dead-lettered without waiting for a slot.
+        check_wire_safe(request)
     except InvalidRequest as e:
         raise Poison(f"{names.REASON_INVALID_REQUEST}: {e}") from None
+    # Whatever else the body carries (reply_to, extra fields) travels with the result.
+    problem = check_values(body)
+    if problem is not None:
+        raise Poison(f"{names.REASON_INVALID_REQUEST}: {problem}")
     if request.id is None:
         request = dataclasses.replace(request, id=names.safe_id(fallback_id))
     return request

@@ -2,7 +2,7 @@
 :class:`pool.manager.PoolManager` and of its :class:`pool.prediction.Prediction` records.
 
 ``ingest`` depends on these protocols only (``pool`` never imports ``ingest``). A prediction's
-end is read through :func:`end_of`, from public fields, never by matching error strings.
+end is read through :func:`end_of`, from its typed ``end_reason``, never from error strings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from pool.prediction import PredictionRequest
+from pool.prediction import EndReason, PredictionRequest
 
 __all__ = ["End", "Manager", "PredictionView", "end_of"]
 
@@ -24,8 +24,7 @@ class PredictionView(Protocol):
     status: str
     error: str | None
     started_at: datetime | None
-    runner_died: bool
-    ended_by_shutdown: bool
+    end_reason: EndReason | None
 
     @property
     def done(self) -> bool: ...
@@ -61,8 +60,10 @@ class End(enum.Enum):
 
 
 def end_of(prediction: PredictionView) -> End:
-    if prediction.ended_by_shutdown:
+    """From the record's typed end reason (``pool.prediction.EndReason``)."""
+    reason = prediction.end_reason
+    if reason is EndReason.SHUTDOWN:
         return End.SHUTDOWN
-    if prediction.status == "failed" and prediction.runner_died:
+    if reason in (EndReason.RUNNER_DIED, EndReason.NO_RUNNER):
         return End.RUNTIME_LOST
     return End.RESULT

@@ -37,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "NetworkConfig",
     "PoolConfig",
+    "PredictionsConfig",
     "QueuesConfig",
     "RedisConfig",
     "RunnersConfig",
@@ -65,8 +66,6 @@ class HttpConfig:
     queue_limit: int = 1024
     reject_when_busy: bool = False
     retry_after_s: int = 1
-    recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
-    recent_max: int = 10_000
     allow_shutdown: bool = False  # POST /shutdown: off unless the operator turns it on
     # The HTTP server's own limits (pool/server.py): slow or idle clients cannot hold it.
     max_connections: int = 1000  # open client connections; beyond it new ones get 503
@@ -97,6 +96,9 @@ class RunnersConfig:
     backoff_max_s: float = 30.0
     stop_grace_s: float = 5.0
     env: dict[str, str] = field(default_factory=dict)
+    max_predictions: int | None = None  # None: no recycle by count
+    max_rss_mb: float | None = None  # None: no recycle by memory
+    max_failed_ticks: int = 10  # consecutive failing supervisor ticks, then exit non-zero
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,18 @@ class FilesConfig:
     upload_url: str | None = None
     download_timeout_s: float = 60.0
     max_download_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PredictionsConfig:
+    """Bounds of the prediction records (``pool/prediction.py``) and the recent store."""
+
+    recent_ttl_s: float = 600.0  # how long finished predictions stay readable / idempotent
+    recent_max: int = 10_000  # ... at most this many of them
+    recent_max_bytes: int = 64 * 1024 * 1024  # ... taking at most this many bytes in all
+    recent_value_max_bytes: int = 256 * 1024  # a kept input value/output/logs larger: omitted
+    logs_max_bytes: int = 1024 * 1024  # one prediction's logs: head + marker + tail past this
+    waiting_max_bytes: int = 1024 * 1024 * 1024  # inputs of predictions waiting for a slot
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,7 @@ class LoggingConfig:
 class PoolConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
     runners: RunnersConfig = field(default_factory=RunnersConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
@@ -238,6 +253,11 @@ def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 _KEYS: dict[str, Any] = _leaf_types(PoolConfig)
+# Keys that moved: a config that still uses one is told where it went.
+_MOVED = {
+    "http.recent_ttl_s": "predictions.recent_ttl_s",
+    "http.recent_max": "predictions.recent_max",
+}
 _ENV_KEYS: dict[str, str] = {env_var_name(k): k for k in _KEYS}
 
 
@@ -347,6 +367,8 @@ def _flatten_yaml(data: Any, where: str, prefix: str = "") -> dict[str, _Value]:
         key = f"{prefix}{name}"
         if not isinstance(name, str):
             raise ConfigError(key, f"keys must be strings ({where})")
+        if key in _MOVED:
+            raise ConfigError(key, f"moved to {_MOVED[key]} ({where})")
         if key in _KEYS:
             out[key] = _Value(sub, where, False)
         elif any(k.startswith(key + ".") for k in _KEYS):
@@ -421,8 +443,12 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.max_body_bytes", lambda v: v > 0, "> 0"),
     ("http.queue_limit", lambda v: v >= 0, ">= 0"),
     ("http.retry_after_s", lambda v: v >= 0, ">= 0"),
-    ("http.recent_ttl_s", lambda v: v >= 0, ">= 0"),
-    ("http.recent_max", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_ttl_s", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_max", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_max_bytes", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_value_max_bytes", lambda v: v >= 0, ">= 0"),
+    ("predictions.logs_max_bytes", lambda v: v >= 1024, ">= 1024"),
+    ("predictions.waiting_max_bytes", lambda v: v >= 0, ">= 0"),
     ("http.max_connections", lambda v: v >= 1, ">= 1"),
     ("http.header_timeout_s", lambda v: v > 0, "> 0"),
     ("http.body_timeout_s", lambda v: v > 0, "> 0"),
@@ -443,6 +469,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("runners.backoff_initial_s", lambda v: v >= 0, ">= 0"),
     ("runners.backoff_max_s", lambda v: v >= 0, ">= 0"),
     ("runners.stop_grace_s", lambda v: v >= 0, ">= 0"),
+    ("runners.max_predictions", lambda v: v >= 1, ">= 1"),
+    ("runners.max_rss_mb", lambda v: v > 0, "> 0"),
+    ("runners.max_failed_ticks", lambda v: v >= 1, ">= 1"),
     ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
     ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),

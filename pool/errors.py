@@ -36,8 +36,16 @@ class InvalidRequest(PoolError):
     """
 
     def __init__(self, detail: list[dict[str, Any]]) -> None:
-        super().__init__("; ".join(str(d.get("msg")) for d in detail))
+        # str() names each field (``input.tag: ...``): queue dead letters carry it as the reason.
+        super().__init__("; ".join(f"{_where(d.get('loc'))}: {d.get('msg')}" for d in detail))
         self.detail = detail
+
+
+def _where(loc: Any) -> str:
+    parts = [str(p) for p in loc] if isinstance(loc, list) else []
+    if len(parts) > 1 and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
 
 
 class InvalidInput(InvalidRequest):

@@ -25,7 +25,6 @@ import logging
 import mimetypes
 import os
 import re
-import shutil
 import tempfile
 import urllib.parse
 from collections.abc import Coroutine, Iterable, Iterator
@@ -432,29 +431,14 @@ async def _encode(value: Any, config: FilesConfig, session: aiohttp.ClientSessio
             encoded = await upload_file(session, path, config.upload_url)
         else:
             encoded = await asyncio.to_thread(data_uri_for_file, path)
-        _remove_if_spilled(path)
+        # The runner's own copies (file objects it spilled) are removed by the runner handle,
+        # which knows the runner's private temporary root; nothing else is ever deleted here.
         return encoded
     if isinstance(value, list):
         return [await _encode(v, config, session) for v in value]
     if isinstance(value, dict):
         return {k: await _encode(v, config, session) for k, v in value.items()}
     return value
-
-
-def _remove_if_spilled(path: str) -> None:
-    """Remove the runner's temporary copy of a returned file object, once it is encoded.
-
-    Recognised by its directory: named with ``SPILL_DIR_PREFIX`` and holding only that file
-    (the runner makes one such directory per spilled file, in its own temp dir).
-    """
-    directory = os.path.dirname(path)
-    if not os.path.basename(directory).startswith(protocol.SPILL_DIR_PREFIX):
-        return
-    try:
-        if os.listdir(directory) == [os.path.basename(path)]:
-            shutil.rmtree(directory, ignore_errors=True)
-    except OSError:
-        pass
 
 
 def _mime_type(path: str) -> str:

@@ -20,11 +20,20 @@ import aiohttp
 
 from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
-from pool import files, network
+from pool import files, network, statedir
 from pool.config import PoolConfig
 from pool.errors import InvalidInput, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
-from pool.prediction import EVENT_COMPLETED, Prediction, PredictionRequest
+from pool.prediction import (
+    EVENT_COMPLETED,
+    EndReason,
+    Phase,
+    Prediction,
+    PredictionRequest,
+    approx_bytes,
+    check_wire_safe,
+    secret_fields,
+)
 from pool.router import Router
 from pool.runner import BUSY, READY, RUNNER_STATES
 from pool.supervisor import Supervisor
@@ -36,12 +45,7 @@ log = logging.getLogger("pool.manager")
 
 CancelForwarder = Callable[[str], Awaitable[None]]
 CANCEL_FORWARD_TIMEOUT_S = 5.0
-
-
-def _default_state_dir() -> str:
-    # Working dirs hold only small protocol files: a tmpfs makes every write cheap.
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix=f"cog-pool-{os.getpid()}-", dir=base)
+OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger: checked and encoded in a thread
 
 
 class PoolManager:
@@ -51,8 +55,12 @@ class PoolManager:
         self.config = config
         self.metrics = metrics
         self._own_state_dir = config.state_dir is None
-        self.state_dir = config.state_dir or _default_state_dir()
+        self.state_dir = config.state_dir or statedir.default_state_dir()
         os.makedirs(self.state_dir, exist_ok=True)
+        self._state_lock = statedir.StateDirLock(self.state_dir)
+        self._dir_locks: list[statedir.StateDirLock] = []
+        # Runners' private temporary roots, on disk: spilled outputs must not fill a tmpfs.
+        self._files_dir = statedir.files_dir_path()
         # Input files stay on disk (they may be large); protocol files go to the state dir.
         self._own_inputs_dir = config.state_dir is None
         self.inputs_dir = (
@@ -64,15 +72,15 @@ class PoolManager:
             config,
             self.state_dir,
             on_tick=self._on_tick,
-            encode_output=self._encode_output,
             metrics=metrics,
+            temp_root=self._files_dir,
         )
-        self._router = Router(config.http, self._supervisor.runners)
+        self._router = Router(config.http, self._supervisor.runners, config.predictions)
         self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._cancel_forwarders: list[CancelForwarder] = []
-        self._preparing: dict[str, Prediction] = {}  # accepted, file inputs downloading
-        self._input_dirs: set[str] = set()  # predictions with downloaded inputs to remove
+        self._cleanups: set[asyncio.Task[None]] = set()  # input dirs being removed, off the loop
+        self._secrets: tuple[dict[str, Any] | None, frozenset[str]] = (None, frozenset())
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
@@ -95,6 +103,17 @@ class PoolManager:
             self.config.model.path,
             self.state_dir,
         )
+        # Before the lock: a dead pool's state dir may be this one, with its leftovers.
+        await asyncio.to_thread(statedir.sweep_dead_pools)
+        self._state_lock.acquire()  # StateDirBusy when another live pool uses this dir
+        os.makedirs(self._files_dir, mode=0o700, exist_ok=True)
+        # This pool's own dirs are locked too: a pool that cannot see this one's pid (another
+        # pid namespace sharing the directory) must not sweep them as a dead pool's.
+        for own in (self._files_dir, self.inputs_dir if self._own_inputs_dir else None):
+            if own is not None:
+                lock = statedir.StateDirLock(own)
+                lock.acquire()
+                self._dir_locks.append(lock)
         await self._supervisor.start()
         # One client for every input download and output upload: connections and TLS
         # sessions are reused across predictions.
@@ -116,23 +135,22 @@ class PoolManager:
         left = [p for p in self._router.active.values() if not p.done]
         if left:
             log.info("shutdown_step step=cancel predictions=%d", len(left))
+            self._router.cancel_queued(EndReason.SHUTDOWN)
             for prediction in left:
-                prediction.ended_by_shutdown = True
-            self._router.cancel_queued()
-            for prediction in left:
-                self._router.cancel(prediction.id)
+                self._cancel(prediction, EndReason.SHUTDOWN)
             await self._wait_finished(self.config.runners.cancel_grace_s)
         if self._started:
             await self._supervisor.stop()
         for prediction in list(self._router.active.values()):
-            if not prediction.done:
-                prediction.ended_by_shutdown = True
-            prediction.fail("the pool shut down before the prediction finished")
+            prediction.request_cancel(EndReason.SHUTDOWN)
+            prediction.fail("the runner was stopped", reason=EndReason.SHUTDOWN)
         await self._webhooks.close(self.config.webhooks.timeout_s)
         for session in (self._http, self._upload_http):
             if session is not None:
                 await session.close()
-        self._remove_dirs()
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        await asyncio.to_thread(self._remove_dirs)
         log.info("shutdown_complete")
 
     async def _wait_finished(self, timeout_s: float) -> None:
@@ -146,11 +164,18 @@ class PoolManager:
         await asyncio.gather(*still, return_exceptions=True)
 
     def _remove_dirs(self) -> None:
+        held = self._state_lock.held
+        for lock in self._dir_locks:
+            lock.release()
+        shutil.rmtree(self._files_dir, ignore_errors=True)
+        self._state_lock.release()
         if self._own_inputs_dir:
             shutil.rmtree(self.inputs_dir, ignore_errors=True)
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             return
+        if not held:
+            return  # a configured dir this pool never locked may be another pool's
         for runner in self._supervisor.runners:
             shutil.rmtree(runner.working_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(self.state_dir, "inputs"), ignore_errors=True)
@@ -163,6 +188,11 @@ class PoolManager:
     @property
     def schema(self) -> dict[str, Any] | None:
         return self._supervisor.schema()
+
+    @property
+    def supervisor_failed(self) -> asyncio.Event:
+        """Set when the supervisor's pass failed ``runners.max_failed_ticks`` times in a row."""
+        return self._supervisor.failed
 
     @property
     def shutting_down(self) -> bool:
@@ -188,6 +218,11 @@ class PoolManager:
                 "current": self._router.in_flight,
             },
         }
+        # Cog's `status` keeps its meaning (READY: a free slot); `degraded` says that part of
+        # the configured capacity is gone for good, which READY alone would hide.
+        reasons = self._supervisor.degraded_reasons()
+        body["degraded"] = bool(reasons)
+        body["degraded_reasons"] = reasons
         for name, fn in self._health_sources.items():
             try:
                 body[name] = fn()
@@ -196,8 +231,8 @@ class PoolManager:
         return body
 
     def get(self, prediction_id: str) -> Prediction | None:
-        """A prediction in flight (or downloading its inputs) or recently finished."""
-        return self._preparing.get(prediction_id) or self._router.get(prediction_id)
+        """A prediction in flight (or downloading its inputs) or recently finished (slim)."""
+        return self._router.get(prediction_id)
 
     def free_slots(self) -> int:
         if self._shutting_down:
@@ -221,7 +256,18 @@ class PoolManager:
 
     # --- predictions ---------------------------------------------------------------------------
     async def submit(self, request: PredictionRequest, *, source: str = "http") -> Prediction:
-        """Validate, prepare and queue one prediction; returns at once (await ``.wait()``)."""
+        """Validate and admit (once), prepare and queue one prediction; returns once it is
+        queued or has ended (await ``.wait()``).
+
+        Raises InvalidInput (nothing taken), NotReady, PoolBusy, PoolFull or ShuttingDown.
+        """
+        # Before anything is taken: a 422 / a dead letter. A large input is walked in a thread
+        # (50 MB of non-ASCII text take ~150 ms); from here on nothing awaits until admission,
+        # so two submits of one id cannot both be admitted.
+        if approx_bytes(request.input) > OFF_LOOP_CHECK_BYTES:
+            await asyncio.to_thread(check_wire_safe, request)
+        else:
+            check_wire_safe(request)
         if self._shutting_down:
             raise ShuttingDown("the pool is shutting down; retry on another instance")
         if request.id is not None:
@@ -231,39 +277,89 @@ class PoolManager:
                 return known
         schema = self._require_ready()
         _validate(schema, request.input)
-        self._router.admit()
-        prediction = Prediction(request, source=source)
-        self._preparing[prediction.id] = prediction
-        dest = os.path.join(self.inputs_dir, prediction.id)
+        prediction = Prediction(
+            request,
+            source=source,
+            secret_fields=self._secret_fields(schema),
+            logs_max_bytes=self.config.predictions.logs_max_bytes,
+            encoder=self._encode_output,
+        )
+        self._router.admit(prediction)  # holds its place while its inputs are fetched
+        prediction.add_listener(self._on_event)
+        timeout_s = self.config.runners.predict_timeout_s
+        if timeout_s is not None:
+            prediction.arm_deadline(timeout_s, self._on_deadline)
         try:
-            runner_input = await files.prepare_inputs(
-                schema, request.input, dest, self.config.files, session=self._http
-            )
-            if runner_input is not request.input:  # files were fetched into dest
-                self._input_dirs.add(prediction.id)
-            if self._shutting_down:
-                raise ShuttingDown("the pool is shutting down; retry on another instance")
-            prediction.add_listener(self._on_event)
-            if prediction.cancel_requested:  # canceled while its inputs were downloading
-                prediction.finish(protocol.STATUS_CANCELED)
-            else:
-                self._router.enqueue(prediction, runner_input)
-        except files.FileFetchError as e:
-            # The prediction was accepted: it is recorded, webhooked and counted as failed,
-            # like any other failure, instead of vanishing with the exception.
-            shutil.rmtree(dest, ignore_errors=True)
-            prediction.add_listener(self._on_event)
-            prediction.fail(str(e))
+            runner_input = await self._prepare(schema, prediction)
         except BaseException:
-            self._input_dirs.discard(prediction.id)
-            shutil.rmtree(dest, ignore_errors=True)
+            prediction.disarm()
+            prediction.remove_listener(self._on_event)
+            self._router.withdraw(prediction)
+            self._remove_input_dir(prediction, os.path.join(self.inputs_dir, prediction.id))
             raise
-        finally:
-            self._preparing.pop(prediction.id, None)
+        if runner_input is not None:
+            self._router.enqueue(prediction)
         self._webhooks.watch(prediction)
         # DEBUG: prediction_finished carries the same fields, and this path is hot.
         log.debug("prediction_accepted prediction=%s source=%s", prediction.id, source)
         return prediction
+
+    async def _prepare(self, schema: dict[str, Any], prediction: Prediction) -> Any:
+        """Fetch the file inputs and encode the request file; None when the prediction ended
+        meanwhile (failed fetch, deadline, cancel). Raises for what is not a prediction yet
+        (a bad data URI: InvalidInput; the pool began to shut down: ShuttingDown)."""
+        request = prediction.request
+        dest = os.path.join(self.inputs_dir, prediction.id)
+        runner_input: Any = request.input
+        if files.file_input_fields(schema):
+            task = asyncio.get_running_loop().create_task(
+                files.prepare_inputs(
+                    schema, request.input, dest, self.config.files, session=self._http
+                )
+            )
+            prediction.preparation = task
+            try:
+                runner_input = await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not prediction.done or (current is not None and current.cancelling()):
+                    raise  # our caller was cancelled, not the download
+                self._remove_input_dir(prediction, dest)
+                return None
+            except files.FileFetchError as e:
+                # The prediction was accepted: it is recorded, webhooked and counted as failed,
+                # like any other failure, instead of vanishing with the exception.
+                self._remove_input_dir(prediction, dest)
+                prediction.fail(str(e))
+                return None
+            finally:
+                prediction.preparation = None
+            if runner_input is not request.input:  # files were fetched into dest
+                prediction.input_dir = dest
+        try:
+            if prediction.input_bytes > OFF_LOOP_CHECK_BYTES:  # ~2 ms per MB: not on the loop
+                await asyncio.to_thread(prediction.encode_request, runner_input)
+            else:
+                prediction.encode_request(runner_input)
+        except (ValueError, UnicodeError) as e:  # check_wire_safe refuses these first
+            detail = {"loc": ["body", "input"], "msg": f"not encodable: {e}", "type": "value_error"}
+            raise InvalidInput([detail]) from None
+        # Nothing awaits from here to the queue: what happened meanwhile is seen now.
+        if prediction.done:  # the deadline, or a cancel, ended it while it prepared
+            return None
+        if self._shutting_down:
+            raise ShuttingDown("the pool is shutting down; retry on another instance")
+        if prediction.cancel_requested:
+            prediction.finish(protocol.STATUS_CANCELED)
+            return None
+        return runner_input
+
+    def _secret_fields(self, schema: dict[str, Any]) -> frozenset[str]:
+        cached_schema, fields = self._secrets
+        if cached_schema is not schema:
+            fields = secret_fields(schema)
+            self._secrets = (schema, fields)
+        return fields
 
     def _require_ready(self) -> dict[str, Any]:
         schema = self.schema
@@ -274,14 +370,11 @@ class PoolManager:
         return schema
 
     async def cancel(self, prediction_id: str) -> bool:
-        """Cancel a queued or running prediction; False when this pool does not hold it."""
-        if self._router.cancel(prediction_id):
-            return True
-        preparing = self._preparing.get(prediction_id)
-        if preparing is not None:  # inputs still downloading: submit() finishes it canceled
-            preparing.cancel_requested = True
-            log.info("prediction_canceled prediction=%s where=download", prediction_id)
-            return True
+        """Cancel a preparing, queued or running prediction; False when this pool does not
+        hold it."""
+        prediction = self._router.active.get(prediction_id)
+        if prediction is not None and not prediction.done:
+            return self._cancel(prediction, EndReason.CANCELED)
         if self.get(prediction_id) is not None:
             return False  # finished here already
         for forward in list(self._cancel_forwarders):
@@ -292,19 +385,46 @@ class PoolManager:
                 log.warning("cancel_forward_failed prediction=%s error=%r", prediction_id, e)
         return False
 
+    def _cancel(self, prediction: Prediction, reason: EndReason) -> bool:
+        if prediction.phase == Phase.PREPARING:
+            # The download stops now; submit() finishes it canceled.
+            prediction.request_cancel(reason)
+            prediction.finish(protocol.STATUS_CANCELED)
+            log.info("prediction_canceled prediction=%s where=download", prediction.id)
+            return True
+        return self._router.cancel(prediction.id, reason)
+
+    def _on_deadline(self, prediction: Prediction) -> None:
+        """The record's deadline (runners.predict_timeout_s from admission) passed, in any
+        phase: it ends ``failed`` now, and whatever still works for it is stopped."""
+        if prediction.done:
+            return
+        runner = self._router.runner_of(prediction.id)
+        phase = prediction.phase.value
+        if prediction.phase == Phase.RUNNING and runner is None:
+            phase = "encoding"  # the runner is done; its output is being encoded or uploaded
+        log.warning(
+            "prediction_timed_out prediction=%s phase=%s runner=%s",
+            prediction.id,
+            phase,
+            prediction.runner_index,
+        )
+        # Cog's message; the phase it ended in is on the record (ended_in) and in the log.
+        prediction.fail("Prediction timed out", reason=EndReason.TIMED_OUT)
+        if runner is not None:
+            runner.time_out(prediction.id)
+
     def _on_event(self, prediction: Prediction, event: str) -> None:
         if event != EVENT_COMPLETED:
             return
-        queue_wait_s = self._router.queue_wait_s.get(prediction.id)
         self._router.record_finished(prediction)
-        if prediction.id in self._input_dirs:  # most predictions have no file inputs
-            self._input_dirs.discard(prediction.id)
-            shutil.rmtree(os.path.join(self.inputs_dir, prediction.id), ignore_errors=True)
+        if prediction.input_dir is not None:  # most predictions have no file inputs
+            self._remove_input_dir(prediction)
         if self.metrics is not None:
             self.metrics.prediction_finished(
                 status=prediction.status,
                 source=prediction.source,
-                queue_wait_s=queue_wait_s,
+                queue_wait_s=prediction.queue_wait_s,
                 predict_time_s=prediction.metrics.get("predict_time"),
                 runner_index=prediction.runner_index,
             )
@@ -314,12 +434,26 @@ class PoolManager:
         level = logging.DEBUG if prediction.status == protocol.STATUS_SUCCEEDED else logging.INFO
         log.log(
             level,
-            "prediction_finished prediction=%s status=%s runner=%s source=%s",
+            "prediction_finished prediction=%s status=%s reason=%s runner=%s source=%s",
             prediction.id,
             prediction.status,
+            prediction.end_reason,
             prediction.runner_index,
             prediction.source,
         )
+
+    def _remove_input_dir(self, prediction: Prediction, path: str | None = None) -> None:
+        """Remove the files fetched for ``prediction``, in a thread: a big tree must not stall
+        the event loop. The task is owned here and awaited at shutdown."""
+        path = path or prediction.input_dir
+        prediction.input_dir = None
+        if path is None or not os.path.lexists(path):
+            return
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        )
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _encode_output(self, output: Any) -> Any:
         return await files.encode_outputs(output, self.config.files, session=self._upload_http)
@@ -347,6 +481,7 @@ class PoolManager:
 
 
 def _validate(schema: dict[str, Any], raw: dict[str, Any]) -> None:
+    """The model's schema check of one input (InvalidInput with Cog's messages, located)."""
     try:
         validate_input(schema, raw)
     except InputValidationError as e:

@@ -132,6 +132,7 @@ class Metrics:
         self._queue_wait = _Histogram(buckets_s)
         self._predict_time = _Histogram(buckets_s)
         self._restarts: dict[int, int] = {}
+        self._recycles: dict[tuple[int, str], int] = {}
         self._webhook_failures = 0
         self._collectors: list[Collector] = []
         self.runners = RunnerProcessCollector()
@@ -170,6 +171,10 @@ class Metrics:
 
     def runner_restarted(self, runner_index: int) -> None:
         self._restarts[runner_index] = self._restarts.get(runner_index, 0) + 1
+
+    def runner_recycled(self, runner_index: int, reason: str) -> None:
+        key = (runner_index, reason)
+        self._recycles[key] = self._recycles.get(key, 0) + 1
 
     def webhook_failed(self) -> None:
         """A webhook was given up on after its last attempt."""
@@ -216,6 +221,14 @@ class Metrics:
         for index, count in sorted(self._restarts.items()):
             restarts.add_metric([str(index)], count)
         yield restarts
+        recycles = CounterMetricFamily(
+            "cog_pool_runner_recycles",
+            "Runners replaced after max_predictions, max_rss_mb or a MemoryError.",
+            labels=["reason", "runner"],
+        )
+        for (index, reason), count in sorted(self._recycles.items()):
+            recycles.add_metric([reason, str(index)], count)
+        yield recycles
         yield CounterMetricFamily(
             "cog_pool_webhook_failures",
             "Webhooks given up on after retries.",

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,17 +27,22 @@ from typing import Any
 from coglet import protocol
 from pool.config import PoolConfig, project_root
 from pool.files import has_path
-from pool.prediction import Prediction, utc_now
+from pool.prediction import EVENT_COMPLETED, Prediction, utc_now
 
 __all__ = [
     "BUSY",
     "DEFUNCT",
+    "EVENT_FINISHED",
+    "EVENT_READY",
+    "EVENT_SETUP_FAILED",
     "READY",
     "RUNNER_STATES",
     "SETUP_FAILED",
     "STARTING",
-    "OutputEncoder",
+    "DeltaFile",
+    "RunnerEvent",
     "RunnerHandle",
+    "Slot",
     "describe_exit",
 ]
 
@@ -51,7 +56,6 @@ DEFUNCT = "DEFUNCT"
 RUNNER_STATES = (STARTING, READY, BUSY, SETUP_FAILED, DEFUNCT)
 
 TAIL_LINES = 40  # last output lines kept for death reports
-OutputEncoder = Callable[[Any], Awaitable[Any]]
 
 
 MAX_LINE_BYTES = 64 * 1024  # one runner output line at most; longer ones are cut
@@ -95,8 +99,41 @@ def describe_exit(code: int) -> str:
         protocol.EXIT_BAD_CONFIG: "bad config.json",
         protocol.EXIT_SETUP_FAILED: "setup failed",
         protocol.EXIT_PARENT_DIED: "parent died",
+        protocol.EXIT_RESPONSE_WRITE_FAILED: "could not write a response",
     }.get(code)
     return f"exited with code {code}" + (f" ({meaning})" if meaning else "")
+
+
+EVENT_READY = "ready"
+EVENT_SETUP_FAILED = "setup_failed"
+EVENT_FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RunnerEvent:
+    """Something a runner's channel reported, for the supervisor to act on (the handle only
+    reads and writes the channel; what to do about it is the supervisor's policy)."""
+
+    kind: str  # EVENT_READY, EVENT_SETUP_FAILED, EVENT_FINISHED
+    prediction_id: str | None = None
+    error_type: str | None = None  # EVENT_FINISHED of a failed prediction: the exception's type
+
+
+@dataclass(frozen=True)
+class DeltaFile:
+    """A delta the runner spilled to a file in its temporary root (large output or logs)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class RunnerLost:
+    """The runner died while a spilled delta was being read: the loss lands after it."""
+
+    error: str
+
+
+Pending = dict[str, Any] | DeltaFile | RunnerLost
 
 
 @dataclass
@@ -106,8 +143,9 @@ class Slot:
     prediction: Prediction
     dispatched_at: float
     next_epoch: int = 0
-    backlog: list[dict[str, Any]] = field(default_factory=list)  # deltas awaiting encoding
-    encoder: asyncio.Task[None] | None = None
+    cancel_sent: bool = False  # a cancel-<id> file was written (removed with the slot)
+    pending: list[Pending] = field(default_factory=list)  # behind a spilled delta's load
+    loader: asyncio.Task[None] | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
@@ -122,14 +160,22 @@ class RunnerHandle:
         state_dir: str,
         *,
         wake: Callable[[], None],
-        encode_output: OutputEncoder | None = None,
+        temp_root: str | None = None,
     ) -> None:
         self.index = index
         self.gpu = gpu
         self.config = config
         self.working_dir = os.path.join(state_dir, f"runner-{index}")
+        # The runner's private temporary root, on disk: large deltas and returned file
+        # objects are spilled here, and this is the only place the pool removes files from.
+        self.temp_dir = os.path.join(temp_root or state_dir, f"runner-{index}-tmp")
         self.capacity = config.runners.max_concurrency or 1
         self.restarts = 0
+        self.recycles = 0
+        # What the channel reported since the supervisor last looked (take_events()).
+        self._events: list[RunnerEvent] = []
+        self.draining: str | None = None  # why it takes no new work before a recycle
+        self.stop_requested = False  # the stop file was written to the current process
         self.schema: dict[str, Any] | None = None
         self.setup_result: dict[str, Any] | None = None
         self.started_at: float | None = None  # monotonic, of the current process
@@ -140,11 +186,11 @@ class RunnerHandle:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._state = DEFUNCT
         self._wake = wake
-        self._encode_output = encode_output
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
         self._pipes: dict[int, bytearray] = {}
         self._streams: dict[int, Any] = {}  # fd -> the Popen file object that owns it
+        self._log_fd: int | None = None  # coglet's own log channel (protocol.LOG_FD_ENV)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- views ---------------------------------------------------------------------------------
@@ -165,13 +211,13 @@ class RunnerHandle:
     def state(self) -> str:
         """STARTING, READY (a free slot by the pool's count), BUSY, SETUP_FAILED or DEFUNCT."""
         if self._state in (READY, BUSY):
-            return BUSY if len(self.slots) >= self.capacity else READY
+            return BUSY if len(self.slots) >= self.capacity or self.draining else READY
         return self._state
 
     @property
     def accepting(self) -> bool:
-        """Ready and alive: may take predictions up to its capacity."""
-        return self._state in (READY, BUSY) and self.alive
+        """Ready, alive and not draining for a recycle: may take predictions up to capacity."""
+        return self._state in (READY, BUSY) and self.alive and self.draining is None
 
     @property
     def free(self) -> int:
@@ -185,20 +231,35 @@ class RunnerHandle:
             os.path.join(self.working_dir, protocol.CONFIG_FILE), self._runner_config()
         )
         python = self.config.model.python or sys.executable
-        self._proc = subprocess.Popen(
-            [python, "-m", "coglet", "--working-dir", self.working_dir],
-            cwd=self.config.model.path,
-            env=self._child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            # Its own session: a terminal's SIGINT/SIGHUP must not reach it; the pool stops it.
-            start_new_session=True,
-        )
+        log_read, log_write = os.pipe()
+        env = self._child_env()
+        env[protocol.LOG_FD_ENV] = str(log_write)
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-m", "coglet", "--working-dir", self.working_dir],
+                cwd=self.config.model.path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(log_write,),
+                # Its own session and process group: a terminal's SIGINT/SIGHUP must not
+                # reach it, and the pool can signal the model's own children with it.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(log_read)
+            raise
+        finally:
+            os.close(log_write)
+        self._log_fd = log_read
         self.exit_code = None
         self.schema = None
         self.setup_result = None
         self.setup_timed_out = False
+        self._events.clear()
+        self.draining = None
+        self.stop_requested = False
         self.started_at = time.monotonic()
         if self.spawned_at is None:
             self.spawned_at = utc_now()
@@ -207,9 +268,25 @@ class RunnerHandle:
         log.info("runner_spawned runner=%d gpu=%s pid=%d", self.index, self.gpu, self._proc.pid)
 
     def _reset_dir(self) -> None:
-        # A previous process's leftovers (responses, a stop file) must not leak into this one.
+        # A previous process's leftovers (responses, a stop file, spilled files) must not leak
+        # into this one. Both dirs are private to this runner: 0700. The working dir holds a
+        # few small files; the temporary root may hold a dead runner's large spills, so it is
+        # renamed away at once and removed in a worker thread, off the loop.
         shutil.rmtree(self.working_dir, ignore_errors=True)
-        os.makedirs(self.working_dir, exist_ok=True)
+        if os.path.lexists(self.temp_dir):
+            old = f"{self.temp_dir}.old-{time.monotonic_ns()}"
+            os.rename(self.temp_dir, old)
+            self._remove_later(old)
+        for path in (self.working_dir, self.temp_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+
+    def _remove_later(self, path: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _runner_config(self) -> dict[str, Any]:
         config = {
@@ -217,6 +294,7 @@ class RunnerHandle:
             "max_concurrency": self.capacity,
             "runner_index": self.index,
             "gpu": self.gpu,
+            "temp_dir": self.temp_dir,
         }
         if self.config.model.train is not None:
             config["train_ref"] = self.config.model.train  # cog.yaml train: (issue 9)
@@ -243,7 +321,10 @@ class RunnerHandle:
         # A pidfd becomes readable when the child exits: no SIGCHLD handler, no polling.
         self._pidfd = os.pidfd_open(self._proc.pid)
         loop.add_reader(self._pidfd, self._wake)
-        for stream in (self._proc.stdout, self._proc.stderr):
+        streams: list[Any] = [self._proc.stdout, self._proc.stderr]
+        if self._log_fd is not None:
+            streams.append(os.fdopen(self._log_fd, "rb", buffering=0))
+        for stream in streams:
             fd = stream.fileno()
             os.set_blocking(fd, False)
             self._pipes[fd] = bytearray()
@@ -260,8 +341,19 @@ class RunnerHandle:
         code = os.waitstatus_to_exitcode(status)
         self._proc.returncode = code  # so Popen never waits for this pid again
         self.exit_code = code
+        self._kill_leftovers(self._proc.pid)
         self._unwatch_process()
         return code
+
+    def _kill_leftovers(self, pgid: int) -> None:
+        """The runner is gone: kill what the model started in its process group (children
+        that would otherwise outlive it, holding a GPU or a port). The group id cannot be
+        handed to a new process while any member of the group is alive."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return  # the group is empty: nothing was left behind
+        log.warning("runner_leftovers_killed runner=%d pgid=%d", self.index, pgid)
 
     def _unwatch_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,17 +364,22 @@ class RunnerHandle:
         for fd in list(self._pipes):
             self._read_pipe(fd)  # drain: the last lines matter most in a death report
             self._close_pipe(fd)
+        self._log_fd = None
 
     def mark(self, state: str) -> None:
         """Set the supervisor-decided state (SETUP_FAILED, DEFUNCT)."""
         self._state = state
 
-    def send(self, sig: signal.Signals) -> bool:
-        """Signal the live child; False when it is gone (never signal a reaped pid)."""
+    def send(self, sig: signal.Signals, *, group: bool = False) -> bool:
+        """Signal the live child (with ``group``: its whole process group, the model's own
+        children included); False when it is gone (never signal a reaped pid)."""
         if not self.alive or self._proc is None:
             return False
         try:
-            os.kill(self._proc.pid, sig)
+            if group:
+                os.killpg(self._proc.pid, sig)  # the runner leads its own group
+            else:
+                os.kill(self._proc.pid, sig)
         except ProcessLookupError:
             return False
         return True
@@ -291,7 +388,19 @@ class RunnerHandle:
         """Write ``stop`` and say so: the runner finishes or cancels its work and exits 0."""
         if not self.alive:
             return
-        protocol.write_atomic(os.path.join(self.working_dir, protocol.STOP_FILE), b"")
+        self.stop_requested = True
+        try:
+            protocol.write_atomic(os.path.join(self.working_dir, protocol.STOP_FILE), b"")
+        except OSError as e:
+            # A full tmpfs must not keep a runner alive: SIGTERM asks for the same clean stop.
+            log.warning(
+                "runner_stop_file_failed runner=%d pid=%s error=%r action=sigterm",
+                self.index,
+                self.pid,
+                e,
+            )
+            self.send(signal.SIGTERM)
+            return
         self.send(protocol.SIG_RESCAN)
 
     def close(self) -> None:
@@ -300,6 +409,7 @@ class RunnerHandle:
             task.cancel()
         if self._proc is not None and self.exit_code is None:
             self._unwatch_process()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     # --- output pipes --------------------------------------------------------------------------
     def _read_pipe(self, fd: int) -> None:
@@ -317,7 +427,7 @@ class RunnerHandle:
                 self._close_pipe(fd)
                 break
             buf.extend(chunk)
-        self._emit_lines(buf, final=fd not in self._pipes)
+        self._emit_lines(fd, buf, final=fd not in self._pipes)
 
     def _close_pipe(self, fd: int) -> None:
         buf = self._pipes.pop(fd, None)
@@ -325,7 +435,7 @@ class RunnerHandle:
             return
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(fd)
-        self._emit_lines(buf, final=True)
+        self._emit_lines(fd, buf, final=True)
         # Close through the file object that owns the fd: a bare os.close would leave it to
         # close the same number again later, by then maybe another pipe's.
         stream = self._streams.pop(fd, None)
@@ -333,7 +443,7 @@ class RunnerHandle:
             with contextlib.suppress(OSError):
                 stream.close()
 
-    def _emit_lines(self, buf: bytearray, *, final: bool) -> None:
+    def _emit_lines(self, fd: int, buf: bytearray, *, final: bool) -> None:
         # A bare "\r" ends a line too: progress bars written at the fd level (ffmpeg, tqdm in
         # a subprocess) would otherwise grow one line for as long as the process lives. A
         # line longer than MAX_LINE_BYTES is cut, so the buffer stays bounded.
@@ -345,8 +455,19 @@ class RunnerHandle:
                 end = min(len(buf), MAX_LINE_BYTES) - 1
             line = bytes(buf[: end + 1]).decode("utf-8", "replace").rstrip("\r\n")
             del buf[: end + 1]
-            if line:
+            if not line:
+                continue
+            if fd == self._log_fd:
+                self._on_runner_log(line)
+            else:
                 self._on_output_line(line)
+
+    def _on_runner_log(self, line: str) -> None:
+        # coglet's own lines: the pool's log, never a prediction's (they name the runner's
+        # troubles, e.g. response_write_failed, not the model's output). A death report
+        # shows them with the model's last lines.
+        self.tail.append(line)
+        log.info("runner_log runner=%d pid=%s %s", self.index, self.pid, line)
 
     def _on_output_line(self, line: str) -> None:
         # Output from C code or subprocesses: it belongs to the one prediction running, if
@@ -383,10 +504,12 @@ class RunnerHandle:
             if isinstance(effective, int) and 1 <= effective < self.capacity:
                 self.capacity = effective
             self._state = READY
+            self._events.append(RunnerEvent(EVENT_READY))
             elapsed = time.monotonic() - (self.started_at or time.monotonic())
             log.info("runner_ready runner=%d pid=%s setup_s=%.3f", self.index, self.pid, elapsed)
         else:
             self._state = SETUP_FAILED
+            self._events.append(RunnerEvent(EVENT_SETUP_FAILED))
             log.error(
                 "runner_setup_failed runner=%d pid=%s error=%s",
                 self.index,
@@ -439,85 +562,140 @@ class RunnerHandle:
         try:
             delta = protocol.read_json(path)
         except Exception as e:  # anything a runner wrote that will not parse fails just this one
-            delta = {
-                "status": protocol.STATUS_FAILED,
-                "error": f"{self.name} sent a bad response: {e}",
-            }
+            delta = self._bad_response(e)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         slot.next_epoch += 1
         problem = protocol.delta_problem(delta)
         if problem is not None or not isinstance(delta, dict):  # garbage fails this one only
-            delta = {
-                "status": protocol.STATUS_FAILED,
-                "error": f"{self.name} sent a bad response: {problem}",
-            }
+            delta = self._bad_response(ValueError(problem))
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
-        self._deliver(slot, delta)
+        if protocol.DELTA_FILE_KEY in delta:
+            self._deliver(slot, self._delta_file(delta[protocol.DELTA_FILE_KEY]))
+        else:
+            self._deliver(slot, delta)
         if terminal:
             self._release(prediction_id)
         return terminal
 
-    def _deliver(self, slot: Slot, delta: dict[str, Any]) -> None:
-        # Path outputs are encoded (data: URI or upload) before anyone sees them; later deltas
-        # of the same prediction wait behind an encoding one, so order holds.
-        needs = self._encode_output is not None and (
-            has_path(delta.get("output")) or has_path(delta.get("output_append"))
-        )
-        if slot.encoder is None and not needs:
-            slot.prediction.apply_delta(delta)
+    def _bad_response(self, error: Exception | None) -> dict[str, Any]:
+        why = f": {error}" if error is not None else ""
+        return {"status": protocol.STATUS_FAILED, "error": f"{self.name} sent a bad response{why}"}
+
+    def _delta_file(self, path: Any) -> dict[str, Any] | DeltaFile:
+        """The spilled delta a response points to; only a file in this runner's own temporary
+        root is read (and removed) by the pool."""
+        if isinstance(path, str) and self.owns(path):
+            return DeltaFile(path)
+        return self._bad_response(ValueError(f"delta file {path!r} is outside {self.temp_dir}"))
+
+    def owns(self, path: str) -> bool:
+        """True for a path inside this runner's private temporary root (made by the pool)."""
+        root = os.path.realpath(self.temp_dir)
+        real = os.path.realpath(path)
+        return real != root and os.path.commonpath([root, real]) == root
+
+    def take_events(self) -> list[RunnerEvent]:
+        """What happened on the channel since the last call, in order (the supervisor acts)."""
+        events, self._events = self._events, []
+        return events
+
+    def _note_terminal(self, prediction: Prediction, delta: dict[str, Any]) -> None:
+        if delta.get("status") not in protocol.TERMINAL_STATUSES:
             return
-        slot.backlog.append(delta)
-        if slot.encoder is None:
-            slot.encoder = asyncio.get_running_loop().create_task(self._drain_backlog(slot))
-            self._tasks.add(slot.encoder)
+        error_type = delta.get(protocol.ERROR_TYPE_KEY)
+        self._events.append(
+            RunnerEvent(
+                EVENT_FINISHED,
+                prediction.id,
+                error_type=error_type if isinstance(error_type, str) else None,
+            )
+        )
 
-    async def _drain_backlog(self, slot: Slot) -> None:
-        assert self._encode_output is not None
+    def _deliver(self, slot: Slot, item: dict[str, Any] | DeltaFile) -> None:
+        # A spilled delta is read in a worker thread, off the loop; the deltas after it wait
+        # behind it (slot.pending), so epoch order holds.
+        if isinstance(item, DeltaFile) or slot.loader is not None:
+            slot.pending.append(item)
+            if slot.loader is None:
+                slot.loader = asyncio.get_running_loop().create_task(self._load_pending(slot))
+                self._tasks.add(slot.loader)
+            return
+        self._apply(slot, item)
+
+    async def _load_pending(self, slot: Slot) -> None:
         try:
-            while slot.backlog:
-                delta = slot.backlog.pop(0)
-                try:
-                    delta = await self._encode_delta(delta)
-                except Exception as e:  # an upload failed: the prediction fails, with why
-                    log.warning(
-                        "output_encode_failed prediction=%s error=%s", slot.prediction.id, e
-                    )
-                    delta = {
-                        "status": protocol.STATUS_FAILED,
-                        "error": f"output upload failed: {e}",
-                    }
-                slot.prediction.apply_delta(delta)
+            while slot.pending:
+                item = slot.pending.pop(0)
+                if isinstance(item, RunnerLost):
+                    slot.prediction.lose_runner(item.error)
+                    continue
+                if isinstance(item, DeltaFile):
+                    try:
+                        item = await asyncio.to_thread(_load_delta_file, item.path)
+                    except Exception as e:  # unreadable: the prediction fails, with why
+                        log.warning(
+                            "response_read_failed prediction=%s error=%s", slot.prediction.id, e
+                        )
+                        item = self._bad_response(e)
+                self._apply(slot, item)
+                self._wake()  # a terminal delta read here is news for the supervisor
         finally:
-            if slot.encoder is not None:
-                self._tasks.discard(slot.encoder)
-            slot.encoder = None
+            if slot.loader is not None:
+                self._tasks.discard(slot.loader)
+            slot.loader = None
 
-    async def _encode_delta(self, delta: dict[str, Any]) -> dict[str, Any]:
-        assert self._encode_output is not None
-        # The encoder returns values without a path as they are, at the cost of one walk.
-        out = dict(delta)
-        for key in ("output", "output_append"):
-            if key in out:
-                out[key] = await self._encode_output(out[key])
-        return out
+    def _apply(self, slot: Slot, delta: dict[str, Any]) -> None:
+        """Hand one delta, in epoch order, to its prediction (through the output encoder)."""
+        self._note_terminal(slot.prediction, delta)
+        if has_path(delta.get("output")) or has_path(delta.get("output_append")):
+            self._track_spills(slot.prediction, delta)  # only Path outputs hold runner copies
+        # Path outputs are encoded by the record before anyone sees them, in epoch order.
+        slot.prediction.deliver(delta)
+
+    def _track_spills(self, prediction: Prediction, delta: dict[str, Any]) -> None:
+        """Remove the runner's copies of returned file objects once the prediction is over
+        (its outputs encoded): only paths inside this runner's temporary root qualify."""
+        spilled = [p for p in _paths_in(delta) if self.owns(p)]
+        if not spilled:
+            return
+
+        def on_event(_: Prediction, event: str) -> None:
+            if event == EVENT_COMPLETED:
+                task = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(self._remove_spilled, spilled)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        prediction.add_listener(on_event)
+
+    def _remove_spilled(self, paths: list[str]) -> None:
+        """Remove the runner's copies of returned file objects (``<temp_dir>/cog-output-*/``);
+        a file the model returned by path is never in the temporary root, so never removed."""
+        root = os.path.realpath(self.temp_dir)
+        for path in paths:
+            parent = os.path.dirname(os.path.realpath(path))
+            if os.path.dirname(parent) == root and os.path.basename(parent).startswith(
+                protocol.SPILL_DIR_PREFIX
+            ):
+                shutil.rmtree(parent, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     # --- predictions ---------------------------------------------------------------------------
-    def dispatch(self, prediction: Prediction, runner_input: dict[str, Any]) -> None:
-        """Hand one prediction to the runner: request file, then SIGHUP."""
-        request: dict[str, Any] = {"id": prediction.id, "input": runner_input, "stream": True}
-        if prediction.request.context:
-            request["context"] = prediction.request.context
-        slot = Slot(prediction=prediction, dispatched_at=time.monotonic())
-        self.slots[prediction.id] = slot
-        protocol.write_json_atomic(
-            os.path.join(self.working_dir, protocol.request_name(prediction.id)), request
+    def dispatch(self, prediction: Prediction, request: bytes) -> None:
+        """Hand one prediction to the runner: its request file, then SIGHUP.
+
+        ``request`` was encoded by the record before any slot was taken; the file is written
+        before the slot is, so a failed write leaves nothing held.
+        """
+        protocol.write_request(
+            self.working_dir, prediction.id, request, spill_dir=self.temp_dir
         )
+        self.slots[prediction.id] = Slot(prediction=prediction, dispatched_at=time.monotonic())
         prediction.mark_started(self.index)
-        timeout_s = self.config.runners.predict_timeout_s
-        if timeout_s is not None:
-            loop = asyncio.get_running_loop()
-            slot.timers.append(loop.call_later(timeout_s, self._on_timeout, prediction.id))
         self.send(protocol.SIG_RESCAN)
         log.debug("prediction_dispatched prediction=%s runner=%d", prediction.id, self.index)
 
@@ -525,26 +703,41 @@ class RunnerHandle:
         """Ask the runner to cancel one prediction: ``cancel-<id>``, then SIGUSR1."""
         if prediction_id not in self.slots:
             return False
-        self.slots[prediction_id].prediction.cancel_requested = True
-        protocol.write_atomic(
-            os.path.join(self.working_dir, protocol.cancel_name(prediction_id)), b""
-        )
+        self.slots[prediction_id].cancel_sent = True
+        try:
+            protocol.write_atomic(
+                os.path.join(self.working_dir, protocol.cancel_name(prediction_id)), b""
+            )
+        except OSError as e:
+            # The runner cannot be told which prediction to stop (a full tmpfs): rather than
+            # hold the slot for good, the runner is killed if it still has it after the grace.
+            log.warning(
+                "prediction_cancel_write_failed prediction=%s runner=%d error=%r action=%s",
+                prediction_id,
+                self.index,
+                e,
+                "kill_after_cancel_grace",
+            )
+            loop = asyncio.get_running_loop()
+            grace = self.config.runners.cancel_grace_s
+            timer = loop.call_later(grace, self._on_cancel_grace_over, prediction_id)
+            self.slots[prediction_id].timers.append(timer)
+            return True
         self.send(protocol.SIG_CANCEL)
         log.info("prediction_cancel_sent prediction=%s runner=%d", prediction_id, self.index)
         return True
 
-    def _on_timeout(self, prediction_id: str) -> None:
-        """The prediction ran past runners.predict_timeout_s: fail it, cancel it on the runner,
-        and kill the runner if it has not let go within runners.cancel_grace_s."""
+    def time_out(self, prediction_id: str) -> bool:
+        """Its record's deadline passed (the record has ended it): cancel it on the runner, and
+        kill the runner if it has not let go within runners.cancel_grace_s."""
         slot = self.slots.get(prediction_id)
         if slot is None:
-            return
-        log.warning("prediction_timed_out prediction=%s runner=%d", prediction_id, self.index)
-        slot.prediction.fail("Prediction timed out")
+            return False
         self.cancel(prediction_id)
         grace = self.config.runners.cancel_grace_s
         loop = asyncio.get_running_loop()
         slot.timers.append(loop.call_later(grace, self._on_cancel_grace_over, prediction_id))
+        return True
 
     def _on_cancel_grace_over(self, prediction_id: str) -> None:
         if prediction_id not in self.slots or not self.alive:
@@ -555,7 +748,7 @@ class RunnerHandle:
             self.pid,
             prediction_id,
         )
-        self.send(signal.SIGKILL)
+        self.send(signal.SIGKILL, group=True)
 
     def _release(self, prediction_id: str) -> None:
         slot = self.slots.pop(prediction_id, None)
@@ -565,7 +758,7 @@ class RunnerHandle:
             timer.cancel()
         # The runner deletes the request file it took, and the working directory is emptied
         # before a restart; only a cancel file may be left behind, and only after a cancel.
-        if slot.prediction.cancel_requested:
+        if slot.cancel_sent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.working_dir, protocol.cancel_name(prediction_id)))
         self._wake()
@@ -576,14 +769,26 @@ class RunnerHandle:
         for prediction_id in list(self.slots):
             slot = self.slots[prediction_id]
             self._release(prediction_id)
-            slot.prediction.runner_died = True
-            if slot.encoder is not None:
-                # Updates are still being encoded: the failure lands after them, in order.
-                slot.backlog.append({"status": protocol.STATUS_FAILED, "error": error})
+            if slot.loader is not None:
+                # A spilled delta is still being read: the loss lands after it, in order.
+                slot.pending.append(RunnerLost(error))
             else:
-                slot.prediction.fail(error)
+                # Updates still being encoded land first, then this failure, in order.
+                slot.prediction.lose_runner(error)
             failed.append(slot.prediction)
         return failed
+
+    def rss_mb(self) -> float | None:
+        """The runner process's resident memory in MiB (None when it is gone)."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
     def death_report(self) -> str:
         """``runner 2 (gpu 2) died: killed by SIGKILL`` plus the last output lines."""
@@ -592,3 +797,42 @@ class RunnerHandle:
         if lines:
             text += "\nlast output:\n" + "\n".join(lines)
         return text
+
+
+_encode_request = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _encode_request_bytes(request: dict[str, Any]) -> bytes:
+    return _encode_request(request).encode()
+
+
+def _load_delta_file(path: str) -> dict[str, Any]:
+    """Read and remove one spilled delta (runs in a worker thread: it may be large)."""
+    try:
+        delta = protocol.read_delta_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"spilled response {path} is missing") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    problem = protocol.delta_problem(delta)
+    if problem is not None or not isinstance(delta, dict):
+        raise ValueError(f"spilled response {os.path.basename(path)}: {problem}")
+    return delta
+
+
+def _paths_in(value: Any) -> list[str]:
+    """Every ``{PATH_MARKER: path}`` path in a delta's output (iterative)."""
+    found: list[str] = []
+    stack = [value.get("output"), value.get("output_append")]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            marked = item.get(protocol.PATH_MARKER)
+            if len(item) == 1 and isinstance(marked, str):
+                found.append(marked)
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found

@@ -24,10 +24,10 @@ from pool.config import PoolConfig
 from pool.runner import (
     BUSY,
     DEFUNCT,
+    EVENT_FINISHED,
     READY,
     SETUP_FAILED,
     STARTING,
-    OutputEncoder,
     RunnerHandle,
     describe_exit,
 )
@@ -42,6 +42,14 @@ WAKE_SIGNALS = (protocol.SIG_READY, protocol.SIG_BUSY, protocol.SIG_OUTPUT)
 
 class RunnerMetrics(Protocol):
     def runner_restarted(self, runner_index: int) -> None: ...
+
+    def runner_recycled(self, runner_index: int, reason: str) -> None: ...
+
+
+# A recycle's reasons, as logged and counted.
+RECYCLE_MAX_PREDICTIONS = "max_predictions"
+RECYCLE_MAX_RSS = "max_rss_mb"
+RECYCLE_MEMORY_ERROR = "memory_error"
 
 
 def runner_gpus(config: PoolConfig) -> list[str | None]:
@@ -95,6 +103,10 @@ class _Restarts:
     deaths: collections.deque[float] = field(default_factory=collections.deque)
     due_at: float | None = None  # monotonic time of the scheduled restart
     given_up: bool = False
+    # The current process's finished predictions (EVENT_FINISHED), for recycling.
+    completed: int = 0
+    memory_errors: int = 0  # ... of which failed with MemoryError
+    checked: int = -1  # `completed` when the recycle limits were last checked
 
 
 class Supervisor:
@@ -106,8 +118,8 @@ class Supervisor:
         state_dir: str,
         *,
         on_tick: Callable[[], None],
-        encode_output: OutputEncoder | None = None,
         metrics: RunnerMetrics | None = None,
+        temp_root: str | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -119,10 +131,13 @@ class Supervisor:
         self._exited = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        self._failed_ticks = 0
+        # Set when the supervisor's own pass keeps failing: the pool should exit non-zero.
+        self.failed = asyncio.Event()
         # time.monotonic() of the loop's last pass; /health/live reads it (None: not started).
         self.last_tick_at: float | None = None
         self.runners = [
-            RunnerHandle(i, gpu, config, state_dir, wake=self.wake, encode_output=encode_output)
+            RunnerHandle(i, gpu, config, state_dir, wake=self.wake, temp_root=temp_root)
             for i, gpu in enumerate(runner_gpus(config))
         ]
         self._restarts = {r.index: _Restarts() for r in self.runners}
@@ -169,17 +184,26 @@ class Supervisor:
     def _tick_and_settle(self) -> None:
         try:
             self.tick()
-        except Exception:  # the supervisor must outlive one bad tick
-            log.exception("supervisor_tick_failed")
+        except Exception:  # the supervisor must outlive one bad tick, not a wedged loop
+            self._failed_ticks += 1
+            log.exception("supervisor_tick_failed consecutive=%d", self._failed_ticks)
+            limit = self.config.runners.max_failed_ticks
+            if self._failed_ticks >= limit and not self.failed.is_set():
+                log.error("supervisor_failed consecutive_failed_ticks=%d action=exit", limit)
+                self.failed.set()
+        else:
+            self._failed_ticks = 0
         # Cleared after the tick: a tick never awaits, so no other callback ran inside it,
         # and a wake() seen now came from the tick itself (a freed slot) or from before it;
         # this tick served both. Clearing before would cost an empty scan per prediction.
         self._event.clear()
 
     def tick(self) -> None:
-        """One pass: reap, scan, restart, time out setups, then let the router dispatch."""
+        """One pass: reap, scan, recycle, restart, time out setups, then let the router
+        dispatch."""
         self.reap()
         self.scan()
+        self.recycle()
         self.restart_due()
         self.check_setup_timeouts()
         self._on_tick()
@@ -193,18 +217,32 @@ class Supervisor:
                 self.handle_exit(runner, code)
 
     def scan(self) -> None:
-        """Read every live runner's directory (signals carry no sender)."""
+        """Read every live runner's directory (signals carry no sender), then act on what each
+        reported."""
         for runner in self.runners:
             if runner.alive:
                 try:
                     runner.scan()
                 except Exception:  # one runner's bad state must not stall the others
                     log.exception("runner_scan_failed runner=%d", runner.index)
+            self.consume(runner)
+
+    def consume(self, runner: RunnerHandle) -> None:
+        """Act on a runner's events: finished predictions count toward its recycle."""
+        book = self._restarts[runner.index]
+        for event in runner.take_events():
+            if event.kind == EVENT_FINISHED:
+                book.completed += 1
+                if event.error_type == "MemoryError":
+                    book.memory_errors += 1
 
     def handle_exit(self, runner: RunnerHandle, code: int) -> None:
         """A runner process ended: fail its work, then restart it, or not."""
         self._exited.set()
         runner.scan()  # responses written just before the exit still count
+        self.consume(runner)
+        if runner.draining is not None and code != protocol.EXIT_OK:
+            runner.draining = None  # it died while draining: a death like any other
         was = runner.state
         failed = runner.fail_all(runner.death_report())
         log_fn = log.info if self.stopping or code == protocol.EXIT_OK else log.warning
@@ -217,6 +255,11 @@ class Supervisor:
         )
         if self.stopping:
             runner.mark(DEFUNCT)
+        elif runner.draining is not None and code == protocol.EXIT_OK:
+            # A recycle, not a death: back at once, no backoff, no count against max_restarts.
+            runner.mark(DEFUNCT)
+            self._restarts[runner.index].due_at = time.monotonic()
+            self.wake()
         elif was == SETUP_FAILED or code == protocol.EXIT_SETUP_FAILED or runner.setup_timed_out:
             self._mark_setup_failed(runner, code)
         elif code == protocol.EXIT_BAD_CONFIG:
@@ -268,6 +311,46 @@ class Supervisor:
         self._timers.append(asyncio.get_running_loop().call_later(delay, self.wake))
         log.info("runner_restart_scheduled runner=%d delay_s=%.3f", runner.index, delay)
 
+    def recycle(self) -> None:
+        """Drain runners past a recycle limit; stop drained ones (they come back fresh)."""
+        for runner in self.runners:
+            if not runner.alive or runner.state not in (READY, BUSY):
+                continue
+            if runner.draining is None:
+                reason = self._recycle_reason(runner)
+                if reason is None:
+                    continue
+                runner.draining = reason
+                runner.recycles += 1
+                if self._metrics is not None:
+                    self._metrics.runner_recycled(runner.index, reason)
+                log.info(
+                    "runner_recycle runner=%d pid=%s reason=%s predictions=%d in_flight=%d",
+                    runner.index,
+                    runner.pid,
+                    reason,
+                    self._restarts[runner.index].completed,
+                    len(runner.slots),
+                )
+            if not runner.slots and not runner.stop_requested:
+                runner.request_stop()
+
+    def _recycle_reason(self, runner: RunnerHandle) -> str | None:
+        book = self._restarts[runner.index]
+        if book.checked == book.completed:
+            return None  # nothing finished since the last look
+        book.checked = book.completed
+        rc = self.config.runners
+        if book.memory_errors:
+            return RECYCLE_MEMORY_ERROR
+        if rc.max_predictions is not None and book.completed >= rc.max_predictions:
+            return RECYCLE_MAX_PREDICTIONS
+        if rc.max_rss_mb is not None:
+            rss_mb = runner.rss_mb()
+            if rss_mb is not None and rss_mb > rc.max_rss_mb:
+                return RECYCLE_MAX_RSS
+        return None
+
     def restart_due(self) -> None:
         """Respawn runners whose backoff has passed."""
         now = time.monotonic()
@@ -278,10 +361,13 @@ class Supervisor:
             if book.due_at is None or book.due_at > now or self.stopping:
                 continue
             book.due_at = None
-            runner.restarts += 1
-            if self._metrics is not None:
-                self._metrics.runner_restarted(runner.index)
-            log.info("runner_restart runner=%d restarts=%d", runner.index, runner.restarts)
+            book.checked = -1
+            book.completed = book.memory_errors = 0  # a fresh process
+            if runner.draining is None:
+                runner.restarts += 1
+                if self._metrics is not None:
+                    self._metrics.runner_restarted(runner.index)
+                log.info("runner_restart runner=%d restarts=%d", runner.index, runner.restarts)
             try:
                 runner.spawn()
             except OSError as e:
@@ -300,7 +386,7 @@ class Supervisor:
             if runner.started_at is not None and now - runner.started_at > limit:
                 runner.setup_timed_out = True
                 log.error("runner_setup_timed_out runner=%d limit_s=%s", runner.index, limit)
-                runner.send(signal.SIGKILL)
+                runner.send(signal.SIGKILL, group=True)
 
     # --- stopping ------------------------------------------------------------------------------
     async def stop(self, stop_grace_s: float | None = None) -> None:
@@ -311,8 +397,8 @@ class Supervisor:
             timer.cancel()
         steps: list[tuple[str, Callable[[RunnerHandle], Any], float]] = [
             ("stop_file", lambda r: r.request_stop(), grace),
-            ("sigterm", lambda r: r.send(signal.SIGTERM), grace),
-            ("sigkill", lambda r: r.send(signal.SIGKILL), 30.0),
+            ("sigterm", lambda r: r.send(signal.SIGTERM, group=True), grace),
+            ("sigkill", lambda r: r.send(signal.SIGKILL, group=True), 30.0),
         ]
         for step, act, wait_s in steps:
             alive = [r for r in self.runners if r.alive]
@@ -368,6 +454,18 @@ class Supervisor:
             return SETUP_FAILED
         return DEFUNCT
 
+    def degraded_reasons(self) -> list[str]:
+        """Why the pool serves below its configured capacity for good (empty: it does not)."""
+        reasons = []
+        for runner in self.runners:
+            if self._restarts[runner.index].given_up:
+                reasons.append(f"{runner.name} is DEFUNCT: restarts given up")
+            elif runner.state == SETUP_FAILED:
+                reasons.append(f"{runner.name} is SETUP_FAILED")
+        if self._failed_ticks:
+            reasons.append(f"supervisor pass failed {self._failed_ticks} time(s) in a row")
+        return reasons
+
     def can_ever_serve(self) -> bool:
         """False when every runner is out for good (setup failed, or restarts given up)."""
         return any(
@@ -407,6 +505,7 @@ class Supervisor:
                 "busy": len(r.slots),
                 "capacity": r.capacity,
                 "restarts": r.restarts,
+                "recycles": r.recycles,
             }
             for r in self.runners
         ]

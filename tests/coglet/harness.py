@@ -362,6 +362,10 @@ class RunnerHarness:
                 if delta is None:
                     break
                 os.unlink(path)
+                if protocol.DELTA_FILE_KEY in delta:  # a large delta, spilled to temp_dir
+                    spilled = delta[protocol.DELTA_FILE_KEY]
+                    delta = protocol.read_delta_file(spilled)
+                    os.unlink(spilled)
                 state.apply(delta)
                 epoch += 1
             self._next_epoch[prediction_id] = epoch

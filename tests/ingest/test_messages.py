@@ -8,7 +8,7 @@ from ingest import names
 from ingest.messages import Poison, after_runner_died, over_delivered, parse_request
 from ingest.port import End, end_of
 from ingest.results import MemoryResultStore
-from pool.prediction import Prediction, PredictionRequest
+from pool.prediction import EndReason, Prediction, PredictionRequest
 
 
 def parse(raw: bytes | str | None, max_bytes: int = 1000):
@@ -51,15 +51,16 @@ def test_missing_id_comes_from_the_message_id_made_safe():
 
 def test_the_end_of_a_prediction_is_read_from_its_fields_not_its_error_text():
     p = Prediction(PredictionRequest(id="a", input={}))
-    p.runner_died = True  # as the runner handle marks the predictions of a dead process
-    p.fail("runner 1 (gpu 1) died: killed by SIGKILL\nlast output:\nboom")
+    p.fail("runner 1 (gpu 1) died: killed by SIGKILL", reason=EndReason.RUNNER_DIED)
     assert end_of(p) is End.RUNTIME_LOST
+    lost = Prediction(PredictionRequest(id="e", input={}))
+    lost.fail("no runner can ever serve", reason=EndReason.NO_RUNNER)
+    assert end_of(lost) is End.RUNTIME_LOST
     q = Prediction(PredictionRequest(id="b", input={}))
     q.fail("ValueError: runner 1 died; the pool shut down (the model's own words)")
     assert end_of(q) is End.RESULT
     r = Prediction(PredictionRequest(id="c", input={}))
-    r.ended_by_shutdown = True  # as the manager marks what its drain ends
-    r.finish("canceled")
+    r.finish("canceled", reason=EndReason.SHUTDOWN)  # as the manager's drain ends it
     assert end_of(r) is End.SHUTDOWN
     user = Prediction(PredictionRequest(id="d", input={}))
     user.finish("canceled")  # a user's cancel is a result like any other
@@ -95,8 +96,8 @@ async def test_memory_store_is_bounded_in_bytes():
     [
         ('{"input": {"x": NaN}}', names.REASON_INVALID_JSON, "NaN is not valid JSON"),
         ('{"input": {"x": Infinity}}', names.REASON_INVALID_JSON, "Infinity"),
-        ('{"input": {"x": [1, -1e400]}}', names.REASON_INVALID_REQUEST, "body.input.x[1] is -inf"),
-        ('{"input": {"t": "a\\ud800b"}}', names.REASON_INVALID_REQUEST, "input.t holds a lone"),
+        ('{"input": {"x": [1, -1e400]}}', names.REASON_INVALID_REQUEST, "input.x.1: number -inf"),
+        ('{"input": {"t": "a\\ud800b"}}', names.REASON_INVALID_REQUEST, "input.t: string holds"),
         ('{"input": {}, "context": {"\\udc00": "v"}}', names.REASON_INVALID_REQUEST, "surrogate"),
     ],
 )

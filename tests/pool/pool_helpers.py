@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,10 @@ def runner_pids(manager: PoolManager) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def running_pool(
-    config: PoolConfig, *, ready: bool = True, grace_s: float = 10.0
+    config: PoolConfig, *, ready: bool = True, grace_s: float = 10.0, metrics: Any = None
 ) -> AsyncIterator[PoolManager]:
     """A started PoolManager (READY unless ``ready=False``); shut down and checked after."""
-    manager = PoolManager(config)
+    manager = PoolManager(config, metrics=metrics)
     await manager.start()
     seen: set[int] = set()
     try:
@@ -93,3 +93,53 @@ async def running_pool(
         left = [pid for pid in seen if pid_alive(pid)]
         assert not left, f"runner processes left after shutdown: {left}"
         assert not _exists(Path(manager.state_dir, "runner-0")), "runner dir left behind"
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "4m", *, nr_inodes: int | None = None) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``path`` (as Docker's /dev/shm is one, 64 MiB by default),
+    with at most ``nr_inodes`` files if given; unmounted after. The suite runs as root (CI's
+    container does too)."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"cannot mount a tmpfs at {path} (needs root): {done.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_filesystem(path: Path) -> None:
+    """Write ``path`` (a file on a small filesystem) until the filesystem is full."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+    with open(path, "ab", buffering=0) as f:  # the last partial page, byte by byte
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+
+
+def fill_inodes(directory: Path) -> None:
+    """Create empty files in ``directory`` until its filesystem has no inode left."""
+    directory.mkdir(exist_ok=True)
+    for n in range(1_000_000):
+        try:
+            (directory / f"f{n}").touch()
+        except OSError:
+            return

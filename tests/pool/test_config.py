@@ -97,6 +97,13 @@ def test_unknown_top_level_and_nested_section(tmp_path: Path) -> None:
         load(write(tmp_path / "c.yaml", "http: 5000\n"))
 
 
+def test_moved_keys_say_where_they_went(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^http\.recent_max: moved to predictions\.recent_max"):
+        load(write(tmp_path / "a.yaml", "http:\n  recent_max: 5\n"))
+    config = load(write(tmp_path / "b.yaml", "predictions:\n  recent_max: 5\n"))
+    assert config.predictions.recent_max == 5
+
+
 def test_wrong_type_in_yaml_names_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load(write(tmp_path / "pool.yaml", "http:\n  port: five\n"))
@@ -152,6 +159,8 @@ def test_unknown_override_key() -> None:
         ("queues.redis.url", "http://not-redis", "redis://"),
         ("queues.amqp.prefetch", 0, "between 1 and 65535"),
         ("runners.backoff_max_s", 0.01, ">= runners.backoff_initial_s"),
+        ("predictions.recent_max_bytes", -1, ">= 0"),
+        ("predictions.logs_max_bytes", 10, ">= 1024"),
     ],
 )
 def test_impossible_values(key: str, value: object, must: str) -> None:

@@ -80,19 +80,34 @@ async def test_idempotent_by_id_and_recent_predictions(tmp_path: Path) -> None:
         again = await submit(manager, "job-1", n=2)  # same id: the same prediction
         assert again is first
         await first.wait(30)
-        assert manager.get("job-1") is first
+        kept = manager.get("job-1")  # a slim copy of the finished record
+        assert kept is not None and kept.to_dict() == first.to_dict()
         after = await submit(manager, "job-1", n=3)  # recently finished: still the same
-        assert after is first and json.loads(first.output)["n"] == 1
+        assert after is kept and json.loads(after.output)["n"] == 1
         assert manager.get("never-seen") is None
 
 
 async def test_recent_predictions_are_bounded(tmp_path: Path) -> None:
-    config = make_config(tmp_path, http__recent_max=2)
+    config = make_config(tmp_path, predictions__recent_max=2)
     async with running_pool(config) as manager:
         done = [await submit(manager, f"r{i}") for i in range(3)]
         await asyncio.gather(*(p.wait(30) for p in done))
         assert manager.get("r0") is None
-        assert manager.get("r1") is done[1] and manager.get("r2") is done[2]
+        kept = [manager.get(f"r{i}") for i in (1, 2)]
+        assert [k.to_dict() if k else None for k in kept] == [p.to_dict() for p in done[1:]]
+
+
+async def test_recent_predictions_expire(tmp_path: Path) -> None:
+    config = make_config(tmp_path, predictions__recent_ttl_s=0.3)
+    async with running_pool(config) as manager:
+        done = await submit(manager, "old")
+        await done.wait(30)
+        assert manager.get("old") is not None
+        await wait_until(lambda: manager.get("old") is None, what="the record expired")
+        # Expired: the same id runs again.
+        again = await submit(manager, "old", n=4)
+        await again.wait(30)
+    assert again is not done and json.loads(again.output)["n"] == 4
 
 
 async def test_cancel_unknown_goes_to_forwarders_finished_does_not(tmp_path: Path) -> None:

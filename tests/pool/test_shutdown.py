@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pool_helpers import make_config, pid_alive, runner_pids, wait_until
+from pool_helpers import (
+    fill_inodes,
+    make_config,
+    pid_alive,
+    runner_pids,
+    running_pool,
+    small_tmpfs,
+    wait_until,
+)
 
 from pool.errors import ShuttingDown
 from pool.manager import PoolManager
@@ -95,3 +103,15 @@ async def test_shutdown_is_shared_and_repeatable(tmp_path: Path) -> None:
     assert not [pid for pid in pids if pid_alive(pid)]
     with pytest.raises(ShuttingDown):
         await submit(manager, n=1)
+
+
+async def test_shutdown_stops_runners_when_the_state_dir_is_full(tmp_path: Path) -> None:
+    # Steps: the state dir is a tmpfs with few inodes; they run out; the pool shuts down.
+    with small_tmpfs(tmp_path / "shm", nr_inodes=64) as shm:
+        config = make_config(tmp_path, state_dir=str(shm / "state"))
+        # Result (checked by running_pool): shutdown completes, no runner process is left;
+        # the stop file could not be created, so the runner was asked with SIGTERM instead.
+        async with running_pool(config) as manager:
+            pid = manager.runners[0]["pid"]
+            await asyncio.to_thread(fill_inodes, shm / "filler")
+        assert not pid_alive(pid)

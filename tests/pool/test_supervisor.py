@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pool_helpers import make_config, running_pool, wait_until
+from pool_helpers import make_config, pid_alive, running_pool, wait_until
 
+from pool import cli
 from pool.errors import NotReady
 from pool.manager import PoolManager
+from pool.metrics import Metrics
 from pool.prediction import Prediction, PredictionRequest
+from pool.router import Router
 
 
 async def submit(manager: PoolManager, **inputs: Any) -> Prediction:
@@ -119,7 +122,8 @@ async def test_a_run_lost_to_a_runner_death_is_rerun_when_its_id_comes_again(
         await second.wait(30)
         assert second.status == "canceled"
         # A finished run that the model itself ended is returned, never rerun.
-        assert await manager.submit(request) is second
+        again = await manager.submit(request)
+        assert again.done and again.to_dict() == second.to_dict()
 
 
 async def test_setup_failure_is_reported_and_never_restarted(tmp_path: Path) -> None:
@@ -213,3 +217,124 @@ async def test_async_runner_takes_up_to_its_concurrency(tmp_path: Path) -> None:
     outputs = [json.loads(p.output) for p in predictions]
     assert max_overlap(outputs) == 4
     assert len({o["pid"] for o in outputs}) == 1
+
+
+# --- recycling (issue 7: 11) -----------------------------------------------------------------
+async def test_a_runner_is_recycled_after_max_predictions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    metrics = Metrics()
+    config = make_config(tmp_path, runners__max_predictions=2)
+    async with running_pool(config, metrics=metrics) as manager:
+        # Steps: five predictions, one after another, on one runner that serves two at most.
+        pids = []
+        for i in range(5):
+            p = await submit(manager, n=i)
+            await p.wait(60)
+            assert p.status == "succeeded", p.error
+            pids.append(json.loads(p.output)["pid"])
+        await wait_until(lambda: runner(manager, 0)["recycles"] == 2, what="two recycles")
+        state = runner(manager, 0)
+    # Result: a fresh process every two predictions; recycles are not restarts (no backoff, no
+    # count against max_restarts); one log line and one counted metric per recycle.
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4], pids
+    assert state["restarts"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("runner_recycle ")]
+    assert len(lines) == 2 and all("reason=max_predictions" in line for line in lines), lines
+    assert 'cog_pool_runner_recycles_total{reason="max_predictions",runner="0"} 2' in (
+        metrics.render()
+    )
+
+
+async def test_a_runner_above_max_rss_mb_is_recycled_after_its_prediction(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "proc", runners__max_rss_mb=100)
+    async with running_pool(config) as manager:
+        before = runner(manager, 0)["pid"]
+        # Steps: a prediction that keeps 150 MiB for good (a leak); then another one.
+        leaky = await submit(manager, leak_mb=150)
+        await leaky.wait(60)
+        await wait_until(lambda: runner(manager, 0)["recycles"] == 1, what="a recycle")
+        after = await submit(manager)
+        await after.wait(60)
+        state = runner(manager, 0)
+    # Result: the leaky prediction finished normally; the next one ran in a fresh process.
+    assert leaky.status == "succeeded" and after.status == "succeeded", (leaky.error, after.error)
+    assert state["pid"] not in (None, before) and state["restarts"] == 0
+
+
+async def test_a_runner_whose_prediction_fails_with_memory_error_is_recycled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    config = make_config(tmp_path, "proc")
+    async with running_pool(config) as manager:
+        before = runner(manager, 0)["pid"]
+        # Steps: a prediction fails with MemoryError; then another one.
+        failed = await submit(manager, memory_error=True)
+        await failed.wait(60)
+        await wait_until(lambda: runner(manager, 0)["recycles"] == 1, what="a recycle")
+        after = await submit(manager)
+        await after.wait(60)
+        state = runner(manager, 0)
+    # Result: the first failed (MemoryError), the runner was replaced, the next one succeeded.
+    assert failed.status == "failed" and after.status == "succeeded", after.error
+    assert state["pid"] not in (None, before)
+    assert any("reason=memory_error" in r.getMessage() for r in caplog.records)
+
+
+# --- honest health (issue 7: 15) -------------------------------------------------------------
+async def test_a_runner_defunct_for_good_shows_the_pool_degraded(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__count=2, runners__max_restarts=0)
+    async with running_pool(config) as manager:
+        await wait_until(all_ready(manager), what="both runners READY")
+        healthy = manager.health()
+        # Steps: runner 0 dies with no restarts allowed: it stays DEFUNCT for good.
+        p = await submit(manager, die=True)
+        await p.wait(30)
+        await wait_until(lambda: runner(manager, 0)["status"] == "DEFUNCT", what="DEFUNCT")
+        health = manager.health()
+    # Result: Cog's status still says a slot is free (READY), and degraded says why not all.
+    assert healthy["degraded"] is False and healthy["degraded_reasons"] == []
+    assert health["status"] == "READY"
+    assert health["degraded"] is True
+    assert health["degraded_reasons"] == ["runner 0 (cpu) is DEFUNCT: restarts given up"]
+
+
+async def test_a_supervisor_pass_that_keeps_failing_makes_serve_exit_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    config = make_config(tmp_path, http__port=0, runners__max_failed_ticks=3)
+
+    def broken_dispatch(self: Router) -> None:
+        raise RuntimeError("dispatch is broken")
+
+    # Steps: every supervisor pass fails (the router's dispatch raises), as a wedged pool's would.
+    monkeypatch.setattr(Router, "dispatch", broken_dispatch)
+    code = await asyncio.wait_for(cli.serve(config), 120)
+    # Result: after three failing passes in a row the pool shut down and exits non-zero, so an
+    # orchestrator restarts it; no runner is left behind.
+    assert code == cli.EXIT_SUPERVISOR_FAILED
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("supervisor_failed consecutive_failed_ticks=3") for m in messages)
+    spawned = [int(m.split("pid=")[1]) for m in messages if m.startswith("runner_spawned ")]
+    assert spawned and not any(pid_alive(pid) for pid in spawned)
+
+
+async def test_a_recycle_costs_only_the_recycled_runners_capacity(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__count=2, runners__max_predictions=1)
+    async with running_pool(config) as manager:
+        await wait_until(all_ready(manager), what="both runners READY")
+        # Steps: one prediction; its runner has then served its one and is recycled.
+        p = await submit(manager, n=1)
+        await p.wait(30)
+        used, other = p.runner_index, 1 - (p.runner_index or 0)
+        await wait_until(lambda: runner(manager, used)["recycles"] == 1, what="a recycle")
+        # Result: while it drains and restarts, the other runner is READY and serves at once.
+        assert runner(manager, other)["status"] == "READY"
+        assert manager.free_slots() >= 1
+        q = await submit(manager, n=2)
+        await q.wait(30)
+        assert q.status == "succeeded" and q.runner_index == other
+        await wait_until(all_ready(manager), what="the recycled runner back")
