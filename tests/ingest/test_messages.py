@@ -94,8 +94,9 @@ async def test_memory_store_is_bounded_in_bytes():
 @pytest.mark.parametrize(
     ("raw", "reason", "detail"),
     [
-        ('{"input": {"x": NaN}}', names.REASON_INVALID_JSON, "NaN is not valid JSON"),
-        ('{"input": {"x": Infinity}}', names.REASON_INVALID_JSON, "Infinity"),
+        ('{"input": {"x": NaN}}', names.REASON_INVALID_REQUEST, "input.x: number nan is not"),
+        ('{"input": {"x": Infinity}}', names.REASON_INVALID_REQUEST, "input.x: number inf is not"),
+        ('{"input": {}, "extra": [NaN]}', names.REASON_INVALID_REQUEST, "body.extra[0] is nan"),
         ('{"input": {"x": [1, -1e400]}}', names.REASON_INVALID_REQUEST, "input.x.1: number -inf"),
         ('{"input": {"t": "a\\ud800b"}}', names.REASON_INVALID_REQUEST, "input.t: string holds"),
         ('{"input": {}, "context": {"\\udc00": "v"}}', names.REASON_INVALID_REQUEST, "surrogate"),
