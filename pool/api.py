@@ -28,6 +28,7 @@ from aiohttp import web
 from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.jsonstream import is_large, json_pieces
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
 from pool.prediction import (
@@ -272,48 +273,39 @@ def _bad_json(message: str) -> web.HTTPBadRequest:
 async def _prediction_response(
     request: web.Request, prediction: Prediction, *, status: int = 200
 ) -> web.StreamResponse:
-    """The prediction as JSON; a large finished one is serialised in a worker thread and
-    sent a slice at a time.
+    """The prediction as JSON; a large finished one is streamed out a piece at a time.
 
-    ``json.dumps`` of a 100 MB output (a data: URI, a long text) held the event loop for
-    hundreds of milliseconds, and one ``transport.write`` of the whole body cost seconds more:
-    asyncio (3.11) keeps the unsent rest in one bytearray and moves it down after every send.
+    ``json.dumps`` of a 100 MB output (a data: URI, a long text) was one C call holding the
+    GIL for hundreds of milliseconds (the loop and ``/health-check`` stalled even from a
+    worker thread), and the text plus its bytes were two more whole copies of the output.
+    :func:`pool.jsonstream.json_pieces` writes the same JSON text a slice at a time, and
+    each ``write`` waits for the drain, so at most about one slice is held beyond the output.
     """
     body = prediction.to_dict()
-    # Only a finished prediction is left alone by the loop while a thread reads it.
-    if not prediction.done or not _larger_than(body, PARSE_INLINE_MAX_BYTES):
+    # Only a finished prediction is left alone by the loop while it is written out.
+    if not prediction.done or not is_large(body, STREAM_RESPONSE_MIN_CHARS):
         return web.json_response(body, status=status)
-    data = await asyncio.to_thread(lambda: json.dumps(body).encode())
     response = web.StreamResponse(status=status)
     response.content_type = "application/json"
-    response.content_length = len(data)
+    response.enable_chunked_encoding()
     await response.prepare(request)
-    view = memoryview(data)
-    for start in range(0, len(data), _WRITE_CHUNK_BYTES):
-        await response.write(view[start : start + _WRITE_CHUNK_BYTES])  # waits for the drain
+    pending: list[str] = []
+    pending_chars = 0
+    for piece in json_pieces(body):
+        pending.append(piece)
+        pending_chars += len(piece)
+        if pending_chars >= _WRITE_CHUNK_CHARS:
+            await response.write("".join(pending).encode())  # waits for the drain
+            pending, pending_chars = [], 0
+    if pending:
+        await response.write("".join(pending).encode())
     await response.write_eof()
     return response
 
 
-_WRITE_CHUNK_BYTES = 1 << 20
-
-
-def _larger_than(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
-    """Whether ``value``'s strings add up to more than ``limit`` characters (a bounded look)."""
-    total = 0
-    stack = [value]
-    while stack and max_nodes > 0:
-        max_nodes -= 1
-        item = stack.pop()
-        if isinstance(item, str):
-            total += len(item)
-            if total > limit:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return bool(stack)  # too many nodes to look at: large enough
+STREAM_RESPONSE_MIN_CHARS = 1 << 20
+"""A finished prediction whose strings add up to more than this is streamed out."""
+_WRITE_CHUNK_CHARS = 1 << 20
 
 
 # --- routes ----------------------------------------------------------------------------------

@@ -523,19 +523,17 @@ async def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch: pytest.Mo
     assert threads[0] != loop_thread and threads[1] == loop_thread
 
 
-async def test_large_finished_predictions_are_serialised_off_the_event_loop(
+async def test_large_finished_predictions_are_streamed_a_slice_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import threading
-
     import pool.api
+    import pool.jsonstream
 
-    threads: list[int] = []
+    dumped: list[Any] = []  # what each json.dumps call was given
     dumps = json.dumps
 
     def recording(value: Any, *args: Any, **kwargs: Any) -> str:
-        if isinstance(value, dict) and "output" in value:
-            threads.append(threading.get_ident())
+        dumped.append(value)
         return dumps(value, *args, **kwargs)
 
     monkeypatch.setattr(pool.api.json, "dumps", recording)
@@ -543,17 +541,21 @@ async def test_large_finished_predictions_are_serialised_off_the_event_loop(
     try:
         async with aiohttp.ClientSession() as session:
             api = Api(server, session, fake)
-            fake_text = "y" * (2 * pool.api.PARSE_INLINE_MAX_BYTES)
+            fake_text = 'y"\u00e9\n' * pool.api.STREAM_RESPONSE_MIN_CHARS  # 4 slices' worth
             # A finished prediction with a large output, then a small one.
             prediction = Prediction(PredictionRequest.from_body({"id": "big", "input": {}}))
             prediction.mark_started(0)
-            prediction.apply_delta({"status": "succeeded", "output": fake_text})
+            prediction.apply_delta({"status": "succeeded", "output": [fake_text, 1]})
             fake.predictions["big"] = prediction
-            status, body, _ = await api.call("GET", "/predictions/big")
-            assert status == 200 and body["output"] == fake_text
+            async with session.get(api.url("/predictions/big")) as resp:
+                assert resp.status == 200
+                assert resp.headers.get("Transfer-Encoding") == "chunked"
+                body = json.loads(await resp.read())
+            assert body == json.loads(dumps(prediction.to_dict()))
             status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "s"}})
             assert status == 200 and body["output"] == "hello s"
     finally:
         await server.close()
-    loop_thread = threading.get_ident()
-    assert threads[0] != loop_thread  # the large one, in a worker thread
+    # Neither the whole prediction nor its whole output went through one json.dumps call.
+    assert not any(isinstance(v, dict) and v.get("id") == "big" for v in dumped)
+    assert not any(isinstance(v, str) and len(v) > pool.jsonstream.SLICE_CHARS for v in dumped)

@@ -206,7 +206,7 @@ async def test_sync_prediction_schema_health_and_metrics(tmp_path: Path) -> None
         assert 'cog_pool_runners{state="READY"} 1.0' in lines
         assert "cog_pool_predict_seconds_count 1.0" in lines
         assert 'cog_pool_runner_predictions_total{runner="0"} 1.0' in lines
-        rss = [x for x in lines if x.startswith('cog_pool_runner_resident_memory_bytes{')]
+        rss = [x for x in lines if x.startswith("cog_pool_runner_resident_memory_bytes{")]
         assert rss and rss[0].startswith('cog_pool_runner_resident_memory_bytes{gpu="",runner="0"')
         assert float(rss[0].split()[-1]) > 1_000_000  # a Python process is megabytes
         assert any(x.startswith("process_resident_memory_bytes ") for x in lines)
@@ -487,3 +487,36 @@ async def wait_until_ready(api: Api) -> None:
             return
         assert time.monotonic() < deadline, f"not READY in time: {body}"
         await asyncio.sleep(0.05)
+
+
+async def test_large_outputs_stream_out_as_the_exact_json(tmp_path: Path) -> None:
+    """Strings and files of 3 MiB come back chunked (streamed a slice at a time) and equal."""
+    sys.path.insert(0, str(MODELS / "large"))
+    try:
+        from predict import text  # the model's own generator: the expected value
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("predict", None)
+    size_kb = 3072
+    blob = bytes(range(256)) * ((size_kb << 10) // 256 + 1)
+    file_uri = "data:text/plain;base64," + base64.b64encode(blob).decode()
+    expected = {
+        "string": text(size_kb, "s"),
+        "file": file_uri,
+        "nested": {
+            "big": text(size_kb, "n"),
+            "parts": [text(size_kb, "p"), "small", 1, 2.5, None, True, {"k": text(8, "k")}],
+            "file": file_uri,
+        },
+    }
+    async with serving(tmp_path, model="large") as api:
+        for kind, output in expected.items():
+            async with api.session.post(
+                api.url("/predictions"), json={"input": {"kind": kind, "size_kb": size_kb}}
+            ) as resp:
+                raw = await resp.read()
+                assert resp.status == 200, raw[:500]
+                assert resp.headers.get("Transfer-Encoding") == "chunked", kind  # streamed
+            body = json.loads(raw)
+            assert body["status"] == "succeeded", body.get("error")
+            assert body["output"] == output, kind
