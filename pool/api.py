@@ -287,7 +287,7 @@ async def _prediction_response(
         return web.json_response(body, status=status)
     response = web.StreamResponse(status=status)
     response.content_type = "application/json"
-    response.enable_chunked_encoding()
+    # No length: aiohttp sends it chunked (HTTP/1.1), or to the connection close (HTTP/1.0).
     await response.prepare(request)
     pending: list[str] = []
     pending_chars = 0

@@ -552,6 +552,14 @@ async def test_large_finished_predictions_are_streamed_a_slice_at_a_time(
                 assert resp.headers.get("Transfer-Encoding") == "chunked"
                 body = json.loads(await resp.read())
             assert body == json.loads(dumps(prediction.to_dict()))
+            # An HTTP/1.0 client (no chunked encoding) gets the body up to the connection close.
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /predictions/big HTTP/1.0\r\nHost: x\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            head, _, payload = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+            assert json.loads(payload) == json.loads(dumps(prediction.to_dict()))
             status, body, _ = await api.call("POST", "/predictions", json={"input": {"text": "s"}})
             assert status == 200 and body["output"] == "hello s"
     finally:
