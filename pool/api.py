@@ -295,8 +295,9 @@ async def _prediction_response(
         pending.append(piece)
         pending_chars += len(piece)
         if pending_chars >= _WRITE_CHUNK_CHARS:
-            await response.write("".join(pending).encode())  # waits for the drain
+            await response.write("".join(pending).encode())  # waits for the drain, if any
             pending, pending_chars = [], 0
+            await asyncio.sleep(0)  # a fast reader never makes write wait: yield regardless
     if pending:
         await response.write("".join(pending).encode())
     await response.write_eof()

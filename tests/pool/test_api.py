@@ -567,3 +567,46 @@ async def test_large_finished_predictions_are_streamed_a_slice_at_a_time(
     # Neither the whole prediction nor its whole output went through one json.dumps call.
     assert not any(isinstance(v, dict) and v.get("id") == "big" for v in dumped)
     assert not any(isinstance(v, str) and len(v) > pool.jsonstream.SLICE_CHARS for v in dumped)
+
+
+async def test_a_streamed_response_yields_to_the_loop_between_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fast reader never makes ``write`` wait for the drain; the loop still gets each turn."""
+    import pool.api
+
+    ticks = 0
+    seen: list[int] = []  # the ticker's count at each piece the stream produced
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    real_pieces = pool.api.json_pieces
+
+    def recording(value: Any) -> Any:
+        for piece in real_pieces(value):
+            seen.append(ticks)
+            yield piece
+
+    monkeypatch.setattr(pool.api, "json_pieces", recording)
+    server, fake = await _serve()
+    tick_task = asyncio.create_task(ticker())
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session, fake)
+            slices = 6
+            prediction = Prediction(PredictionRequest.from_body({"id": "big", "input": {}}))
+            prediction.mark_started(0)
+            output = "z" * (slices * pool.api.STREAM_RESPONSE_MIN_CHARS)
+            prediction.apply_delta({"status": "succeeded", "output": output})
+            fake.predictions["big"] = prediction
+            status, body, _ = await api.call("GET", "/predictions/big")
+            assert status == 200 and body["output"] == output
+    finally:
+        tick_task.cancel()
+        await server.close()
+    # The ticker ran between the slices: at least once per ~1 MiB written.
+    assert len(set(seen)) >= slices
