@@ -1,5 +1,8 @@
 """The ``cog-pool`` command: ``serve`` a model, or print the effective ``config``.
 
+``cog-pool reload`` and ``cog-pool scale +1|-1`` ask a running pool to replace its runners
+or add/remove one (``pool/control.py``).
+
 ``cog-pool serve [MODEL_DIR]`` loads the configuration (defaults < ``--config`` YAML <
 ``COG_POOL_*`` environment < flags), starts the runners, serves the HTTP API and the queue
 consumers that are configured, and on SIGTERM, SIGINT or ``POST /shutdown`` drains (DESIGN §7)
@@ -63,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show a running pool's runners and queue consumers", add_help=False
     )
     sub.add_parser(
+        "reload",
+        help="replace a running pool's runners one at a time (new code and weights)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "scale", help="add (+1) or drain away (-1) one runner of a running pool", add_help=False
+    )
+    sub.add_parser(
         "submit",
         help="push one prediction to a Redis stream or AMQP queue and print its result",
         add_help=False,
@@ -92,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.submit import submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] in (["reload"], ["scale"]):
+        from pool.control import control_main
+
+        return control_main(argv[0], argv[1:])
     if argv[:1] == ["status"]:
         from pool.status import status_main
 

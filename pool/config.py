@@ -99,6 +99,7 @@ class RunnersConfig:
     max_predictions: int | None = None  # None: no recycle by count
     max_rss_mb: float | None = None  # None: no recycle by memory
     max_failed_ticks: int = 10  # consecutive failing supervisor ticks, then exit non-zero
+    max_runners: int | None = None  # run-time scaling bound; None: twice the configured runners
 
 
 @dataclass(frozen=True)
@@ -462,6 +463,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("runners.max_predictions", lambda v: v >= 1, ">= 1"),
     ("runners.max_rss_mb", lambda v: v > 0, "> 0"),
     ("runners.max_failed_ticks", lambda v: v >= 1, ">= 1"),
+    ("runners.max_runners", lambda v: v >= 1, ">= 1"),
     ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
     ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),

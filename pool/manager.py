@@ -78,6 +78,7 @@ class PoolManager:
         self._router = Router(config.http, self._supervisor.runners, config.predictions)
         self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._health_sources["reload"] = self._supervisor.reload_info  # reload and scaling
         self._cancel_forwarders: list[CancelForwarder] = []
         self._cleanups: set[asyncio.Task[None]] = set()  # input dirs being removed, off the loop
         self._secrets: tuple[dict[str, Any] | None, frozenset[str]] = (None, frozenset())
@@ -247,6 +248,14 @@ class PoolManager:
             await self._router.wait_for_free_slot()
             if self._shutting_down:
                 raise ShuttingDown("the pool is shutting down")
+
+    def request_reload(self) -> None:
+        """Replace the runners one at a time (a fresh one READY before an old one drains)."""
+        self._supervisor.request_reload()
+
+    def request_scale(self, delta: int) -> None:
+        """Add (> 0) or drain away (< 0) runners, within 1 and runners.max_runners."""
+        self._supervisor.request_scale(delta)
 
     def add_health_source(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         self._health_sources[name] = fn
