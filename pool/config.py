@@ -642,6 +642,7 @@ def load_config(
     _check_rules(flat, sources)
     if flat.get("runners.gpus") == ("auto",):
         flat["runners.gpus"] = detect_gpus(env)
+    _check_max_runners(flat)
     flat["model.path"] = _model_dir(flat.get("model.path"))
     model_dir = flat["model.path"]
     if not os.path.isdir(model_dir):
@@ -662,6 +663,22 @@ def load_config(
     if flat.get("http.auth_token_file") is not None:
         flat["http.auth_token"] = _token_from_file(flat)
     return typing.cast(PoolConfig, _build(PoolConfig, flat))
+
+
+def _check_max_runners(flat: dict[str, Any]) -> None:
+    most = flat.get("runners.max_runners")
+    if most is None:
+        return
+    gpus = flat.get("runners.gpus")
+    if gpus:
+        configured = len(gpus) * flat.get("runners.per_gpu", RunnersConfig.per_gpu)
+    else:
+        configured = flat.get("runners.count", RunnersConfig.count)
+    if most < configured:
+        raise ConfigError(
+            "runners.max_runners",
+            f"must be >= the configured runners ({configured}), got {most}",
+        )
 
 
 def _token_from_file(flat: dict[str, Any]) -> str:

@@ -233,7 +233,7 @@ class Supervisor:
         self._restarts = {r.index: _Restarts() for r in self.runners}
         self._next_index = len(self.runners)
         configured = len(self.runners)
-        self.max_runners = max(configured, config.runners.max_runners or 2 * configured)
+        self.max_runners = config.runners.max_runners or 2 * configured
         self._retiring: set[int] = set()  # indices drained away for good: removed on exit
         self._reload = _Reload()
         self._reload_requested = False
@@ -275,7 +275,9 @@ class Supervisor:
 
     def request_scale(self, delta: int) -> None:
         """Record a scaling request (signal handlers call this); the loop acts on it."""
-        self._scale_pending += delta
+        # Bounded: no more can be added or removed than max_runners, however many signals.
+        most = self.max_runners
+        self._scale_pending = max(-most, min(most, self._scale_pending + delta))
         self.wake()
 
     def request_reload(self) -> None:

@@ -381,3 +381,20 @@ async def test_cog_pool_reload_finds_a_pool_by_pid_and_refuses_a_missing_one(
     assert code == 5 and "no live pool holds state dir" in out, out
     code, out = await cog_pool("scale", "+1", "--pid", "999999999")
     assert code == 5 and "no state dir of pool pid 999999999" in out, out
+
+
+async def test_a_reload_keeps_each_runner_on_its_gpu(tmp_path: Path) -> None:
+    model = model_copy(tmp_path)
+    config = make_config(tmp_path, runners__gpus=["0", "1"], **{"model.path": str(model)})
+    async with served(config) as (manager, _):
+        old_pids = {r["pid"] for r in manager.health()["runners"]}
+        assert gpu_counts(manager) == {"0": 1, "1": 1}
+        # Steps: a reload. Result: two fresh processes, one per GPU, as before.
+        edit_model(model, version="v2")
+        code, out = await cog_pool("reload", "--state-dir", config.state_dir or "")
+        assert code == 0, out
+        await wait_until(
+            lambda: reload_state(manager) == "succeeded", timeout_s=DEADLINE_S, what="reload"
+        )
+        assert not old_pids & {r["pid"] for r in manager.health()["runners"]}
+        assert gpu_counts(manager) == {"0": 1, "1": 1}
