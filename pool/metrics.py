@@ -176,6 +176,14 @@ class Metrics:
         key = (runner_index, reason)
         self._recycles[key] = self._recycles.get(key, 0) + 1
 
+    def runner_removed(self, runner_index: int) -> None:
+        """A runner left the pool for good (reload, scale-down): its series go too, so that
+        reloads do not grow the exposition without bound (indices are never reused)."""
+        self._runner_predictions.pop(runner_index, None)
+        self._restarts.pop(runner_index, None)
+        for key in [k for k in self._recycles if k[0] == runner_index]:
+            del self._recycles[key]
+
     def webhook_failed(self) -> None:
         """A webhook was given up on after its last attempt."""
         self._webhook_failures += 1

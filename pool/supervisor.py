@@ -66,6 +66,8 @@ class RunnerMetrics(Protocol):
 
     def runner_recycled(self, runner_index: int, reason: str) -> None: ...
 
+    def runner_removed(self, runner_index: int) -> None: ...
+
 
 # Operator -> pool (gunicorn's convention). SIGHUP is also the runners' "rescan" hint in the
 # file+signal protocol and carries no sender, so a bare SIGHUP cannot mean "reload": a reload
@@ -641,6 +643,8 @@ class Supervisor:
             self.runners.remove(runner)  # in place: the router holds this list
         runner.close()
         shutil.rmtree(runner.working_dir, ignore_errors=True)  # a few small files
+        if self._metrics is not None:
+            self._metrics.runner_removed(runner.index)
         log.info("runner_removed runner=%d runners=%d", runner.index, len(self.runners))
         self.wake()
 

@@ -31,6 +31,7 @@ from pool_helpers import MODELS, PROJECT, make_config, pid_alive, wait_until
 from pool.api import create_app
 from pool.config import PoolConfig
 from pool.manager import PoolManager
+from pool.metrics import Metrics
 from pool.server import start_http
 
 DEADLINE_S = 120.0
@@ -98,9 +99,11 @@ class Load:
 
 
 @contextlib.asynccontextmanager
-async def served(config: PoolConfig) -> AsyncIterator[tuple[PoolManager, str]]:
+async def served(
+    config: PoolConfig, metrics: Metrics | None = None
+) -> AsyncIterator[tuple[PoolManager, str]]:
     """A started pool behind a real HTTP server on a free port; shut down and checked after."""
-    manager = PoolManager(config)
+    manager = PoolManager(config, metrics=metrics)
     app = create_app(config, manager, manage_lifecycle=False)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -383,10 +386,17 @@ async def test_cog_pool_reload_finds_a_pool_by_pid_and_refuses_a_missing_one(
     assert code == 5 and "no state dir of pool pid 999999999" in out, out
 
 
-async def test_a_reload_keeps_each_runner_on_its_gpu(tmp_path: Path) -> None:
+async def test_a_reload_keeps_each_runner_on_its_gpu_and_drops_the_old_series(
+    tmp_path: Path,
+) -> None:
     model = model_copy(tmp_path)
     config = make_config(tmp_path, runners__gpus=["0", "1"], **{"model.path": str(model)})
-    async with served(config) as (manager, _):
+    metrics = Metrics()
+    async with served(config, metrics) as (manager, base), aiohttp.ClientSession() as session:
+        for _ in range(4):
+            async with session.post(base + "/predictions", json={"input": {}}) as r:
+                assert r.status == 200
+        assert 'cog_pool_runner_predictions_total{runner="0"}' in metrics.render()
         old_pids = {r["pid"] for r in manager.health()["runners"]}
         assert gpu_counts(manager) == {"0": 1, "1": 1}
         # Steps: a reload. Result: two fresh processes, one per GPU, as before.
@@ -398,3 +408,6 @@ async def test_a_reload_keeps_each_runner_on_its_gpu(tmp_path: Path) -> None:
         )
         assert not old_pids & {r["pid"] for r in manager.health()["runners"]}
         assert gpu_counts(manager) == {"0": 1, "1": 1}
+        # Result: the removed runners' series are gone (runner indices are never reused).
+        text = metrics.render()
+        assert 'runner="0"' not in text and 'runner="1"' not in text
