@@ -76,6 +76,7 @@ RELOAD_SIGNAL = signal.SIGHUP
 SCALE_UP_SIGNAL = signal.SIGTTIN
 SCALE_DOWN_SIGNAL = signal.SIGTTOU
 RELOAD_REQUEST_FILE = "reload-request"  # in the state dir; never a prediction id or runner dir
+REQUEST_CHECK_INTERVAL_S = 0.1
 
 # Why a runner is drained away for good (logged as runner_retire reason=...).
 RETIRE_RELOAD = "reload"
@@ -240,6 +241,7 @@ class Supervisor:
         self._reload = _Reload()
         self._reload_requested = False
         self._scale_pending = 0  # runners to add (> 0) or remove (< 0), as asked
+        self._requests_checked_at = float("-inf")  # monotonic, of the last request file check
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -479,6 +481,12 @@ class Supervisor:
 
     def take_requests(self) -> None:
         """A reload request file in the state dir (``cog-pool reload``) asks for a reload."""
+        # One failed unlink costs ~3 us, and a busy pool ticks several times per prediction:
+        # looked for at most every REQUEST_CHECK_INTERVAL_S (the safety rescan bounds the rest).
+        now = time.monotonic()
+        if now - self._requests_checked_at < REQUEST_CHECK_INTERVAL_S:
+            return
+        self._requests_checked_at = now
         try:
             os.unlink(os.path.join(self.state_dir, RELOAD_REQUEST_FILE))
         except FileNotFoundError:
