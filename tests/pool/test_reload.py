@@ -411,3 +411,51 @@ async def test_a_reload_keeps_each_runner_on_its_gpu_and_drops_the_old_series(
         # Result: the removed runners' series are gone (runner indices are never reused).
         text = metrics.render()
         assert 'runner="0"' not in text and 'runner="1"' not in text
+
+
+async def test_a_reload_held_in_setup_keeps_serving_and_a_shutdown_stops_every_runner(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "setup-gate"
+    gate.touch()
+    config = make_config(tmp_path, "gated", runners__env={"SETUP_GATE_FILE": str(gate)})
+    async with served(config) as (manager, base), aiohttp.ClientSession() as session:
+        old = manager.health()["runners"][0]
+        # Steps: fresh runners' setup is held (the gate is gone); a reload is asked.
+        gate.unlink()
+        manager.request_reload()
+        await wait_until(lambda: len(manager.health()["runners"]) == 2, what="a fresh runner")
+        # Result: the reload waits for the fresh runner; the old one keeps serving, ready.
+        health = manager.health()
+        assert health["reload"]["state"] == "running"
+        assert [r["status"] for r in health["runners"]] == ["READY", "STARTING"]
+        async with session.post(base + "/predictions", json={"input": {"text": "x"}}) as r:
+            assert (await r.json())["output"] == "hello x"
+        async with session.get(base + "/health/ready") as r:
+            assert r.status == 200
+        assert manager.health()["runners"][0]["pid"] == old["pid"]
+    # Result (served's exit): the shutdown stopped both, the one still in setup too.
+
+
+async def test_a_reload_whose_fresh_runner_outlasts_setup_timeout_is_aborted(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "setup-gate"
+    gate.touch()
+    config = make_config(
+        tmp_path,
+        "gated",
+        runners__env={"SETUP_GATE_FILE": str(gate)},
+        runners__setup_timeout_s=1.0,
+    )
+    async with served(config) as (manager, _):
+        old_pid = manager.health()["runners"][0]["pid"]
+        gate.unlink()
+        manager.request_reload()
+        await wait_until(
+            lambda: reload_state(manager) == "failed", timeout_s=DEADLINE_S, what="reload failed"
+        )
+        health = manager.health()
+        assert "setup timed out after 1.0s" in health["reload"]["error"], health["reload"]
+        assert [r["pid"] for r in health["runners"]] == [old_pid]
+        assert health["status"] == "READY" and health["degraded"] is False
