@@ -459,3 +459,24 @@ async def test_a_reload_whose_fresh_runner_outlasts_setup_timeout_is_aborted(
         assert "setup timed out after 1.0s" in health["reload"]["error"], health["reload"]
         assert [r["pid"] for r in health["runners"]] == [old_pid]
         assert health["status"] == "READY" and health["degraded"] is False
+
+
+async def test_scaling_down_removes_a_runner_still_in_setup_first(tmp_path: Path) -> None:
+    gate = tmp_path / "setup-gate"
+    gate.touch()
+    config = make_config(tmp_path, "gated", runners__env={"SETUP_GATE_FILE": str(gate)})
+    async with served(config) as (manager, base), aiohttp.ClientSession() as session:
+        old_pid = manager.health()["runners"][0]["pid"]
+        # Steps: a runner is added while setups are held; then one runner less is asked.
+        gate.unlink()
+        manager.request_scale(1)
+        await wait_until(lambda: len(manager.health()["runners"]) == 2, what="a second runner")
+        starting_pid = manager.health()["runners"][1]["pid"]
+        manager.request_scale(-1)
+        # Result: the one still in setup goes (SIGTERM: it may not handle SIGHUP yet); the
+        # serving one stays and serves.
+        await wait_until(lambda: len(manager.health()["runners"]) == 1, what="back to one")
+        assert manager.health()["runners"][0]["pid"] == old_pid
+        await wait_until(lambda: not pid_alive(starting_pid), what="the starting runner gone")
+        async with session.post(base + "/predictions", json={"input": {"text": "y"}}) as r:
+            assert (await r.json())["output"] == "hello y"
