@@ -117,6 +117,9 @@ def control_main(command: str, argv: Sequence[str]) -> int:
         args = _parser(command).parse_args(list(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.pid is None and args.state_dir is None:
+        print(f"cog-pool {command}: give --pid PID or --state-dir DIR", file=sys.stderr)
+        return EXIT_USAGE
     try:
         pid, state_dir = find_pool(pid=args.pid, state_dir=args.state_dir)
         if command == "reload":

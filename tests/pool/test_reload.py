@@ -384,6 +384,11 @@ async def test_cog_pool_reload_finds_a_pool_by_pid_and_refuses_a_missing_one(
     assert code == 5 and "no live pool holds state dir" in out, out
     code, out = await cog_pool("scale", "+1", "--pid", "999999999")
     assert code == 5 and "no state dir of pool pid 999999999" in out, out
+    # Neither given, or a change other than one runner: usage errors (exit 2).
+    code, out = await cog_pool("reload")
+    assert code == 2 and "give --pid PID or --state-dir DIR" in out, out
+    code, out = await cog_pool("scale", "+2", "--pid", "1")
+    assert code == 2 and "invalid choice: '+2'" in out, out
 
 
 async def test_a_reload_keeps_each_runner_on_its_gpu_and_drops_the_old_series(
