@@ -239,6 +239,7 @@ class Supervisor:
         self.max_runners = config.runners.max_runners or 2 * configured
         self._retiring: set[int] = set()  # indices drained away for good: removed on exit
         self._reload = _Reload()
+        self._reloads_begun = 0
         self._reload_requested = False
         self._scale_pending = 0  # runners to add (> 0) or remove (< 0), as asked
         self._requests_checked_at = float("-inf")  # monotonic, of the last request file check
@@ -528,6 +529,7 @@ class Supervisor:
 
     def _begin_reload(self) -> None:
         old = [r.index for r in self.runners if r.index not in self._retiring]
+        self._reloads_begun += 1
         self._reload = _Reload(state=RELOAD_RUNNING, total=len(old), old=old, started_at=utc_now())
         log.info("reload_begin runners=%s", ",".join(str(i) for i in old))
 
@@ -814,6 +816,7 @@ class Supervisor:
         return {
             "state": r.state,
             "error": r.error,
+            "count": self._reloads_begun,
             "replaced": r.replaced,
             "total": r.total,
             "started_at": _iso(r.started_at) if r.started_at else None,

@@ -250,11 +250,13 @@ async def test_a_reload_whose_new_runner_fails_setup_is_aborted_and_old_runners_
         load.start(session)
         # Steps: a broken model (setup raises) is deployed; a reload is asked.
         edit_model(model, version="broken", setup_fails=True)
-        code, out = await cog_pool("reload", "--state-dir", config.state_dir or "")
-        assert code == 0, out
-        await wait_until(
-            lambda: reload_state(manager) == "failed", timeout_s=DEADLINE_S, what="reload failed"
+        code, out = await cog_pool(
+            "reload", "--state-dir", config.state_dir or "", "--wait", base, "--wait-s", "60"
         )
+        # Result (of the command, which follows /health-check): exit 6 with the setup error.
+        assert code == 6 and "reload aborted after 0 of 2 runners" in out, out
+        assert "broken model broken" in out, out
+        assert reload_state(manager) == "failed"
         done_at = len(load.results)
         await wait_until(lambda: len(load.results) >= done_at + 10, what="load after abort")
         await load.finish()
@@ -270,11 +272,10 @@ async def test_a_reload_whose_new_runner_fails_setup_is_aborted_and_old_runners_
         assert any(r.getMessage().startswith("reload_failed ") for r in caplog.records)
         # Steps: the model is fixed; a second reload is asked. Result: it succeeds.
         edit_model(model, version="v3")
-        code, out = await cog_pool("reload", "--state-dir", config.state_dir or "")
-        assert code == 0, out
-        await wait_until(
-            lambda: reload_state(manager) == "succeeded", timeout_s=DEADLINE_S, what="reload"
-        )
+        code, out = await cog_pool("reload", "--state-dir", config.state_dir or "", "--wait", base)
+        assert code == 0 and "reload succeeded" in out, out
+        assert reload_state(manager) == "succeeded"
+        assert manager.health()["reload"]["count"] == 2
         async with session.post(base + "/predictions", json={"input": {}}) as r:
             assert json.loads((await r.json())["output"])["version"] == "v3"
 
