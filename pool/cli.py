@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pool.config import PoolConfig, load_config
@@ -128,13 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(config.log_level, config.logging.format, sys.stderr)
     try:
-        return asyncio.run(serve(config))
+        # A reload reads the configuration again for cog.yaml; GPUs found by `auto` are kept
+        # (no nvidia-smi run on the event loop).
+        overrides = {**_overrides(args), "runners.gpus": config.runners.gpus or args.gpus}
+        return asyncio.run(
+            serve(
+                config,
+                config_loader=lambda: load_config(config_path, env=os.environ, overrides=overrides),
+            )
+        )
     except StateDirBusy as e:
         print(f"cog-pool: {e}", file=sys.stderr)
         return EXIT_STATE_DIR_BUSY
 
 
-async def serve(config: PoolConfig) -> int:
+async def serve(
+    config: PoolConfig, *, config_loader: Callable[[], PoolConfig] | None = None
+) -> int:
     """Serve until SIGTERM, SIGINT or ``POST /shutdown``; then drain and return 0."""
     from aiohttp import log as web_log
     from aiohttp import web
@@ -149,7 +159,7 @@ async def serve(config: PoolConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
-    manager = PoolManager(config, metrics=metrics)
+    manager = PoolManager(config, metrics=metrics, config_loader=config_loader)
     app = create_app(config, manager, metrics=metrics)
     # aiohttp's access line repeats prediction_finished and costs ~40 µs a request: debug only.
     access_log = web_log.access_logger if config.log_level == "debug" else None

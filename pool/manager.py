@@ -51,7 +51,13 @@ OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger: checked and encoded in a th
 class PoolManager:
     """Runs a pool of runners for one model and routes predictions to them."""
 
-    def __init__(self, config: PoolConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        metrics: Metrics | None = None,
+        config_loader: Callable[[], PoolConfig] | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self._own_state_dir = config.state_dir is None
@@ -74,6 +80,7 @@ class PoolManager:
             on_tick=self._on_tick,
             metrics=metrics,
             temp_root=self._files_dir,
+            config_loader=config_loader,  # a reload reads cog.yaml again
         )
         self._router = Router(config.http, self._supervisor.runners, config.predictions)
         self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -186,6 +187,7 @@ class _Reload:
     retiring: int | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    config: PoolConfig | None = None  # for the fresh runners: cog.yaml as read at the start
 
 
 @dataclass
@@ -212,8 +214,13 @@ class Supervisor:
         on_tick: Callable[[], None],
         metrics: RunnerMetrics | None = None,
         temp_root: str | None = None,
+        config_loader: Callable[[], PoolConfig] | None = None,
     ) -> None:
         self.config = config
+        # Loads the configuration again (cog.yaml included) when a reload begins; without it
+        # fresh runners get the configuration the pool started with.
+        self._config_loader = config_loader
+        self._runner_config = config  # what fresh runners (reload, scale-up) are made from
         self.state_dir = state_dir
         self.stopping = False
         self._closing = False
@@ -517,13 +524,15 @@ class Supervisor:
         while r.old and self._by_index(r.old[0]) is None:
             r.old.pop(0)  # gone meanwhile (it cannot be: scaling waits; kept safe)
         if not r.old:
+            if r.config is not None:
+                self._runner_config = r.config  # later scale-ups start what the reload did
             r.state = RELOAD_SUCCEEDED
             r.completed_at = utc_now()
             log.info("reload_succeeded replaced=%d", r.replaced)
             return
         old = self._by_index(r.old[0])
         assert old is not None
-        new = self._add_runner(old.gpu)  # the same GPU: placement is kept
+        new = self._add_runner(old.gpu, r.config)  # the same GPU: placement is kept
         r.new = new.index
         log.info("reload_step runner=%d replaces=%d gpu=%s", new.index, old.index, old.gpu)
 
@@ -532,6 +541,33 @@ class Supervisor:
         self._reloads_begun += 1
         self._reload = _Reload(state=RELOAD_RUNNING, total=len(old), old=old, started_at=utc_now())
         log.info("reload_begin runners=%s", ",".join(str(i) for i in old))
+        try:
+            self._reload.config = self._reloaded_config()
+        except Exception as e:  # a bad cog.yaml or pool YAML: no runner is touched
+            self._end_reload_failed(self._reload, f"configuration: {e}")
+
+    def _reloaded_config(self) -> PoolConfig:
+        """The configuration for fresh runners: what cog.yaml says now (``predict``/``run``,
+        ``train``, ``concurrency.max``, ``environment``); everything else stays as started."""
+        if self._config_loader is None:
+            return self._runner_config
+        new = self._config_loader()
+        old = self._runner_config
+        model = dataclasses.replace(old.model, predict=new.model.predict, train=new.model.train)
+        runners = dataclasses.replace(
+            old.runners, max_concurrency=new.runners.max_concurrency, env=new.runners.env
+        )
+        return dataclasses.replace(old, model=model, runners=runners)
+
+    def _end_reload_failed(self, r: _Reload, error: str) -> None:
+        r.state = RELOAD_FAILED
+        r.error = f"reload aborted after {r.replaced} of {r.total} runners: {error}"
+        r.new = None
+        r.old = []
+        r.completed_at = utc_now()
+        log.error(
+            "reload_failed replaced=%d total=%d error=%s", r.replaced, r.total, json.dumps(error)
+        )
 
     def _reload_check_new(self, r: _Reload) -> None:
         new = self._by_index(r.new) if r.new is not None else None
@@ -552,14 +588,7 @@ class Supervisor:
             result = new.setup_result or {}
             error = str(result.get("error") or f"{new.name} could not start")
             self._retire(new, RETIRE_RELOAD_ABORTED)
-        r.state = RELOAD_FAILED
-        r.error = f"reload aborted after {r.replaced} of {r.total} runners: {error}"
-        r.new = None
-        r.old = []
-        r.completed_at = utc_now()
-        log.error(
-            "reload_failed replaced=%d total=%d error=%s", r.replaced, r.total, json.dumps(error)
-        )
+        self._end_reload_failed(r, error)
 
     def scale(self) -> None:
         """Add or drain away runners as SIGTTIN/SIGTTOU asked (after a running reload)."""
@@ -605,12 +634,12 @@ class Supervisor:
         load = collections.Counter(r.gpu for r in serving)
         return min(serving, key=lambda r: (-load[r.gpu], r.accepting, len(r.slots), -r.index))
 
-    def _add_runner(self, gpu: str | None) -> RunnerHandle:
+    def _add_runner(self, gpu: str | None, config: PoolConfig | None = None) -> RunnerHandle:
         """A fresh runner (a new index, working dir and process), spawned now."""
         runner = RunnerHandle(
             self._next_index,
             gpu,
-            self.config,
+            config or self._runner_config,
             self.state_dir,
             wake=self.wake,
             temp_root=self._temp_root,

@@ -18,7 +18,7 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +100,12 @@ class Load:
 
 @contextlib.asynccontextmanager
 async def served(
-    config: PoolConfig, metrics: Metrics | None = None
+    config: PoolConfig,
+    metrics: Metrics | None = None,
+    config_loader: Callable[[], PoolConfig] | None = None,
 ) -> AsyncIterator[tuple[PoolManager, str]]:
     """A started pool behind a real HTTP server on a free port; shut down and checked after."""
-    manager = PoolManager(config, metrics=metrics)
+    manager = PoolManager(config, metrics=metrics, config_loader=config_loader)
     app = create_app(config, manager, manage_lifecycle=False)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -486,3 +488,34 @@ async def test_scaling_down_removes_a_runner_still_in_setup_first(tmp_path: Path
         await wait_until(lambda: not pid_alive(starting_pid), what="the starting runner gone")
         async with session.post(base + "/predictions", json={"input": {"text": "y"}}) as r:
             assert (await r.json())["output"] == "hello y"
+
+
+async def test_a_reload_reads_cog_yaml_again_and_a_bad_one_aborts_it(tmp_path: Path) -> None:
+    model = model_copy(tmp_path)
+    (model / "other.py").write_text(
+        (model / "predict.py").read_text().replace('VERSION = "v1"', 'VERSION = "other"')
+    )
+
+    def load() -> PoolConfig:
+        return make_config(tmp_path, runners__count=2, **{"model.path": str(model)})
+
+    async with (
+        served(load(), config_loader=load) as (manager, base),
+        aiohttp.ClientSession() as session,
+    ):
+        old_pids = {r["pid"] for r in manager.health()["runners"]}
+        # Steps: cog.yaml names a predictor that does not parse; a reload is asked.
+        (model / "cog.yaml").write_text('predict: "nonsense"\n')
+        manager.request_reload()
+        await wait_until(lambda: reload_state(manager) == "failed", what="reload failed")
+        # Result: aborted before any runner was touched, with the configuration error.
+        error = manager.health()["reload"]["error"]
+        assert error.startswith("reload aborted after 0 of 2 runners: configuration: "), error
+        assert "cog.yaml" in error, error
+        assert {r["pid"] for r in manager.health()["runners"]} == old_pids
+        # Steps: cog.yaml names another predictor file; a reload. Result: it answers.
+        (model / "cog.yaml").write_text('predict: "other.py:Predictor"\n')
+        manager.request_reload()
+        await wait_until(lambda: reload_state(manager) == "succeeded", what="reload")
+        async with session.post(base + "/predictions", json={"input": {}}) as r:
+            assert json.loads((await r.json())["output"])["version"] == "other"
