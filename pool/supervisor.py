@@ -69,6 +69,8 @@ class RunnerMetrics(Protocol):
 
     def runner_removed(self, runner_index: int) -> None: ...
 
+    def reload_ended(self, result: str) -> None: ...
+
 
 # Operator -> pool (gunicorn's convention). SIGHUP is also the runners' "rescan" hint in the
 # file+signal protocol and carries no sender, so a bare SIGHUP cannot mean "reload": a reload
@@ -529,6 +531,8 @@ class Supervisor:
             r.state = RELOAD_SUCCEEDED
             r.completed_at = utc_now()
             log.info("reload_succeeded replaced=%d", r.replaced)
+            if self._metrics is not None:
+                self._metrics.reload_ended(RELOAD_SUCCEEDED)
             return
         old = self._by_index(r.old[0])
         assert old is not None
@@ -568,6 +572,8 @@ class Supervisor:
         log.error(
             "reload_failed replaced=%d total=%d error=%s", r.replaced, r.total, json.dumps(error)
         )
+        if self._metrics is not None:
+            self._metrics.reload_ended(RELOAD_FAILED)
 
     def _reload_check_new(self, r: _Reload) -> None:
         new = self._by_index(r.new) if r.new is not None else None

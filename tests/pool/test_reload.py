@@ -247,7 +247,8 @@ async def test_a_reload_whose_new_runner_fails_setup_is_aborted_and_old_runners_
     caplog.set_level(logging.INFO, logger="pool")
     model = model_copy(tmp_path)
     config = make_config(tmp_path, runners__count=2, **{"model.path": str(model)})
-    async with served(config) as (manager, base), aiohttp.ClientSession() as session:
+    metrics = Metrics()
+    async with served(config, metrics) as (manager, base), aiohttp.ClientSession() as session:
         old_pids = {r["pid"] for r in manager.health()["runners"]}
         load = Load(base, clients=2)
         load.start(session)
@@ -279,6 +280,9 @@ async def test_a_reload_whose_new_runner_fails_setup_is_aborted_and_old_runners_
         assert code == 0 and "reload succeeded" in out, out
         assert reload_state(manager) == "succeeded"
         assert manager.health()["reload"]["count"] == 2
+        text = metrics.render()
+        assert 'cog_pool_reloads_total{result="failed"} 1.0' in text, text
+        assert 'cog_pool_reloads_total{result="succeeded"} 1.0' in text
         async with session.post(base + "/predictions", json={"input": {}}) as r:
             assert json.loads((await r.json())["output"])["version"] == "v3"
 
