@@ -269,7 +269,8 @@ class RedisBatch:
     def __init__(self, args: argparse.Namespace, key: str) -> None:
         self.url = args.redis_url
         self.stream = args.stream
-        self.reply = f"{args.stream}:batch:{key}"
+        # Under the pools' default reply_to prefix (queues.redis.reply_to_prefix).
+        self.reply = f"{names.default_reply_prefix(args.stream)}batch:{key}"
         self.dead = names.dead_stream_name(args.stream, args.dead_stream)
         self.ttl_ms = int(args.reply_ttl_s * 1000)
         self.retry_s = args.retry_s
