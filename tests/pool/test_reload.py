@@ -151,7 +151,7 @@ async def cog_pool(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "pool",
+        "cogpool",
         *args,
         cwd=PROJECT,
         stdout=asyncio.subprocess.PIPE,
