@@ -1,5 +1,8 @@
 """The ``cog-pool`` command: ``serve`` a model, or print the effective ``config``.
 
+``cog-pool reload`` and ``cog-pool scale +1|-1`` ask a running pool to replace its runners
+or add/remove one (``pool/control.py``).
+
 ``cog-pool serve [MODEL_DIR]`` loads the configuration (defaults < ``--config`` YAML <
 ``COG_POOL_*`` environment < flags), starts the runners, serves the HTTP API and the queue
 consumers that are configured, and on SIGTERM, SIGINT or ``POST /shutdown`` drains (DESIGN §7)
@@ -17,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pool.config import PoolConfig, load_config
@@ -64,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show a running pool's runners and queue consumers", add_help=False
     )
     sub.add_parser(
+        "reload",
+        help="replace a running pool's runners one at a time (new code and weights)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "scale", help="add (+1) or drain away (-1) one runner of a running pool", add_help=False
+    )
+    sub.add_parser(
         "submit",
         help="push one prediction to a Redis stream or AMQP queue and print its result",
         add_help=False,
@@ -93,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.submit import submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] in (["reload"], ["scale"]):
+        from pool.control import control_main
+
+        return control_main(argv[0], argv[1:])
     if argv[:1] == ["status"]:
         from pool.status import status_main
 
@@ -114,13 +129,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(config.log_level, config.logging.format, sys.stderr)
     try:
-        return asyncio.run(serve(config))
+        # A reload reads the configuration again for cog.yaml; GPUs found by `auto` are kept
+        # (no nvidia-smi run on the event loop).
+        overrides = {**_overrides(args), "runners.gpus": config.runners.gpus or args.gpus}
+        return asyncio.run(
+            serve(
+                config,
+                config_loader=lambda: load_config(config_path, env=os.environ, overrides=overrides),
+            )
+        )
     except StateDirBusy as e:
         print(f"cog-pool: {e}", file=sys.stderr)
         return EXIT_STATE_DIR_BUSY
 
 
-async def serve(config: PoolConfig) -> int:
+async def serve(
+    config: PoolConfig, *, config_loader: Callable[[], PoolConfig] | None = None
+) -> int:
     """Serve until SIGTERM, SIGINT or ``POST /shutdown``; then drain and return 0."""
     from aiohttp import log as web_log
     from aiohttp import web
@@ -134,7 +159,7 @@ async def serve(config: PoolConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
-    manager = PoolManager(config, metrics=metrics)
+    manager = PoolManager(config, metrics=metrics, config_loader=config_loader)
     app = create_app(config, manager, metrics=metrics)
     # aiohttp's access line repeats prediction_finished and costs ~40 µs a request: debug only.
     access_log = web_log.access_logger if config.log_level == "debug" else None

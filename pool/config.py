@@ -99,6 +99,7 @@ class RunnersConfig:
     max_predictions: int | None = None  # None: no recycle by count
     max_rss_mb: float | None = None  # None: no recycle by memory
     max_failed_ticks: int = 10  # consecutive failing supervisor ticks, then exit non-zero
+    max_runners: int | None = None  # run-time scaling bound; None: twice the configured runners
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("runners.max_predictions", lambda v: v >= 1, ">= 1"),
     ("runners.max_rss_mb", lambda v: v > 0, "> 0"),
     ("runners.max_failed_ticks", lambda v: v >= 1, ">= 1"),
+    ("runners.max_runners", lambda v: v >= 1, ">= 1"),
     ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
     ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),
@@ -654,6 +656,7 @@ def load_config(
     _check_rules(flat, sources)
     if flat.get("runners.gpus") == ("auto",):
         flat["runners.gpus"] = detect_gpus(env)
+    _check_max_runners(flat)
     flat["model.path"] = _model_dir(flat.get("model.path"))
     model_dir = flat["model.path"]
     if not os.path.isdir(model_dir):
@@ -674,6 +677,22 @@ def load_config(
     if flat.get("http.auth_token_file") is not None:
         flat["http.auth_token"] = _token_from_file(flat)
     return typing.cast(PoolConfig, _build(PoolConfig, flat))
+
+
+def _check_max_runners(flat: dict[str, Any]) -> None:
+    most = flat.get("runners.max_runners")
+    if most is None:
+        return
+    gpus = flat.get("runners.gpus")
+    if gpus:
+        configured = len(gpus) * flat.get("runners.per_gpu", RunnersConfig.per_gpu)
+    else:
+        configured = flat.get("runners.count", RunnersConfig.count)
+    if most < configured:
+        raise ConfigError(
+            "runners.max_runners",
+            f"must be >= the configured runners ({configured}), got {most}",
+        )
 
 
 def _token_from_file(flat: dict[str, Any]) -> str:

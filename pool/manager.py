@@ -51,7 +51,13 @@ OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger: checked and encoded in a th
 class PoolManager:
     """Runs a pool of runners for one model and routes predictions to them."""
 
-    def __init__(self, config: PoolConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        metrics: Metrics | None = None,
+        config_loader: Callable[[], PoolConfig] | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self._own_state_dir = config.state_dir is None
@@ -74,10 +80,12 @@ class PoolManager:
             on_tick=self._on_tick,
             metrics=metrics,
             temp_root=self._files_dir,
+            config_loader=config_loader,  # a reload reads cog.yaml again
         )
         self._router = Router(config.http, self._supervisor.runners, config.predictions)
         self._webhooks = WebhookSender(config.webhooks, network=config.network, metrics=metrics)
         self._health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._health_sources["reload"] = self._supervisor.reload_info  # reload and scaling
         self._cancel_forwarders: list[CancelForwarder] = []
         self._cleanups: set[asyncio.Task[None]] = set()  # input dirs being removed, off the loop
         self._secrets: tuple[dict[str, Any] | None, frozenset[str]] = (None, frozenset())
@@ -247,6 +255,14 @@ class PoolManager:
             await self._router.wait_for_free_slot()
             if self._shutting_down:
                 raise ShuttingDown("the pool is shutting down")
+
+    def request_reload(self) -> None:
+        """Replace the runners one at a time (a fresh one READY before an old one drains)."""
+        self._supervisor.request_reload()
+
+    def request_scale(self, delta: int) -> None:
+        """Add (> 0) or drain away (< 0) runners, within 1 and runners.max_runners."""
+        self._supervisor.request_scale(delta)
 
     def add_health_source(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         self._health_sources[name] = fn

@@ -133,6 +133,7 @@ class Metrics:
         self._predict_time = _Histogram(buckets_s)
         self._restarts: dict[int, int] = {}
         self._recycles: dict[tuple[int, str], int] = {}
+        self._reloads: dict[str, int] = {}  # by result: succeeded, failed
         self._webhook_failures = 0
         self._collectors: list[Collector] = []
         self.runners = RunnerProcessCollector()
@@ -175,6 +176,18 @@ class Metrics:
     def runner_recycled(self, runner_index: int, reason: str) -> None:
         key = (runner_index, reason)
         self._recycles[key] = self._recycles.get(key, 0) + 1
+
+    def runner_removed(self, runner_index: int) -> None:
+        """A runner left the pool for good (reload, scale-down): its series go too, so that
+        reloads do not grow the exposition without bound (indices are never reused)."""
+        self._runner_predictions.pop(runner_index, None)
+        self._restarts.pop(runner_index, None)
+        for key in [k for k in self._recycles if k[0] == runner_index]:
+            del self._recycles[key]
+
+    def reload_ended(self, result: str) -> None:
+        """A reload ended: ``succeeded`` or ``failed`` (aborted)."""
+        self._reloads[result] = self._reloads.get(result, 0) + 1
 
     def webhook_failed(self) -> None:
         """A webhook was given up on after its last attempt."""
@@ -229,6 +242,12 @@ class Metrics:
         for (index, reason), count in sorted(self._recycles.items()):
             recycles.add_metric([reason, str(index)], count)
         yield recycles
+        reloads = CounterMetricFamily(
+            "cog_pool_reloads", "Reloads ended, by result (succeeded, failed).", labels=["result"]
+        )
+        for result, count in sorted(self._reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
         yield CounterMetricFamily(
             "cog_pool_webhook_failures",
             "Webhooks given up on after retries.",

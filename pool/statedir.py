@@ -31,6 +31,7 @@ __all__ = [
     "StateDirLock",
     "default_state_dir",
     "files_dir_path",
+    "locked_by_someone",
     "sweep_bases",
     "sweep_dead_pools",
 ]
@@ -130,7 +131,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _locked_by_someone(path: str) -> bool:
+def locked_by_someone(path: str) -> bool:
     """True when ``<path>/.pool.lock`` exists and another open file holds its flock."""
     lock = os.path.join(path, LOCK_FILE)
     try:
@@ -167,7 +168,7 @@ def sweep_dead_pools(bases: Iterable[str] | None = None) -> list[str]:
             path = os.path.join(base, name)
             if pid == me or _pid_alive(pid) or not os.path.isdir(path) or os.path.islink(path):
                 continue
-            if _locked_by_someone(path):
+            if locked_by_someone(path):
                 continue
             with contextlib.suppress(OSError):
                 shutil.rmtree(path)

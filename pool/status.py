@@ -56,11 +56,11 @@ class PoolStatus:
 
     @property
     def consumers(self) -> dict[str, dict[str, Any]]:
-        """Queue consumers: the health body's members that carry a ``state``."""
+        """Queue consumers: the health body's members that carry a ``state`` (not ``reload``)."""
         return {
             name: value
             for name, value in self.health.items()
-            if isinstance(value, dict) and "state" in value
+            if isinstance(value, dict) and "state" in value and name != "reload"
         }
 
 
@@ -126,15 +126,22 @@ def render(status: PoolStatus, url: str) -> str:
         f"pool {url}  status {h.get('status')}  "
         f"busy {_cell(concurrency.get('current'))}/{_cell(concurrency.get('max'))}"
         + ("  (shutting down)" if h.get("shutting_down") else ""),
-        "",
     ]
+    reload = h.get("reload")
+    if isinstance(reload, dict) and reload.get("state") not in (None, "idle"):
+        line = f"reload {reload.get('state')} ({_cell(reload.get('replaced'))}/"
+        line += f"{_cell(reload.get('total'))} replaced)"
+        if reload.get("error"):
+            line += f": {reload['error']}"
+        out.append(line)
+    out.append("")
     rows = []
     for r in h.get("runners") or []:
         key = str(r.get("index"))
         rows.append(
             [
                 key,
-                _cell(r.get("status")),
+                "DRAINING" if r.get("draining") else _cell(r.get("status")),
                 "cpu" if r.get("gpu") is None else str(r["gpu"]),
                 _cell(r.get("pid")),
                 f"{_cell(r.get('busy'))}/{_cell(r.get('capacity'))}",

@@ -1,26 +1,40 @@
-"""Runner supervision: spawn, reap, scan, restart, stop.
+"""Runner supervision: spawn, reap, scan, reload, scale, restart, stop.
 
 One loop task owns every runner handle. It wakes on a runner signal (SIGUSR1/SIGUSR2/SIGHUP),
-on a child exit (its pidfd turns readable), on a freed slot, or after the safety rescan
-(``SAFETY_RESCAN_S``); each wake runs the same short list of verbs: reap, scan, restart,
-check setup timeouts, then the ``on_tick`` callback (the router dispatches there).
+on a child exit (its pidfd turns readable), on a freed slot, on an operator's request
+(SIGTTIN/SIGTTOU, a reload request file plus SIGHUP), or after the safety rescan
+(``SAFETY_RESCAN_S``); each wake runs the same short list of verbs: reap, scan, take requests,
+recycle, reload, scale, restart, check setup timeouts, then the ``on_tick`` callback (the
+router dispatches there).
+
+Runners at run time: a reload replaces the runners one at a time (a fresh runner reaches READY
+before an old one drains and stops); scaling adds a runner on the least-loaded GPU or drains
+one away. A runner that is drained away for good is *retired*: once its process has exited
+its handle leaves ``runners`` (the router's list too: the same list object). Runner indices
+are never reused, so a fresh runner has a fresh working dir and its own metrics series.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import json
 import logging
+import os
 import random
+import shutil
 import signal
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from coglet import protocol
 from pool.config import PoolConfig
+from pool.prediction import utc_now
 from pool.runner import (
     BUSY,
     DEFUNCT,
@@ -32,7 +46,15 @@ from pool.runner import (
     describe_exit,
 )
 
-__all__ = ["RunnerMetrics", "Supervisor", "runner_gpus"]
+__all__ = [
+    "RELOAD_REQUEST_FILE",
+    "RELOAD_SIGNAL",
+    "SCALE_DOWN_SIGNAL",
+    "SCALE_UP_SIGNAL",
+    "RunnerMetrics",
+    "Supervisor",
+    "runner_gpus",
+]
 
 log = logging.getLogger("pool.supervisor")
 
@@ -45,6 +67,30 @@ class RunnerMetrics(Protocol):
 
     def runner_recycled(self, runner_index: int, reason: str) -> None: ...
 
+    def runner_removed(self, runner_index: int) -> None: ...
+
+    def reload_ended(self, result: str) -> None: ...
+
+
+# Operator -> pool (gunicorn's convention). SIGHUP is also the runners' "rescan" hint in the
+# file+signal protocol and carries no sender, so a bare SIGHUP cannot mean "reload": a reload
+# is asked by the RELOAD_REQUEST_FILE in the state dir, then SIGHUP (`cog-pool reload`).
+RELOAD_SIGNAL = signal.SIGHUP
+SCALE_UP_SIGNAL = signal.SIGTTIN
+SCALE_DOWN_SIGNAL = signal.SIGTTOU
+RELOAD_REQUEST_FILE = "reload-request"  # in the state dir; never a prediction id or runner dir
+REQUEST_CHECK_INTERVAL_S = 0.1
+
+# Why a runner is drained away for good (logged as runner_retire reason=...).
+RETIRE_RELOAD = "reload"
+RETIRE_SCALE_DOWN = "scale_down"
+RETIRE_RELOAD_ABORTED = "reload_aborted"
+
+# A reload's states, as /health-check shows them.
+RELOAD_IDLE = "idle"
+RELOAD_RUNNING = "running"
+RELOAD_SUCCEEDED = "succeeded"
+RELOAD_FAILED = "failed"
 
 # A recycle's reasons, as logged and counted.
 RECYCLE_MAX_PREDICTIONS = "max_predictions"
@@ -96,6 +142,56 @@ def _remove_waker(wake: Callable[[], None]) -> None:
         del _wakers[loop]
 
 
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+# Operator signals fan out the same way (one handler per signal and loop, every pool acts).
+_handlers: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[signal.Signals, set[Callable[[], None]]]
+] = weakref.WeakKeyDictionary()
+
+
+def _add_handler(sig: signal.Signals, fn: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    by_signal = _handlers.setdefault(loop, {})
+    fns = by_signal.get(sig)
+    if fns is None:
+        fns = by_signal[sig] = set()
+        loop.add_signal_handler(sig, _fan_out, fns)
+    fns.add(fn)
+
+
+def _remove_handler(sig: signal.Signals, fn: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    fns = _handlers.get(loop, {}).get(sig)
+    if fns is None:
+        return
+    fns.discard(fn)
+    if not fns:
+        # SIGTTIN/SIGTTOU's default action stops the process: ignore them, do not restore it.
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+        del _handlers[loop][sig]
+
+
+@dataclass
+class _Reload:
+    """One reload's progress: ``old`` runners still to replace, each by a fresh runner
+    (``new``) that must be READY before the old one (``retiring``) drains."""
+
+    state: str = RELOAD_IDLE
+    error: str | None = None
+    total: int = 0
+    replaced: int = 0
+    old: list[int] = field(default_factory=list)
+    new: int | None = None
+    retiring: int | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    config: PoolConfig | None = None  # for the fresh runners: cog.yaml as read at the start
+
+
 @dataclass
 class _Restarts:
     """One runner's restart bookkeeping."""
@@ -120,8 +216,13 @@ class Supervisor:
         on_tick: Callable[[], None],
         metrics: RunnerMetrics | None = None,
         temp_root: str | None = None,
+        config_loader: Callable[[], PoolConfig] | None = None,
     ) -> None:
         self.config = config
+        # Loads the configuration again (cog.yaml included) when a reload begins; without it
+        # fresh runners get the configuration the pool started with.
+        self._config_loader = config_loader
+        self._runner_config = config  # what fresh runners (reload, scale-up) are made from
         self.state_dir = state_dir
         self.stopping = False
         self._closing = False
@@ -136,17 +237,29 @@ class Supervisor:
         self.failed = asyncio.Event()
         # time.monotonic() of the loop's last pass; /health/live reads it (None: not started).
         self.last_tick_at: float | None = None
+        self._temp_root = temp_root
         self.runners = [
             RunnerHandle(i, gpu, config, state_dir, wake=self.wake, temp_root=temp_root)
             for i, gpu in enumerate(runner_gpus(config))
         ]
         self._restarts = {r.index: _Restarts() for r in self.runners}
+        self._next_index = len(self.runners)
+        configured = len(self.runners)
+        self.max_runners = config.runners.max_runners or 2 * configured
+        self._retiring: set[int] = set()  # indices drained away for good: removed on exit
+        self._reload = _Reload()
+        self._reloads_begun = 0
+        self._reload_requested = False
+        self._scale_pending = 0  # runners to add (> 0) or remove (< 0), as asked
+        self._requests_checked_at = float("-inf")  # monotonic, of the last request file check
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Install the wake handlers, then spawn every runner (they set up in parallel)."""
         # Before any spawn: an unhandled SIGHUP/SIGUSR1 from a runner would kill the pool.
         _add_waker(self.handle_signal)
+        _add_handler(SCALE_UP_SIGNAL, self.handle_ttin)
+        _add_handler(SCALE_DOWN_SIGNAL, self.handle_ttou)
         for runner in self.runners:
             runner.spawn()
         self.last_tick_at = time.monotonic()
@@ -165,6 +278,26 @@ class Supervisor:
         if self._closing:
             return
         self._tick_and_settle()
+
+    def handle_ttin(self) -> None:
+        """SIGTTIN: add one runner (on the least-loaded GPU), up to runners.max_runners."""
+        self.request_scale(1)
+
+    def handle_ttou(self) -> None:
+        """SIGTTOU: drain one runner away, never the last one."""
+        self.request_scale(-1)
+
+    def request_scale(self, delta: int) -> None:
+        """Record a scaling request (signal handlers call this); the loop acts on it."""
+        # Bounded: no more can be added or removed than max_runners, however many signals.
+        most = self.max_runners
+        self._scale_pending = max(-most, min(most, self._scale_pending + delta))
+        self.wake()
+
+    def request_reload(self) -> None:
+        """Record a reload request; the loop replaces the runners one at a time."""
+        self._reload_requested = True
+        self.wake()
 
     async def _run(self) -> None:
         # The safety rescan is a timer that sets the same event as a wake does: cheaper on
@@ -199,11 +332,14 @@ class Supervisor:
         self._event.clear()
 
     def tick(self) -> None:
-        """One pass: reap, scan, recycle, restart, time out setups, then let the router
-        dispatch."""
+        """One pass: reap, scan, take requests, recycle, reload, scale, restart, time out
+        setups, then let the router dispatch."""
         self.reap()
         self.scan()
+        self.take_requests()
         self.recycle()
+        self.reload()
+        self.scale()
         self.restart_due()
         self.check_setup_timeouts()
         self._on_tick()
@@ -211,7 +347,7 @@ class Supervisor:
     # --- verbs ---------------------------------------------------------------------------------
     def reap(self) -> None:
         """Collect exited children and decide their fate."""
-        for runner in self.runners:
+        for runner in list(self.runners):  # a retired runner leaves the list here
             code = runner.reap()
             if code is not None:
                 self.handle_exit(runner, code)
@@ -253,7 +389,9 @@ class Supervisor:
             was,
             len(failed),
         )
-        if self.stopping:
+        if runner.index in self._retiring:
+            self._remove(runner)
+        elif self.stopping:
             runner.mark(DEFUNCT)
         elif runner.draining is not None and code == protocol.EXIT_OK:
             # A recycle, not a death: back at once, no backoff, no count against max_restarts.
@@ -351,6 +489,216 @@ class Supervisor:
                 return RECYCLE_MAX_RSS
         return None
 
+    def take_requests(self) -> None:
+        """A reload request file in the state dir (``cog-pool reload``) asks for a reload."""
+        # One failed unlink costs ~3 us, and a busy pool ticks several times per prediction:
+        # looked for at most every REQUEST_CHECK_INTERVAL_S (the safety rescan bounds the rest).
+        now = time.monotonic()
+        if now - self._requests_checked_at < REQUEST_CHECK_INTERVAL_S:
+            return
+        self._requests_checked_at = now
+        try:
+            os.unlink(os.path.join(self.state_dir, RELOAD_REQUEST_FILE))
+        except FileNotFoundError:
+            return
+        except OSError as e:  # unreadable state dir: say so, keep serving
+            log.error("reload_request_unreadable error=%r", e)
+            return
+        log.info("reload_requested source=file")
+        self._reload_requested = True
+
+    def reload(self) -> None:
+        """Advance a reload by one step: a fresh runner starts; once it is READY one old
+        runner drains and stops; once that one is gone, the next fresh runner starts."""
+        if self._reload_requested and self._reload.state != RELOAD_RUNNING and not self.stopping:
+            self._reload_requested = False
+            self._begin_reload()
+        r = self._reload
+        if r.state != RELOAD_RUNNING or self.stopping:
+            return
+        if r.retiring is not None:
+            if self._by_index(r.retiring) is not None:
+                return  # capacity may drop by one runner only: the next waits for its exit
+            r.retiring = None
+        if r.new is not None:
+            self._reload_check_new(r)
+            return
+        while r.old and self._by_index(r.old[0]) is None:
+            r.old.pop(0)  # gone meanwhile (it cannot be: scaling waits; kept safe)
+        if not r.old:
+            if r.config is not None:
+                self._runner_config = r.config  # later scale-ups start what the reload did
+            r.state = RELOAD_SUCCEEDED
+            r.completed_at = utc_now()
+            log.info("reload_succeeded replaced=%d", r.replaced)
+            if self._metrics is not None:
+                self._metrics.reload_ended(RELOAD_SUCCEEDED)
+            return
+        old = self._by_index(r.old[0])
+        assert old is not None
+        new = self._add_runner(old.gpu, r.config)  # the same GPU: placement is kept
+        r.new = new.index
+        log.info("reload_step runner=%d replaces=%d gpu=%s", new.index, old.index, old.gpu)
+
+    def _begin_reload(self) -> None:
+        old = [r.index for r in self.runners if r.index not in self._retiring]
+        self._reloads_begun += 1
+        self._reload = _Reload(state=RELOAD_RUNNING, total=len(old), old=old, started_at=utc_now())
+        log.info("reload_begin runners=%s", ",".join(str(i) for i in old))
+        try:
+            self._reload.config = self._reloaded_config()
+        except Exception as e:  # a bad cog.yaml or pool YAML: no runner is touched
+            self._end_reload_failed(self._reload, f"configuration: {e}")
+
+    def _reloaded_config(self) -> PoolConfig:
+        """The configuration for fresh runners: what cog.yaml says now (``predict``/``run``,
+        ``train``, ``concurrency.max``, ``environment``); everything else stays as started."""
+        if self._config_loader is None:
+            return self._runner_config
+        new = self._config_loader()
+        old = self._runner_config
+        model = dataclasses.replace(old.model, predict=new.model.predict, train=new.model.train)
+        runners = dataclasses.replace(
+            old.runners, max_concurrency=new.runners.max_concurrency, env=new.runners.env
+        )
+        return dataclasses.replace(old, model=model, runners=runners)
+
+    def _end_reload_failed(self, r: _Reload, error: str) -> None:
+        r.state = RELOAD_FAILED
+        r.error = f"reload aborted after {r.replaced} of {r.total} runners: {error}"
+        r.new = None
+        r.old = []
+        r.completed_at = utc_now()
+        log.error(
+            "reload_failed replaced=%d total=%d error=%s", r.replaced, r.total, json.dumps(error)
+        )
+        if self._metrics is not None:
+            self._metrics.reload_ended(RELOAD_FAILED)
+
+    def _reload_check_new(self, r: _Reload) -> None:
+        new = self._by_index(r.new) if r.new is not None else None
+        if new is not None and new.accepting:
+            old = self._by_index(r.old.pop(0))
+            r.new = None
+            r.replaced += 1
+            if old is not None:
+                self._retire(old, RETIRE_RELOAD)
+                r.retiring = old.index if self._by_index(old.index) is not None else None
+            return
+        book = self._restarts.get(r.new) if r.new is not None else None
+        failed = new is None or new.state == SETUP_FAILED or (book is not None and book.given_up)
+        if not failed:
+            return  # still setting up (runners.setup_timeout_s bounds it when set)
+        error = "the fresh runner is gone"
+        if new is not None:
+            result = new.setup_result or {}
+            error = str(result.get("error") or f"{new.name} could not start")
+            self._retire(new, RETIRE_RELOAD_ABORTED)
+        self._end_reload_failed(r, error)
+
+    def scale(self) -> None:
+        """Add or drain away runners as SIGTTIN/SIGTTOU asked (after a running reload)."""
+        if self._scale_pending == 0 or self.stopping or self._reload.state == RELOAD_RUNNING:
+            return
+        serving = [r for r in self.runners if r.index not in self._retiring]
+        while self._scale_pending > 0:
+            self._scale_pending -= 1
+            if len(serving) >= self.max_runners:
+                log.warning(
+                    "scale_refused direction=up runners=%d max_runners=%d",
+                    len(serving),
+                    self.max_runners,
+                )
+                continue
+            new = self._add_runner(self._least_loaded_gpu(serving))
+            serving.append(new)
+            log.info("scale_up runner=%d gpu=%s runners=%d", new.index, new.gpu, len(serving))
+        while self._scale_pending < 0:
+            self._scale_pending += 1
+            if len(serving) <= 1:
+                log.warning("scale_refused direction=down runners=%d min_runners=1", len(serving))
+                continue
+            victim = self._scale_down_choice(serving)
+            serving.remove(victim)
+            self._retire(victim, RETIRE_SCALE_DOWN)
+            log.info(
+                "scale_down runner=%d gpu=%s runners=%d", victim.index, victim.gpu, len(serving)
+            )
+
+    def _least_loaded_gpu(self, serving: list[RunnerHandle]) -> str | None:
+        """The placement rule: the configured GPU with the fewest runners (the first listed
+        on a tie); None for CPU-only pools."""
+        gpus = self.config.runners.gpus
+        if not gpus:
+            return None
+        load = collections.Counter(r.gpu for r in serving)
+        return min(gpus, key=lambda gpu: (load[gpu], gpus.index(gpu)))
+
+    def _scale_down_choice(self, serving: list[RunnerHandle]) -> RunnerHandle:
+        """From the most loaded GPU: a runner that serves nothing yet, else the least busy,
+        else the newest."""
+        load = collections.Counter(r.gpu for r in serving)
+        return min(serving, key=lambda r: (-load[r.gpu], r.accepting, len(r.slots), -r.index))
+
+    def _add_runner(self, gpu: str | None, config: PoolConfig | None = None) -> RunnerHandle:
+        """A fresh runner (a new index, working dir and process), spawned now."""
+        runner = RunnerHandle(
+            self._next_index,
+            gpu,
+            config or self._runner_config,
+            self.state_dir,
+            wake=self.wake,
+            temp_root=self._temp_root,
+        )
+        self._next_index += 1
+        self.runners.append(runner)
+        self._restarts[runner.index] = _Restarts()
+        try:
+            runner.spawn()
+        except OSError as e:
+            log.error("runner_spawn_failed runner=%d error=%s", runner.index, e)
+            self._schedule_restart(runner)
+        return runner
+
+    def _retire(self, runner: RunnerHandle, reason: str) -> None:
+        """Drain ``runner`` away for good: no new work; stopped once its slots are empty (see
+        recycle()); removed once its process is gone."""
+        self._retiring.add(runner.index)
+        self._restarts[runner.index].due_at = None  # a pending restart is off
+        log.info(
+            "runner_retire runner=%d pid=%s reason=%s in_flight=%d",
+            runner.index,
+            runner.pid,
+            reason,
+            len(runner.slots),
+        )
+        if not runner.alive:
+            self._remove(runner)
+        elif runner.state in (READY, BUSY):
+            runner.draining = reason
+        else:
+            # Still setting up (or failed): it may not handle SIGHUP yet, so no stop file.
+            runner.send(signal.SIGTERM, group=True)
+
+    def _remove(self, runner: RunnerHandle) -> None:
+        """A retired runner's process is gone: its handle, books and dirs go too."""
+        self._retiring.discard(runner.index)
+        self._restarts.pop(runner.index, None)
+        if runner in self.runners:
+            self.runners.remove(runner)  # in place: the router holds this list
+        runner.close()
+        shutil.rmtree(runner.working_dir, ignore_errors=True)  # a few small files
+        if self._metrics is not None:
+            self._metrics.runner_removed(runner.index)
+        log.info("runner_removed runner=%d runners=%d", runner.index, len(self.runners))
+        self.wake()
+
+    def _by_index(self, index: int | None) -> RunnerHandle | None:
+        for runner in self.runners:
+            if runner.index == index:
+                return runner
+        return None
+
     def restart_due(self) -> None:
         """Respawn runners whose backoff has passed."""
         now = time.monotonic()
@@ -439,6 +787,8 @@ class Supervisor:
         for runner in self.runners:
             runner.close()
         _remove_waker(self.handle_signal)
+        _remove_handler(SCALE_UP_SIGNAL, self.handle_ttin)
+        _remove_handler(SCALE_DOWN_SIGNAL, self.handle_ttou)
 
     # --- views ---------------------------------------------------------------------------------
     def status(self) -> str:
@@ -495,6 +845,21 @@ class Supervisor:
             info["error"] = chosen["error"]
         return info
 
+    def reload_info(self) -> dict[str, Any]:
+        """``/health-check`` ``reload``: the last reload's state and error, and the count."""
+        r = self._reload
+        return {
+            "state": r.state,
+            "error": r.error,
+            "count": self._reloads_begun,
+            "replaced": r.replaced,
+            "total": r.total,
+            "started_at": _iso(r.started_at) if r.started_at else None,
+            "completed_at": _iso(r.completed_at) if r.completed_at else None,
+            "runners": len([x for x in self.runners if x.index not in self._retiring]),
+            "max_runners": self.max_runners,
+        }
+
     def runners_info(self) -> list[dict[str, Any]]:
         return [
             {
@@ -506,6 +871,7 @@ class Supervisor:
                 "capacity": r.capacity,
                 "restarts": r.restarts,
                 "recycles": r.recycles,
+                "draining": r.draining,
             }
             for r in self.runners
         ]

@@ -186,3 +186,47 @@ def test_config_command_shows_precedence(tmp_path: Path) -> None:
     assert config["http"]["port"] == 6002  # env over YAML
     assert config["runners"]["count"] == 4  # flag over env
     assert config["model"]["path"] == WORKER
+
+
+async def test_serve_scales_and_reloads_when_asked_by_the_command_line(
+    tmp_path: Path, served: list[Served]
+) -> None:
+    # A pool on its default state dir (/dev/shm/cog-pool-<pid>-*), found by --pid.
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("cog.yaml", "predict.py"):
+        (model / name).write_text((MODELS / "versioned" / name).read_text())
+    s = await start_serving(served, tmp_path, str(model), "--runners", "1")
+    pid = str(s.proc.pid)
+    async with aiohttp.ClientSession() as session:
+        first = await health_when_ready(session, s)
+        assert len(first["runners"]) == 1
+        # Steps: `cog-pool scale +1`. Result: SIGTTIN reaches the serving process; 2 runners.
+        done = run_cli("scale", "+1", "--pid", pid)
+        assert done.returncode == 0, done.stderr
+
+        async def health() -> dict[str, Any]:
+            async with session.get(s.url("/health-check")) as r:
+                body: dict[str, Any] = await r.json()
+                return body
+
+        deadline = time.monotonic() + 60
+        while len((await health())["runners"]) != 2:
+            assert time.monotonic() < deadline, s.text()
+            await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+        body = await health_when_ready(session, s)
+        # Steps: new code, then `cog-pool reload`. Result: both runners replaced; new answers.
+        text = (model / "predict.py").read_text().replace('VERSION = "v1"', 'VERSION = "v2"')
+        (model / "predict.py").write_text(text)
+        done = run_cli("reload", "--pid", pid)
+        assert done.returncode == 0, done.stderr
+        while (await health())["reload"]["state"] != "succeeded":
+            assert time.monotonic() < deadline + 60, s.text()
+            await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+        body = await health()
+        assert len(body["runners"]) == 2 and body["reload"]["replaced"] == 2
+        async with session.post(s.url("/predictions"), json={"input": {}}) as r:
+            assert json.loads((await r.json())["output"])["version"] == "v2"
+    s.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(s.proc) == 0, s.text()
+    assert "reload_succeeded replaced=2" in s.text()

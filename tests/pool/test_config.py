@@ -161,6 +161,7 @@ def test_unknown_override_key() -> None:
         ("runners.backoff_max_s", 0.01, ">= runners.backoff_initial_s"),
         ("predictions.recent_max_bytes", -1, ">= 0"),
         ("predictions.logs_max_bytes", 10, ">= 1024"),
+        ("runners.max_runners", 0, ">= 1"),
     ],
 )
 def test_impossible_values(key: str, value: object, must: str) -> None:
@@ -176,6 +177,17 @@ def test_gpus_from_yaml_and_their_checks(tmp_path: Path) -> None:
         load(write(tmp_path / "b.yaml", "runners:\n  gpus: [0, 0]\n"))
     with pytest.raises(ConfigError, match=r"^runners\.env: must not set CUDA_VISIBLE_DEVICES"):
         load(write(tmp_path / "c.yaml", "runners:\n  env: {CUDA_VISIBLE_DEVICES: '3'}\n"))
+
+
+def test_max_runners_may_not_be_below_the_configured_runners(tmp_path: Path) -> None:
+    config = load(write(tmp_path / "a.yaml", "runners:\n  gpus: [0, 1]\n  max_runners: 2\n"))
+    assert config.runners.max_runners == 2
+    with pytest.raises(ConfigError, match=r"^runners\.max_runners: .*configured runners \(4\)"):
+        load(
+            write(tmp_path / "b.yaml", "runners:\n  gpus: [0, 1]\n  per_gpu: 2\n  max_runners: 3\n")
+        )
+    with pytest.raises(ConfigError, match=r"^runners\.max_runners: .*configured runners \(3\)"):
+        load(None, None, runners__count=3, runners__max_runners=2)
 
 
 def fake_nvidia_smi(bin_dir: Path, body: str) -> dict[str, str]:

@@ -192,3 +192,23 @@ def test_render_without_metrics_shows_dashes() -> None:
     metrics.add_runner_source(lambda: [{"index": 0, "gpu": None, "pid": os.getpid()}])
     reading = PoolStatus(health, metrics.render())
     assert reading.served == {"0": 1.0} and reading.rss_bytes["0"] > 1_000_000
+
+
+def test_render_shows_a_reload_and_draining_runners_not_as_consumers() -> None:
+    health = {
+        "status": "READY",
+        "concurrency": {"max": 2, "current": 1},
+        "runners": [
+            {"index": 0, "gpu": None, "pid": 11, "status": "BUSY", "busy": 1, "capacity": 1,
+             "restarts": 0, "draining": "reload"},
+            {"index": 2, "gpu": None, "pid": 12, "status": "READY", "busy": 0, "capacity": 1,
+             "restarts": 0, "draining": None},
+        ],
+        "reload": {"state": "failed", "error": "reload aborted after 0 of 1 runners: boom",
+                   "replaced": 0, "total": 1, "count": 1},
+    }  # fmt: skip
+    lines = render(PoolStatus(health, None), "http://x").splitlines()
+    assert lines[1] == "reload failed (0/1 replaced): reload aborted after 0 of 1 runners: boom"
+    rows = {line.split()[0]: line.split() for line in lines if line[:2] in ("0 ", "2 ")}
+    assert rows["0"][1] == "DRAINING" and rows["2"][1] == "READY"
+    assert not any(line.startswith("reload ") for line in lines[2:])  # not a consumer row
