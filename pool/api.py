@@ -78,6 +78,8 @@ class ManagerAPI(Protocol):
     @property
     def schema(self) -> dict[str, Any] | None: ...
     @property
+    def user_health_error(self) -> str | None: ...
+    @property
     def shutting_down(self) -> bool: ...
     @property
     def last_tick_at(self) -> float | None: ...
@@ -382,6 +384,8 @@ async def health_ready(request: web.Request) -> web.Response:
     accepted = {"READY"} if request.app[CONFIG_KEY].http.reject_when_busy else _READY_STATUSES
     if request.app[SHUTDOWN_KEY].is_set() or manager.shutting_down:
         reason: str | None = "draining"
+    elif manager.user_health_error is not None:
+        reason = "pool status UNHEALTHY: no runner passes its healthcheck()"
     elif status not in accepted:
         reason = f"pool status {status}"
     else:

@@ -99,6 +99,8 @@ class RunnersConfig:
     max_predictions: int | None = None  # None: no recycle by count
     max_rss_mb: float | None = None  # None: no recycle by memory
     max_failed_ticks: int = 10  # consecutive failing supervisor ticks, then exit non-zero
+    healthcheck_interval_s: float = 5.0  # seconds between a runner's user healthcheck() calls
+    healthcheck_max_failures: int = 3  # consecutive failed checks, then the runner is recycled
 
 
 @dataclass(frozen=True)
@@ -462,6 +464,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("runners.max_predictions", lambda v: v >= 1, ">= 1"),
     ("runners.max_rss_mb", lambda v: v > 0, "> 0"),
     ("runners.max_failed_ticks", lambda v: v >= 1, ">= 1"),
+    ("runners.healthcheck_interval_s", lambda v: v > 0, "> 0"),
+    ("runners.healthcheck_max_failures", lambda v: v >= 1, ">= 1"),
     ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
     ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),

@@ -186,6 +186,11 @@ class PoolManager:
         return self._supervisor.status()
 
     @property
+    def user_health_error(self) -> str | None:
+        """Cog's ``user_healthcheck_error`` while no set-up runner passes its check."""
+        return self._supervisor.user_health_error()
+
+    @property
     def schema(self) -> dict[str, Any] | None:
         return self._supervisor.schema()
 
@@ -209,8 +214,10 @@ class PoolManager:
 
     def health(self) -> dict[str, Any]:
         """The /health-check body (queue consumers add theirs through health sources)."""
+        user_error = self.user_health_error
         body: dict[str, Any] = {
-            "status": self.status,
+            # Cog's UNHEALTHY: no runner passes its user healthcheck() (peers that pass serve).
+            "status": "UNHEALTHY" if user_error is not None else self.status,
             "setup": self._supervisor.setup_info(),
             "runners": self._supervisor.runners_info(),
             "concurrency": {
@@ -220,6 +227,8 @@ class PoolManager:
         }
         # Cog's `status` keeps its meaning (READY: a free slot); `degraded` says that part of
         # the configured capacity is gone for good, which READY alone would hide.
+        if user_error is not None:
+            body["user_healthcheck_error"] = user_error
         reasons = self._supervisor.degraded_reasons()
         body["degraded"] = bool(reasons)
         body["degraded_reasons"] = reasons
