@@ -22,7 +22,7 @@ from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
 from pool import files, network, statedir
 from pool.config import PoolConfig
-from pool.errors import InvalidInput, NotReady, ShuttingDown
+from pool.errors import InvalidInput, NoTrainer, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
 from pool.prediction import (
     EVENT_COMPLETED,
@@ -81,6 +81,7 @@ class PoolManager:
         self._cancel_forwarders: list[CancelForwarder] = []
         self._cleanups: set[asyncio.Task[None]] = set()  # input dirs being removed, off the loop
         self._secrets: tuple[dict[str, Any] | None, frozenset[str]] = (None, frozenset())
+        self._training_view: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None)
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
@@ -285,6 +286,8 @@ class PoolManager:
             if known is not None and not (known.done and known.runner_died):
                 return known
         schema = self._require_ready()
+        if request.is_training:
+            schema = self._training_schema(schema)
         _validate(schema, request.input)
         prediction = Prediction(
             request,
@@ -369,6 +372,25 @@ class PoolManager:
             fields = secret_fields(schema)
             self._secrets = (schema, fields)
         return fields
+
+    def _training_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The schema as a training sees it: ``TrainingInput``/``TrainingOutput`` in the place
+        of ``Input``/``Output``, so validation, file inputs and secrets work unchanged
+        (cached per schema). NoTrainer when the model has no ``train:``."""
+        cached_for, view = self._training_view
+        if cached_for is schema and view is not None:
+            return view
+        components = schema.get("components", {}).get("schemas", {})
+        if not isinstance(components, dict) or "TrainingInput" not in components:
+            raise NoTrainer("this model has no trainer (cog.yaml has no train:)")
+        view = dict(schema)
+        view_components = dict(components)
+        view_components["Input"] = components["TrainingInput"]
+        if "TrainingOutput" in components:
+            view_components["Output"] = components["TrainingOutput"]
+        view["components"] = {**schema["components"], "schemas": view_components}
+        self._training_view = (schema, view)
+        return view
 
     def _require_ready(self) -> dict[str, Any]:
         schema = self.schema
