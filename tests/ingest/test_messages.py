@@ -103,3 +103,11 @@ def test_delivery_limits_give_the_dead_letter_reason():
     assert over_delivered(2, 2) is None
     reason = over_delivered(3, 2)
     assert reason is not None and "delivered 3 times" in reason and "kept dying" in reason
+
+
+def test_kind_says_training_and_defaults_to_prediction() -> None:
+    assert parse('{"input": {}}').kind == "prediction"
+    training = parse('{"kind": "training", "input": {"steps": 2}}')
+    assert training.is_training and "kind" not in training.extra
+    with pytest.raises(Poison, match=r"kind must be one of \['prediction', 'training'\]"):
+        parse('{"kind": "train", "input": {}}')
