@@ -27,6 +27,7 @@ from aiohttp import web
 
 from coglet import protocol
 from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
+from pool import sse
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NoTrainer, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -80,6 +81,8 @@ class ManagerAPI(Protocol):
     def schema(self) -> dict[str, Any] | None: ...
     @property
     def user_health_error(self) -> str | None: ...
+    @property
+    def streaming(self) -> bool: ...
     @property
     def shutting_down(self) -> bool: ...
     @property
@@ -515,15 +518,19 @@ async def _create(
 ) -> web.StreamResponse:
     if request.app[SHUTDOWN_KEY].is_set():
         return _error(503, "the pool is shutting down", headers=_retry_after(request))
-    if kind == protocol.KIND_TRAINING and _wants_sse(request):
+    manager = request.app[MANAGER_KEY]
+    want_sse = sse.wants_sse(request)
+    if want_sse and kind == protocol.KIND_TRAINING:
         return web.json_response({"error": TRAINING_NO_STREAMING}, status=406)
+    if want_sse and manager.schema is not None and not manager.streaming:
+        # Cog's answer; an undecorated iterator still answers JSON without the header.
+        return web.json_response({"error": sse.NOT_STREAMING}, status=406)
     body = await _read_json(request)
     try:
         pred_request = PredictionRequest.from_body(body, path_id=path_id, kind=kind)
     except InvalidRequest as e:
         return _error(422, e.detail)
-    respond_async = request.headers.get("Prefer") == _PREFER_ASYNC
-    manager = request.app[MANAGER_KEY]
+    respond_async = request.headers.get("Prefer") == _PREFER_ASYNC and not want_sse
     # The manager decides idempotency (a known id returns its prediction, except a run lost
     # to a runner death, which runs again); this request owns the prediction if it made it.
     existing = manager.get(pred_request.id) if pred_request.id else None
@@ -538,6 +545,14 @@ async def _create(
         "async" if respond_async else "sync",
         existing is not None,
     )
+    if want_sse:
+        capacity = request.app[CONFIG_KEY].http.stream_history_capacity
+        return await sse.stream_prediction(
+            request,
+            prediction,
+            replay_capacity=None if existing is None else capacity,
+            cancel=manager.cancel if existing is None else None,
+        )
     if respond_async:
         body = prediction.to_dict()
         if existing is None and body.get("status") not in TERMINAL_STATUSES:
@@ -547,10 +562,6 @@ async def _create(
         return web.json_response(body, status=202)
     await _wait(request, manager, prediction, owned=existing is None)
     return await _prediction_response(request, prediction)
-
-
-def _wants_sse(request: web.Request) -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
 
 
 def _disconnected(request: web.Request) -> bool:

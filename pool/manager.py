@@ -187,6 +187,11 @@ class PoolManager:
         return self._supervisor.status()
 
     @property
+    def streaming(self) -> bool:
+        """The model's predict() has ``@cog.streaming`` (SSE allowed)."""
+        return self._supervisor.features().get(protocol.FEATURE_STREAMING) is True
+
+    @property
     def user_health_error(self) -> str | None:
         """Cog's ``user_healthcheck_error`` while no set-up runner passes its check."""
         return self._supervisor.user_health_error()

@@ -486,6 +486,15 @@ class Supervisor:
             r.state != SETUP_FAILED and not self._restarts[r.index].given_up for r in self.runners
         )
 
+    def features(self) -> dict[str, Any]:
+        """The model's features (setup_result ``features``) from a runner that set up."""
+        for runner in self.runners:
+            result = runner.setup_result
+            if result is not None and result.get("status") == protocol.STATUS_SUCCEEDED:
+                features = result.get("features")
+                return features if isinstance(features, dict) else {}
+        return {}
+
     def schema(self) -> dict[str, Any] | None:
         for runner in self.runners:
             if runner.schema is not None:

@@ -62,6 +62,7 @@ class FakeManager:
         self.shutting_down = False
         self.last_tick_at: float | None = time.monotonic()
         self.user_health_error: str | None = None
+        self.streaming = False
 
     async def start(self) -> None:
         self.started = True
