@@ -210,7 +210,7 @@ Served = contextlib.AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]
 
 def pool_server(model_dir: str, case: Case) -> Served:
     env = {**os.environ, "COG_POOL_STATE_DIR": os.path.join(model_dir, ".pool-state")}
-    cmd = [sys.executable, "-m", "pool", "serve", model_dir, "--runners", "1"]
+    cmd = [sys.executable, "-m", "cogpool", "serve", model_dir, "--runners", "1"]
     cmd += ["--log-level", "warning"]
     env["PYTHONPATH"] = ROOT
     return serve(cmd, model_dir, env, "cog-pool")

@@ -205,7 +205,7 @@ def pool_server_spec(
     profile_to: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> ServerSpec:
-    """cog-pool (``python -m pool serve``) for the predictor in model_dir with N CPU runners.
+    """cog-pool (``python -m cogpool serve``) for the predictor in model_dir with N CPU runners.
 
     profile_to: run the pool process under cProfile, written there when the pool exits.
     extra_args: more `cog-pool serve` flags, e.g. ("--log-level", "warning").
@@ -214,7 +214,7 @@ def pool_server_spec(
     env["PYTHONPATH"] = str(REPO_ROOT)  # `pool`, `coglet` and our `cog` from this checkout
     profiler = ("-m", "cProfile", "-o", str(profile_to)) if profile_to else ()
     argv = (
-        python, *profiler, "-m", "pool", "serve", str(model_dir),
+        python, *profiler, "-m", "cogpool", "serve", str(model_dir),
         "--port", str(port), "--runners", str(runners), *extra_args,
     )  # fmt: skip
     return ServerSpec("cog-pool", argv, env, REPO_ROOT, port, runners)

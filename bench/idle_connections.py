@@ -39,7 +39,7 @@ def main() -> int:
     env["PYTHONPATH"] = ROOT
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve", os.path.join(ROOT, "examples", "hello"),
+            [sys.executable, "-m", "cogpool", "serve", os.path.join(ROOT, "examples", "hello"),
              "--port", str(args.port), "--state-dir", os.path.join(work, "state")],
             env=env, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=lambda: resource.setrlimit(

@@ -36,7 +36,7 @@ async def run(mb: int, port: int) -> int:
     env["PYTHONPATH"] = ROOT
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve", os.path.join(ROOT, "examples", "files"),
+            [sys.executable, "-m", "cogpool", "serve", os.path.join(ROOT, "examples", "files"),
              "--port", str(port), "--state-dir", os.path.join(work, "state")],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -2,14 +2,20 @@
 
     .venv/bin/python bench/queue_bench.py                  # both brokers, prints the table
     .venv/bin/python bench/queue_bench.py --only redis --saturation 2000 --light 200
+    .venv/bin/python bench/queue_bench.py --pools 3          # 3 pool processes, one stream/queue
+    .venv/bin/python bench/queue_bench.py --long-cost        # AMQP prefetch cost, long work
 
-A ``cog-pool serve`` child process (bench/models/null, 2 runners) consumes a fresh Redis
-stream and a fresh AMQP queue. For each broker:
+``--pools`` ``cog-pool serve`` child processes (bench/models/null, 2 runners each) consume
+one fresh Redis stream and one fresh AMQP queue. For each broker:
 - saturation: ``--saturation`` requests enqueued at once; throughput = requests / (last
   result seen - first enqueue); latency per request = result seen - its enqueue;
 - light load: ``--light`` requests one at a time (the next after the previous result).
 "Result seen" is when this client reads the terminal result (Redis: the results stream;
-AMQP: its reply queue), i.e. after the pool published and recorded it.
+AMQP: its reply queue), i.e. after the pool published and recorded it. ``dups`` counts
+results seen more than once for one id (by the end of the run).
+``--long-cost``: two pools of one runner each, AMQP only, one 3 s prediction then nine
+0.1 s ones enqueued at once, for prefetch 1 and the default (2 per slot): the makespan and
+the worst latency of a short prediction (one held behind the long one waits for it).
 Needs Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (guest/guest).
 """
 
@@ -30,6 +36,7 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NULL_MODEL = os.path.join(ROOT, "bench", "models", "null")
+SLEEP_MODEL = os.path.join(ROOT, "tests", "models", "ingest", "echo")  # has a sleep_s input
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -40,8 +47,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_pool(name: str, log_path: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def start_pool(
+    name: str,
+    log_path: str,
+    *,
+    runners: int = 2,
+    extra: dict[str, str] | None = None,
+    model: str = NULL_MODEL,
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=ROOT, **(extra or {}))
     env.update(
         {
             "COG_POOL_QUEUES_REDIS_URL": REDIS_URL,
@@ -55,10 +69,13 @@ def start_pool(name: str, log_path: str) -> subprocess.Popen[bytes]:
             "COG_POOL_QUEUES_AMQP_CANCEL_EXCHANGE": f"{name}.cancel",
         }
     )
-    cmd = [sys.executable, "-m", "pool", "serve", NULL_MODEL, "--runners", "2",
+    cmd = [sys.executable, "-m", "cogpool", "serve", model, "--runners", str(runners),
            "--port", str(_free_port()), "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+COUNTS: dict[str, int] = {}  # results seen per id (both brokers), for the duplicate count
 
 
 def summary(broker: str, load: str, sent: dict[str, float], seen: dict[str, float]) -> dict:
@@ -67,6 +84,7 @@ def summary(broker: str, load: str, sent: dict[str, float], seen: dict[str, floa
     span = max(seen.values()) - min(sent.values())
     return {
         "broker": broker, "load": load, "n": len(lat), "per_s": len(lat) / span,
+        "dups": sum(COUNTS.get(i, 0) - 1 for i in sent if COUNTS.get(i, 0) > 1),
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
     }
@@ -88,6 +106,7 @@ async def bench_redis(name: str, saturation: int, light: int) -> list[dict]:
                 for entry_id, fields in entries:
                     last = entry_id
                     seen.setdefault(fields["id"], now)
+                    COUNTS[fields["id"]] = COUNTS.get(fields["id"], 0) + 1
 
     async def push(pid: str) -> None:
         await client.xadd(name, {"value": json.dumps({"id": pid, "input": {}})})
@@ -118,7 +137,9 @@ async def bench_amqp(name: str, saturation: int, light: int) -> list[dict]:
     arrived = asyncio.Event()
 
     async def on_reply(message: Any) -> None:
-        seen_at.setdefault(json.loads(message.body)["id"], time.perf_counter())
+        pid = json.loads(message.body)["id"]
+        seen_at.setdefault(pid, time.perf_counter())
+        COUNTS[pid] = COUNTS.get(pid, 0) + 1
         arrived.set()
 
     await replies.consume(on_reply, no_ack=True)
@@ -201,7 +222,14 @@ async def _wait_declared(name: str) -> None:
 async def main_async(args: argparse.Namespace) -> list[dict]:
     name = f"bench-queue-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.join(ROOT, "bench", ".work"), exist_ok=True)
-    pool = start_pool(name, os.path.join(ROOT, "bench", ".work", "queue-bench-pool.log"))
+    if args.long_cost:
+        return await long_cost(name)
+    extra = {"COG_POOL_QUEUES_AMQP_PREFETCH": str(args.prefetch)} if args.prefetch else None
+    pools = [
+        start_pool(name, os.path.join(ROOT, "bench", ".work", f"queue-bench-pool-{i}.log"),
+                   extra=extra)
+        for i in range(args.pools)
+    ]
     rows: list[dict] = []
     try:
         if args.only in (None, "redis"):
@@ -210,19 +238,109 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
             await _wait_declared(name)
             rows += await asyncio.wait_for(bench_amqp(name, args.saturation, args.light), 600)
     finally:
+        stop_pools(pools)
+    for row in rows:
+        row["pools"] = args.pools
+    return rows
+
+
+def stop_pools(pools: list[subprocess.Popen[bytes]]) -> None:
+    for pool in pools:
         pool.send_signal(signal.SIGTERM)
+    for pool in pools:
         try:
             pool.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(pool.pid, signal.SIGKILL)
+
+
+async def long_cost(name: str) -> list[dict]:
+    """AMQP, two pools of one runner: what a held message costs when predictions are long."""
+    import aio_pika
+
+    rows = []
+    for prefetch in (1, None):
+        queue = f"{name}-p{prefetch or 'default'}"
+        extra = {"COG_POOL_QUEUES_AMQP_PREFETCH": str(prefetch)} if prefetch else {}
+        extra["COG_POOL_RUNNERS_MAX_CONCURRENCY"] = "1"
+        logs = os.path.join(ROOT, "bench", ".work", "queue-bench-long-{}.log")
+        pools = [
+            start_pool(queue, logs.format(i), runners=1, extra=extra, model=SLEEP_MODEL)
+            for i in range(2)
+        ]
+        try:
+            await _wait_declared(queue)
+            connection = await aio_pika.connect(AMQP_URL)
+            channel = await connection.channel()
+            replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+            done: dict[str, float] = {}
+            arrived = asyncio.Event()
+
+            async def on_reply(
+                message: Any, done: dict[str, float] = done, arrived: asyncio.Event = arrived
+            ) -> None:
+                done[json.loads(message.body)["id"]] = time.perf_counter()
+                arrived.set()
+
+            await replies.consume(on_reply, no_ack=True)
+            await _warm_long(channel, queue, replies.name, done, arrived)
+            done.clear()
+            start = time.perf_counter()
+            ids = []
+            for n in range(10):  # one long prediction, then nine short ones
+                pid = f"{'long' if n == 0 else 'short'}-{n}"
+                ids.append(pid)
+                body = {"id": pid, "input": {"sleep_s": 3.0 if n == 0 else 0.1}}
+                await channel.default_exchange.publish(
+                    aio_pika.Message(json.dumps(body).encode(), reply_to=replies.name),
+                    routing_key=queue,
+                )
+            await _until(lambda ids=ids, done=done: set(ids) <= done.keys(), arrived)
+            shorts = [done[i] - start for i in ids if i.startswith("short")]
+            rows.append({
+                "broker": "amqp", "load": f"long, prefetch={prefetch or 'default (2)'}",
+                "n": len(ids), "per_s": len(ids) / (max(done.values()) - start),
+                "makespan_s": max(done.values()) - start, "worst_short_s": max(shorts),
+                "pools": 2, "dups": 0, "p50_ms": 0.0, "p99_ms": 0.0,
+            })
+            await channel.queue_delete(queue)
+            await connection.close()
+        finally:
+            stop_pools(pools)
+    for row in rows:
+        print(f"{row['load']:<30} makespan {row['makespan_s']:.2f} s, "
+              f"worst short-prediction latency {row['worst_short_s']:.2f} s")
     return rows
 
 
+async def _until(check: Any, arrived: asyncio.Event, timeout_s: float = 120) -> None:
+    async def wait() -> None:
+        while not check():
+            arrived.clear()
+            await arrived.wait()
+
+    await asyncio.wait_for(wait(), timeout_s)
+
+
+async def _warm_long(
+    channel: Any, queue: str, reply_to: str, done: dict[str, float], arrived: asyncio.Event
+) -> None:
+    import aio_pika
+
+    for n in range(4):
+        body = {"id": f"warm-{n}", "input": {}}
+        await channel.default_exchange.publish(
+            aio_pika.Message(json.dumps(body).encode(), reply_to=reply_to), routing_key=queue
+        )
+    await _until(lambda: len(done) >= 4, arrived)
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'broker':<7} {'load':<11} {'n':>6} {'pred/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'broker':<7} {'pools':>5} {'load':<11} {'n':>6} {'pred/s':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'dups':>5}")
     for r in rows:
-        print(f"{r['broker']:<7} {r['load']:<11} {r['n']:>6} {r['per_s']:>9.1f} "
-              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+        print(f"{r['broker']:<7} {r['pools']:>5} {r['load']:<11} {r['n']:>6} {r['per_s']:>9.1f} "
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['dups']:>5}")
 
 
 def main() -> None:
@@ -230,6 +348,9 @@ def main() -> None:
     p.add_argument("--only", choices=("redis", "amqp"))
     p.add_argument("--saturation", type=int, default=1000, help="requests enqueued at once")
     p.add_argument("--light", type=int, default=100, help="requests one at a time")
+    p.add_argument("--pools", type=int, default=1, help="pool processes on one stream/queue")
+    p.add_argument("--prefetch", type=int, help="queues.amqp.prefetch (default: the pool's)")
+    p.add_argument("--long-cost", action="store_true", help="AMQP prefetch cost, long work")
     print_table(asyncio.run(main_async(p.parse_args())))
 
 

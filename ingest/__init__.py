@@ -8,7 +8,7 @@ runs it concurrently with the manager's own shutdown (both drain within the same
 
 That order does not matter: a stopping consumer hands back every message no runner has
 started (unacked, for another pool) and never publishes a prediction its shutdown ended
-(``shutdown_casualty``), so the manager canceling those predictions first publishes nothing;
+(``EndReason.SHUTDOWN``), so the manager canceling those first publishes nothing;
 and a message whose ``manager.submit`` is still in progress when it is handed back has its
 prediction canceled as soon as the submit returns, so no prediction is left without an owner.
 """
@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from ingest.amqp import AmqpConsumer
+from ingest.port import Manager
 from ingest.redis import RedisConsumer
 from ingest.results import MemoryResultStore, RedisResultStore, ResultStore
 from pool.config import PoolConfig
@@ -78,8 +79,8 @@ class Consumers:
                 if h.get(key) is not None:
                     yield Sample(f"cog_pool_queue_{key}", float(h[key]), labels,
                                  f"Queue consumer {key.replace('_', ' ')}.")
-            for key in ("received", "completed", "republished", "dead_lettered", "redeliveries",
-                        "reconnects"):
+            for key in ("received", "completed", "republished", "deduplicated", "dead_lettered",
+                        "redeliveries", "reconnects", "unroutable", "store_errors", "bugs"):
                 yield Sample(f"cog_pool_queue_{key}_total", float(h.get(key) or 0), labels,
                              f"Queue messages {key.replace('_', ' ')} since start.")
 
@@ -92,10 +93,14 @@ def _result_store(config: PoolConfig) -> ResultStore:
 
         client = aioredis.from_url(amqp.result_store_redis_url, decode_responses=True)
         return RedisResultStore(client, prefix=amqp.queue, ttl_s=ttl_s)
-    return MemoryResultStore(ttl_s=ttl_s)
+    return MemoryResultStore(
+        ttl_s=ttl_s,
+        max_entries=amqp.result_store_max_entries,
+        max_bytes=amqp.result_store_max_bytes,
+    )
 
 
-async def start_consumers(config: PoolConfig, manager: Any) -> Consumers:
+async def start_consumers(config: PoolConfig, manager: Manager) -> Consumers:
     """Start the consumers ``config.queues`` enables and wire them into ``manager``."""
     consumers: dict[str, Consumer] = {}
     if config.queues.redis.url:

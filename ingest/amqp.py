@@ -1,17 +1,25 @@
-"""AMQP (RabbitMQ) consumer: durable quorum queue, manual ack, results with publisher confirms.
+"""AMQP (RabbitMQ) driver: durable quorum queue, manual ack, results with publisher confirms.
 
-Delivery rules (DESIGN §5):
-- prefetch: the channel's ``basic.qos`` prefetch is the pool's total slot capacity, and a
-  delivered message is handed to the manager only while it has a free slot; the others are
-  *held unstarted* (HTTP may be using slots) and are nacked back to the queue on shutdown.
-  (RabbitMQ applies a new ``basic.qos`` only to consumers started after it, so following free
-  slots with ``set_qos`` would not bound an existing consumer.)
-- the terminal result is recorded in the result store, then published to the message's
-  ``reply_to`` (with its ``correlation_id``) and/or the results exchange, and confirmed by the
-  broker, then the message is acked;
+It only fetches, acks, hands back (nack requeue), dead-letters and publishes; the delivery
+core (``ingest/core.py``) decides what happens to each message. Delivery rules (DESIGN §5):
+
+- prefetch: the channel's ``basic.qos`` prefetch is ``queues.amqp.prefetch``, by default twice
+  the pool's slot capacity (at most one extra message waits per slot); a delivered message is
+  handed to the manager only while it has a free slot; the others are *held unstarted* and
+  nacked back to the queue on shutdown. (RabbitMQ applies a new ``basic.qos`` only to
+  consumers started after it, so following free slots with ``set_qos`` would not bound an
+  existing consumer.)
+- the terminal result is recorded in the result store, published ``mandatory`` with the
+  prediction id as ``message_id`` to the message's ``reply_to`` (with its ``correlation_id``)
+  and/or the results exchange, confirmed by the broker, the confirm recorded, then the
+  message is acked. A result the broker returns (``reply_to`` names no queue) is logged,
+  counted (``unroutable``) and the message dead-lettered with the reason;
+- a redelivery whose result is recorded *and* confirmed is acked without publishing again;
+  the one remaining duplicate window is a pool dying between the broker's confirm and the
+  store recording it (consumers deduplicate by ``message_id``);
 - if the connection drops while a prediction runs, the prediction keeps running; the broker
   requeues the message, and its redelivery re-attaches to the running prediction (the manager
-  is idempotent by id) or finds the recorded result: published once the broker is back;
+  is idempotent by id) or finds the recorded result;
 - poison and over-delivered messages (``x-delivery-count``, quorum queues) are published to the
   dead-letter exchange with the reason in the ``x-cog-dead-reason`` header, then acked.
 """
@@ -19,13 +27,15 @@ Delivery rules (DESIGN §5):
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
+import os
+import socket
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -37,20 +47,12 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrecon
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.messages import (
-    RETRY_LATER,
-    ConsumerStats,
-    Poison,
-    after_runner_died,
-    over_delivered,
-    parse_request,
-    runner_died,
-    shutdown_casualty,
-)
+from ingest.core import BrokerLost, ConsumerStats, Delivery, DeliveryCore, Job, StoreUnavailable
+from ingest.messages import Poison
+from ingest.port import Manager
 from ingest.results import ResultStore
 from pool.config import AmqpConfig
-from pool.errors import InvalidRequest
-from pool.prediction import Prediction, PredictionRequest
+from pool.prediction import PredictionRequest
 
 __all__ = ["AmqpConsumer"]
 
@@ -66,36 +68,39 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 JSON = "application/json"
 
 
-@dataclass
-class _Job:
-    message: AbstractIncomingMessage
-    generation: int  # the connection the message came on; acks on another one are invalid
-    deliveries: int = 1
-    request: PredictionRequest | None = None
-    prediction: Prediction | None = None
-    held: bool = True  # delivered, not yet handed to the manager
-    returned: bool = False
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass
+@dataclasses.dataclass
 class AmqpStats(ConsumerStats):
     requeued: int = 0
+    unroutable: int = 0
     queue_depth: int | None = None
+
+
+@dataclasses.dataclass
+class _Meta:
+    message: AbstractIncomingMessage
+    generation: int  # the connection the message came on; acks on another one are invalid
 
 
 class AmqpConsumer:
     """Feeds one durable AMQP queue into the pool manager and publishes terminal results."""
 
-    def __init__(self, config: AmqpConfig, manager: Any, *, store: ResultStore) -> None:
+    source = "amqp"
+
+    def __init__(self, config: AmqpConfig, manager: Manager, *, store: ResultStore) -> None:
         if not config.url:
             raise ValueError("queues.amqp.url is not set")
         self.config = config
         self.manager = manager
         self.store = store
+        self.max_deliveries = config.max_deliveries
+        self.max_message_bytes = config.max_message_bytes
         self.state = "starting"
         self.stats = AmqpStats()
+        self.core = DeliveryCore(self, manager, self.stats, log)
         self._url: str = config.url
+        # Shown by the broker (rabbitmqctl list_connections client_properties): an operator can
+        # tell, and close, this pool's connection.
+        self.connection_name = f"cog-pool {socket.gethostname()}-{os.getpid()} {config.queue}"
         self._generation = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -104,43 +109,44 @@ class AmqpConsumer:
         self._results_exchange: AbstractExchange | None = None
         self._dead_exchange: AbstractExchange | None = None
         self._cancel_exchange: AbstractExchange | None = None
+        self._prefetch_count: int | None = None
         self._count_in_store = False  # classic queue (no x-delivery-count): count in the store
-        self._jobs: dict[int, _Job] = {}
-        self._job_seq = 0
-        self._gate = asyncio.Lock()  # hand held messages to the manager one at a time, in order
-        self._stop_event = asyncio.Event()
-        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = watch_task(asyncio.create_task(self._run_forever(), name="amqp-consume"), log)
+        self._task = watch_task(
+            asyncio.create_task(self._run_forever(), name="amqp-consume"),
+            log,
+            on_crash=self._crashed,
+        )
         self._monitor = watch_task(
-            asyncio.create_task(self._monitor_forever(), name="amqp-monitor"), log
+            asyncio.create_task(self._monitor_forever(), name="amqp-monitor"),
+            log,
+            on_crash=self._crashed,
         )
         log.info("amqp_consumer_started queue=%s", self.config.queue)
 
+    def _crashed(self, exc: BaseException) -> None:
+        self.state = "failed"
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+
     async def stop(self, grace_s: float) -> None:
         """Stop consuming, nack unstarted messages back, let running ones finish in grace_s."""
-        self._stopping = True
-        self._stop_event.set()
+        self.core.stopping = True
         await self._cancel_consumer()
-        await self._return_unstarted()
-        running = [j.task for j in self._jobs.values() if j.task is not None]
-        if running:
-            await asyncio.wait(running, timeout=max(0.0, grace_s))
-        abandoned = [j.task for j in self._jobs.values() if j.task and not j.task.done()]
+        abandoned = await self.core.stop(grace_s)
         owned = [t for t in (self._task, self._monitor) if t is not None]
-        for task in [*abandoned, *owned]:
+        for task in owned:
             task.cancel()
-        await asyncio.gather(*abandoned, *owned, return_exceptions=True)
+        await asyncio.gather(*owned, return_exceptions=True)
         if self._connection is not None:
             # Unacked messages of abandoned jobs go back to the queue when the channel closes.
             await self._connection.close()
         self.state = "stopped"
         await self.store.close()
-        log.info("amqp_consumer_stopped queue=%s abandoned=%d", self.config.queue, len(abandoned))
+        log.info("amqp_consumer_stopped queue=%s abandoned=%d", self.config.queue, abandoned)
 
     async def _cancel_consumer(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
@@ -150,21 +156,12 @@ class AmqpConsumer:
                 log.info("amqp_cancel_consumer_failed error=%r", str(e))
             self._consumer_tag = None
 
-    async def _return_unstarted(self) -> None:
-        for job in list(self._jobs.values()):
-            prediction = job.prediction
-            if job.held or prediction is None or prediction.started_at is None:
-                job.returned = True
-                if prediction is not None and not prediction.done:
-                    await self.manager.cancel(prediction.id)
-                await self._settle(job, requeue=True)
-
     def health(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "queue": self.config.queue,
-            "in_flight": sum(1 for j in self._jobs.values() if not j.held),
-            "held": sum(1 for j in self._jobs.values() if j.held),
+            "prefetch": self._prefetch_count,  # as set on the channel (None before)
+            **self.core.counts(),
             **self.stats.as_dict(),
         }
 
@@ -173,21 +170,23 @@ class AmqpConsumer:
         if self._cancel_exchange is None:
             raise ConnectionError("AMQP is not connected; cancel not broadcast")
         await self._cancel_exchange.publish(
-            aio_pika.Message(body=prediction_id.encode()), routing_key=""
+            aio_pika.Message(body=prediction_id.encode()), routing_key="", mandatory=False
         )
 
     # --- connection ----------------------------------------------------------------------------
     def _broker_error(self, exc: BaseException) -> None:
         self.stats.last_error = str(exc) or type(exc).__name__
-        if self.state != "reconnecting":
+        self.stats.queue_depth = None  # unknown until connected again
+        if self.state == "connected":
             self.stats.reconnects += 1
             log.warning(
                 "amqp_disconnected queue=%s error=%r", self.config.queue, self.stats.last_error
             )
-        self.state = "reconnecting"
+        if self.state != "failed":
+            self.state = "reconnecting"
 
     async def _run_forever(self) -> None:
-        while not self._stopping:
+        while not self.core.stopping:
             await retry_forever(self._session, errors=BROKER_ERRORS, on_error=self._broker_error)
 
     async def _session(self) -> None:
@@ -199,7 +198,9 @@ class AmqpConsumer:
         of the old channel's deliveries are skipped by the generation counter.
         """
         closed = asyncio.Event()
-        connection = await aio_pika.connect(self._url, timeout=10)
+        connection = await aio_pika.connect(
+            self._url, timeout=10, client_properties={"connection_name": self.connection_name}
+        )
         connection.close_callbacks.add(lambda *_: closed.set())
         try:
             self._generation += 1
@@ -219,26 +220,26 @@ class AmqpConsumer:
                 "amqp_connected queue=%s generation=%d prefetch=%d",
                 self.config.queue,
                 self._generation,
-                self._prefetch(),
+                self._prefetch_count,
             )
             await closed.wait()
         finally:
             if not connection.is_closed:
                 await connection.close()
-        if not self._stopping:
+        if not self.core.stopping:
             raise ConnectionError("AMQP connection or channel closed")
 
     async def _wait_capacity(self) -> None:
-        """Consume only once a runner is ready: the prefetch is the pool's slot capacity."""
-        while self.manager.free_slots() <= 0 and not self._draining():
-            await self._wait_slot_or_stop()
-
-    def _draining(self) -> bool:
-        return self._stopping or self.manager.shutting_down
+        """Consume only once a runner is ready: the prefetch follows the slot capacity."""
+        while self.manager.free_slots() <= 0 and not self.core.draining():
+            await self.core.wait_slot_or_stop()
 
     def _prefetch(self) -> int:
-        """The channel's prefetch: queues.amqp.prefetch, else the pool's slot capacity."""
-        return self.config.prefetch or self._capacity()
+        """queues.amqp.prefetch, else twice the pool's slot capacity (computed once per
+        connection; health reports the value set, never recomputes it: the manager's health
+        includes this consumer's)."""
+        self._prefetch_count = self.config.prefetch or 2 * self._capacity()
+        return self._prefetch_count
 
     def _capacity(self) -> int:
         try:
@@ -296,16 +297,12 @@ class AmqpConsumer:
         await listener.consume(self._on_cancel, no_ack=True)
 
     async def _on_cancel(self, message: AbstractIncomingMessage) -> None:
-        prediction_id = message.body.decode(errors="replace")
-        # Only ids held here: cancel() forwards unknown ids, which would echo forever.
-        if self.manager.get(prediction_id) is not None:
-            log.info("amqp_cancel_received prediction=%s", prediction_id)
-            await self.manager.cancel(prediction_id)
+        await self.core.cancel_local(message.body.decode(errors="replace"))
 
     async def _monitor_forever(self) -> None:
         """Keep the queue depth in health fresh (a passive declare reports it)."""
-        while True:
-            await asyncio.sleep(2.0)
+        while not self.core.stopping:
+            await asyncio.sleep(1.0)
             channel = self._channel
             if channel is None or channel.is_closed or self.state != "connected":
                 continue
@@ -316,219 +313,154 @@ class AmqpConsumer:
             except BROKER_ERRORS as e:
                 log.info("amqp_monitor_failed error=%r", str(e))
 
-    # --- one message ---------------------------------------------------------------------------
+    # --- deliveries ----------------------------------------------------------------------------
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._job_seq += 1
-        key = self._job_seq
-        job = _Job(message=message, generation=self._generation)
-        self._jobs[key] = job
-        self.stats.received += 1
-        job.task = asyncio.create_task(self._run_job(key, job), name=f"amqp-job-{key}")
-
-    async def _run_job(self, key: int, job: _Job) -> None:
-        try:
-            await self._handle(job)
-        except asyncio.CancelledError:
-            raise
-        except BROKER_ERRORS as e:
-            # The channel went away: the broker requeues the message; its redelivery finds
-            # the recorded result or re-attaches to the running prediction.
-            self._broker_error(e)
-        except Exception:
-            log.exception("amqp_job_crashed delivery_tag=%s", job.message.delivery_tag)
-            await self._settle(job, requeue=True)
-        finally:
-            self._jobs.pop(key, None)
-
-    def _fallback_id(self, message: AbstractIncomingMessage) -> str:
-        # A stable id keeps a redelivery idempotent; without one, each delivery is new work.
-        return message.message_id or message.correlation_id or uuid.uuid4().hex
-
-    async def _handle(self, job: _Job) -> None:
-        message = job.message
-        try:
-            request = parse_request(
-                message.body,
-                max_bytes=self.config.max_message_bytes,
-                fallback_id=self._fallback_id(message),
+        headers = message.headers or {}
+        count = headers.get(names.AMQP_DELIVERY_COUNT_HEADER)
+        deliveries = int(count) + 1 if isinstance(count, int) else 1
+        self.core.deliver(
+            Delivery(
+                key=f"{self._generation}:{message.delivery_tag}",
+                body=message.body,
+                deliveries=deliveries,
+                # A stable id keeps a redelivery idempotent; without one, each delivery is new.
+                fallback_id=message.message_id or message.correlation_id or uuid.uuid4().hex,
+                redelivered=bool(message.redelivered) or deliveries > 1,
+                meta=_Meta(message, self._generation),
             )
-        except Poison as p:
-            await self._dead_letter(job, p.reason)
-            return
-        job.request = request
-        assert request.id is not None
-        job.deliveries = await self._deliveries(job, request.id)
-        if job.deliveries > 1:
-            self.stats.redeliveries += 1
-        too_many = over_delivered(job.deliveries, self.config.max_deliveries)
-        if too_many is not None:
-            await self._dead_letter(job, too_many)
-            return
-        recorded = await self.store.get(request.id)
-        if recorded is not None:
-            log.info("amqp_result_republished prediction=%s", request.id)
-            self.stats.republished += 1
-            await self._publish_and_ack(job, request, recorded)
-            return
-        prediction = await self._submit(job, request)
-        if prediction is None:
-            return
-        await prediction.wait()
-        await self._finished(job, request, prediction)
+        )
 
-    async def _deliveries(self, job: _Job, prediction_id: str) -> int:
+    # --- the Driver the core calls -------------------------------------------------------------
+    def valid(self, delivery: Delivery) -> bool:
+        meta: _Meta = delivery.meta
+        channel = self._channel
+        return meta.generation == self._generation and channel is not None and not channel.is_closed
+
+    def _require_valid(self, delivery: Delivery) -> AbstractIncomingMessage:
+        if not self.valid(delivery):
+            raise BrokerLost("the message's connection is gone; the broker redelivers it")
+        meta: _Meta = delivery.meta
+        return meta.message
+
+    async def count_delivery(self, delivery: Delivery, prediction_id: str) -> int:
         if self._count_in_store:
             return await self.store.count_delivery(prediction_id)
-        headers = job.message.headers or {}
-        count = headers.get(names.AMQP_DELIVERY_COUNT_HEADER)
-        return int(count) + 1 if isinstance(count, int) else 1
+        return delivery.deliveries
 
-    async def _wait_slot_or_stop(self) -> None:
-        slot = asyncio.ensure_future(self.manager.wait_for_free_slot())
-        stop = asyncio.ensure_future(self._stop_event.wait())
-        try:
-            await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in (slot, stop):
-                fut.cancel()
-            # ShuttingDown from the manager: _draining() now says so; nothing else to do.
-            await asyncio.gather(slot, stop, return_exceptions=True)
+    async def check_reply_to(self, delivery: Delivery, request: PredictionRequest) -> None:
+        return None  # a reply_to naming no queue is told by the broker's return (mandatory)
 
-    async def _submit(self, job: _Job, request: PredictionRequest) -> Prediction | None:
-        """Hand the message to the manager once it has a free slot (held until then)."""
+    async def recorded(self, prediction_id: str) -> str | None:
+        return await self.store.get(prediction_id)
+
+    async def publish(
+        self, delivery: Delivery, request: PredictionRequest, value: str, *, republish: bool
+    ) -> None:
         assert request.id is not None
-        existing = self.manager.get(request.id)
-        if existing is not None and not existing.done:
-            job.held = False  # a redelivery of a message we are running: re-attach to it
-            job.prediction = existing
-            return existing
-        async with self._gate:
-            while True:
-                while self.manager.free_slots() <= 0 and not self._draining():
-                    await self._wait_slot_or_stop()
-                if job.generation != self._generation:
-                    return None  # its connection died: the broker requeued it already
-                if self._draining() or job.returned:
-                    if not job.returned:
-                        job.returned = True
-                        await self._settle(job, requeue=True)
-                    return None
-                try:
-                    prediction: Prediction = await self.manager.submit(request, source="amqp")
-                    break
-                except InvalidRequest as e:
-                    await self._dead_letter(job, f"{names.REASON_INVALID_REQUEST}: {e}")
-                    return None
-                except RETRY_LATER as e:
-                    log.info("amqp_submit_deferred prediction=%s error=%r", request.id, str(e))
-                    await self._wait_slot_or_stop()
-        if job.returned:
-            # Nacked back by shutdown while submit() ran (e.g. a file download): another pool
-            # runs the message, so this copy must not run here with nobody to publish it.
-            log.info("amqp_submit_undone prediction=%s", prediction.id)
-            await self.manager.cancel(prediction.id)
-            return None
-        job.held = False
-        job.prediction = prediction
-        log.debug(
-            "amqp_prediction_submitted prediction=%s deliveries=%d", prediction.id, job.deliveries
-        )
-        return prediction
-
-    async def _finished(
-        self, job: _Job, request: PredictionRequest, prediction: Prediction
-    ) -> None:
-        if job.returned:
-            return
-        if self._draining() and shutdown_casualty(prediction):
-            # Ended by this pool's shutdown, not by the model: back to the queue.
-            job.returned = True
-            await self._settle(job, requeue=True)
-            return
-        if runner_died(prediction):
-            reason = after_runner_died(
-                prediction, deliveries=job.deliveries, max_deliveries=self.config.max_deliveries
-            )
-            if reason is not None:
-                await self._dead_letter(job, reason)
-            else:
-                log.warning(
-                    "amqp_message_requeued prediction=%s error=%r", prediction.id, prediction.error
-                )
-                await self._settle(job, requeue=True)
-            return
-        result = prediction.to_dict()
-        await self.store.put(prediction.id, result)
-        if job.generation != self._generation:
-            # Our delivery died with its connection; the broker redelivers the message and
-            # the redelivery publishes the recorded result. Publishing here would double it.
-            log.info("amqp_result_recorded_for_redelivery prediction=%s", prediction.id)
-            return
-        await self._publish_and_ack(job, request, result)
-        self.stats.completed += 1
-        log.debug(
-            "amqp_prediction_completed prediction=%s status=%s", prediction.id, prediction.status
-        )
-
-    # --- publishing and settling ---------------------------------------------------------------
-    async def _publish_and_ack(
-        self, job: _Job, request: PredictionRequest, result: dict[str, Any]
-    ) -> None:
-        """Publish the result (broker-confirmed) to reply_to and the results exchange, then ack."""
-        channel = self._channel
-        if channel is None or job.generation != self._generation:
-            return
-        message = job.message
-        body = json.dumps(result, separators=(",", ":"), default=str).encode()
+        if republish:
+            if delivery.redelivered and await self.store.published(request.id):
+                # Confirmed already; only the ack was lost (with its connection): ack now.
+                await self._ack(delivery)
+                self.stats.deduplicated += 1
+                log.info("amqp_result_already_published prediction=%s", request.id)
+                return
+        else:
+            await self.store.put(request.id, value)
+        message = self._require_valid(delivery)
         out = aio_pika.Message(
-            body=body,
+            body=value.encode(),
             content_type=JSON,
             correlation_id=message.correlation_id,
-            message_id=request.id,
+            message_id=request.id,  # consumers deduplicate by it (the remaining window)
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={"prediction-id": request.id, "status": str(result.get("status"))},
+            headers={"prediction-id": request.id},
         )
-        if message.reply_to:
-            await channel.default_exchange.publish(out, routing_key=message.reply_to)
-        if self._results_exchange is not None:
-            await self._results_exchange.publish(out, routing_key=self.config.results_routing_key)
-        if not message.reply_to and self._results_exchange is None:
-            log.info(
-                "amqp_result_unrouted prediction=%s (no reply_to, no results_exchange)", request.id
-            )
-        await message.ack()
+        routed = False
+        try:
+            if message.reply_to:
+                confirm = await self._channel_of(delivery).default_exchange.publish(
+                    out, routing_key=message.reply_to, mandatory=True
+                )
+                if not isinstance(confirm, aiormq.spec.Basic.Ack):
+                    raise self._unroutable(request.id, f"reply_to queue {message.reply_to!r}")
+                routed = True
+            if self._results_exchange is not None:
+                confirm = await self._results_exchange.publish(
+                    out, routing_key=self.config.results_routing_key, mandatory=True
+                )
+                if isinstance(confirm, aiormq.spec.Basic.Ack):
+                    routed = True
+                else:
+                    self._unroutable(
+                        request.id, f"results exchange {self.config.results_exchange!r}"
+                    )
+        except BROKER_ERRORS as e:
+            raise BrokerLost(f"publish failed: {e!r}") from e
+        if not routed:
+            raise self._unroutable(request.id, "nowhere (no reply_to, no results_exchange)")
+        try:
+            await self.store.mark_published(request.id)
+        except StoreUnavailable as e:
+            # The mark only matters if the ack below is lost too; retrying the publish for
+            # it would publish the result twice.
+            self.stats.store_errors += 1
+            log.warning("amqp_publish_mark_failed prediction=%s error=%r", request.id, str(e))
+        await self._ack(delivery)
 
-    async def _dead_letter(self, job: _Job, reason: str) -> None:
+    def _unroutable(self, prediction_id: str, where: str) -> Poison:
+        self.stats.unroutable += 1
+        log.warning("amqp_result_unroutable prediction=%s to=%s", prediction_id, where)
+        return Poison(
+            f"{names.REASON_UNROUTABLE}: the broker could not route the result to {where}"
+        )
+
+    def _channel_of(self, delivery: Delivery) -> AbstractChannel:
+        channel = self._channel
+        if channel is None or not self.valid(delivery):
+            raise BrokerLost("the message's channel is gone")
+        return channel
+
+    async def _ack(self, delivery: Delivery) -> None:
+        message = self._require_valid(delivery)
+        try:
+            await message.ack()
+        except BROKER_ERRORS as e:
+            raise BrokerLost(f"ack failed: {e!r}") from e
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish a copy with the reason to the dead-letter exchange (confirmed), then ack."""
-        message = job.message
-        if self._dead_exchange is None or job.generation != self._generation:
-            return
+        message = self._require_valid(delivery)
         headers = dict(message.headers or {})
         headers[names.AMQP_DEAD_REASON_HEADER] = reason
-        await self._dead_exchange.publish(
-            aio_pika.Message(
-                body=message.body,
-                headers=headers,
-                content_type=message.content_type,
-                correlation_id=message.correlation_id,
-                reply_to=message.reply_to,
-                message_id=message.message_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=self.config.queue,
-        )
-        await message.ack()
-        self.stats.dead_lettered += 1
-        log.warning("amqp_dead_lettered queue=%s reason=%r", self.config.queue, reason)
-
-    async def _settle(self, job: _Job, *, requeue: bool) -> None:
-        """Give the message back to the queue (nack requeue); a no-op on a dead connection."""
-        if job.generation != self._generation:
-            return
+        assert self._dead_exchange is not None
         try:
-            await job.message.nack(requeue=requeue)
+            await self._dead_exchange.publish(
+                aio_pika.Message(
+                    body=message.body,
+                    headers=headers,
+                    content_type=message.content_type,
+                    correlation_id=message.correlation_id,
+                    reply_to=message.reply_to,
+                    message_id=message.message_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=self.config.queue,
+                mandatory=False,
+            )
+        except BROKER_ERRORS as e:
+            raise BrokerLost(f"dead-letter publish failed: {e!r}") from e
+        await self._ack(delivery)
+
+    async def give_back(self, delivery: Delivery) -> None:
+        """Give the message back to the queue (nack requeue); a no-op on a dead connection."""
+        if not self.valid(delivery):
+            return
+        meta: _Meta = delivery.meta
+        try:
+            await meta.message.nack(requeue=True)
             self.stats.requeued += 1
-            if job.returned:
-                self.stats.returned += 1
         except BROKER_ERRORS as e:
             log.info("amqp_nack_failed error=%r", str(e))
+
+    def submitted(self, job: Job) -> None:
+        return None

@@ -61,15 +61,23 @@ def log_retry(log: logging.Logger, event: str, **fields: object) -> Callable[[Ba
     return on_error
 
 
-def watch_task(task: asyncio.Task[Any], log: logging.Logger) -> asyncio.Task[Any]:
-    """Log, loudly, a long-lived consumer task that ended with an error.
+def watch_task(
+    task: asyncio.Task[Any],
+    log: logging.Logger,
+    *,
+    on_crash: Callable[[BaseException], None] | None = None,
+) -> asyncio.Task[Any]:
+    """Log, loudly, a long-lived consumer task that ended with an error, and tell its owner.
 
     Broker errors are retried inside the tasks; an exception that escapes one is a bug, and a
-    consumer that silently stopped consuming would look healthy while work piles up.
+    consumer that silently stopped consuming would look healthy while work piles up: the
+    owner's ``on_crash`` marks its health ``failed``.
     """
 
     def done(t: asyncio.Task[Any]) -> None:
-        if not t.cancelled() and t.exception() is not None:
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            if on_crash is not None:
+                on_crash(exc)
             log.error(
                 "consumer_task_crashed task=%s error=%r",
                 t.get_name(),

@@ -269,7 +269,8 @@ class RedisBatch:
     def __init__(self, args: argparse.Namespace, key: str) -> None:
         self.url = args.redis_url
         self.stream = args.stream
-        self.reply = f"{args.stream}:batch:{key}"
+        # Under the pools' default reply_to prefix (queues.redis.reply_to_prefix).
+        self.reply = f"{names.default_reply_prefix(args.stream)}batch:{key}"
         self.dead = names.dead_stream_name(args.stream, args.dead_stream)
         self.ttl_ms = int(args.reply_ttl_s * 1000)
         self.retry_s = args.retry_s
@@ -416,11 +417,13 @@ class AmqpBatch:
         )
 
     async def replies(self) -> AsyncIterator[Reply]:
-        # A forced close ends the iterator with an error (or an ack fails on the closed
-        # channel): read again once the robust connection is back, within --retry-s. An
+        # A forced close ends the iterator (quietly, or with an error, or an ack fails on the
+        # closed channel): read again once the robust connection is back, within --retry-s.
+        # The run cancels this reader when it is done, so every end here is a lost link. An
         # unacked reply is redelivered; the run ignores an id it has already written.
         lost_at: float | None = None
         while True:
+            error: BaseException | None = None
             try:
                 async with self.reply_queue.iterator() as messages:
                     async for message in messages:
@@ -429,14 +432,17 @@ class AmqpBatch:
                         if reply is not None:
                             yield reply  # the caller has written it when this resumes
                         await message.ack()
-                return
             except _broker_errors() as e:
-                now = time.monotonic()
-                lost_at = lost_at if lost_at is not None else now
-                if now - lost_at > self.retry_s:
-                    raise
-                print(f"cog-pool submit: reading replies failed ({e!r}); retrying", file=sys.stderr)
-                await asyncio.sleep(0.5)  # the robust connection reconnects meanwhile
+                error = e
+            now = time.monotonic()
+            lost_at = lost_at if lost_at is not None else now
+            if now - lost_at > self.retry_s:
+                if error is not None:
+                    raise error
+                raise ConnectionError(f"the reply queue {self.reply_name} stopped delivering")
+            why = repr(error) if error is not None else "the consumer was closed"
+            print(f"cog-pool submit: reading replies stopped ({why}); retrying", file=sys.stderr)
+            await asyncio.sleep(0.5)  # the robust connection reconnects meanwhile
 
     def stop_reading(self) -> None:
         """The iterator waits for the next message: the run cancels it."""

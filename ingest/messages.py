@@ -8,39 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from ingest import names
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
-from pool.prediction import MAX_JSON_DEPTH, Prediction, PredictionRequest, nests_deeper_than
+from pool.prediction import (
+    MAX_JSON_DEPTH,
+    PredictionRequest,
+    check_wire_safe,
+    nests_deeper_than,
+)
 
 __all__ = [
     "RETRY_LATER",
-    "ConsumerStats",
     "Poison",
     "after_runner_died",
+    "check_values",
     "over_delivered",
     "parse_request",
-    "runner_died",
-    "shutdown_casualty",
 ]
-
-
-@dataclasses.dataclass
-class ConsumerStats:
-    """Counters every queue consumer keeps; each adds its broker's own (health and metrics)."""
-
-    received: int = 0
-    completed: int = 0
-    republished: int = 0
-    dead_lettered: int = 0
-    redeliveries: int = 0
-    returned: int = 0
-    reconnects: int = 0
-    last_error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 # What the manager's submit() raises for "not now, try again": the consumers wait for a slot.
 RETRY_LATER: tuple[type[Exception], ...] = (PoolFull, PoolBusy, NotReady, ShuttingDown)
@@ -68,7 +55,14 @@ def parse_request(
     if size > max_bytes:
         raise Poison(f"{names.REASON_TOO_LARGE}: {size} bytes > max_message_bytes={max_bytes}")
     too_deep = f"{names.REASON_INVALID_JSON}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")  # strictly: json.loads would guess UTF-16/32 from bytes
+        except UnicodeDecodeError as e:
+            raise Poison(f"{names.REASON_INVALID_JSON}: the message is not UTF-8 ({e})") from None
     try:
+        # NaN and ±Infinity parse here so that check_wire_safe below names the field holding
+        # them (the dead letter says "input.x: number nan is not finite").
         body: Any = json.loads(raw)
     except RecursionError:
         # Hostile nesting exhausts the decoder's recursion: poison, not a crash that would
@@ -83,22 +77,18 @@ def parse_request(
         raise Poison(f"{names.REASON_INVALID_REQUEST}: missing required field 'input'")
     try:
         request = PredictionRequest.from_body(body)
+        # The wire check HTTP requests get in submit() (input, context, webhook): early here,
+        # so a message that can never run is dead-lettered without waiting for a slot.
+        check_wire_safe(request)
     except InvalidRequest as e:
         raise Poison(f"{names.REASON_INVALID_REQUEST}: {e}") from None
+    # Whatever else the body carries (reply_to, extra fields) travels with the result.
+    problem = check_values(body)
+    if problem is not None:
+        raise Poison(f"{names.REASON_INVALID_REQUEST}: {problem}")
     if request.id is None:
         request = dataclasses.replace(request, id=names.safe_id(fallback_id))
     return request
-
-
-def runner_died(prediction: Prediction) -> bool:
-    """True when the prediction failed because its runner process died under it.
-
-    Such a failure says nothing about the message (the GPU may have had a hiccup), so the
-    consumers hand the message back for another delivery instead of publishing the failure,
-    and dead-letter it only after ``max_deliveries``. The runner handle sets the flag when it
-    fails the predictions of a process that exited (DESIGN §3).
-    """
-    return prediction.status == "failed" and prediction.runner_died
 
 
 def over_delivered(deliveries: int, max_deliveries: int) -> str | None:
@@ -110,9 +100,9 @@ def over_delivered(deliveries: int, max_deliveries: int) -> str | None:
 
 
 def after_runner_died(
-    prediction: Prediction, *, deliveries: int, max_deliveries: int
+    prediction: Any, *, deliveries: int, max_deliveries: int
 ) -> str | None:
-    """After its runner died (:func:`runner_died`): the dead-letter reason when this was the
+    """After its runner died: the dead-letter reason when this was the
     message's last allowed delivery, else None (hand it back for another delivery)."""
     if deliveries >= max_deliveries:
         return _too_many(deliveries, max_deliveries, f"last error: {prediction.error}")
@@ -126,14 +116,35 @@ def _too_many(deliveries: int, max_deliveries: int, why: str) -> str:
     )
 
 
-def shutdown_casualty(prediction: Prediction) -> bool:
-    """True when a draining pool, not the model, ended the prediction: canceled (the manager
-    cancels what outlives the grace), failed by the shutdown, or its runner was stopped.
+def check_values(value: Any, where: str = "body") -> str | None:
+    """What in a decoded message can never be a prediction, with where it is, else None.
 
-    A consumer that is stopping hands such a message back instead of publishing it. (A user's
-    cancel that lands during the drain is indistinguishable; it is redelivered and rerun.)
+    Non-finite numbers (``1e999`` decodes to inf) and lone UTF-16 surrogates (``"\\ud800"``
+    decodes to a string no UTF-8 encoder accepts: the result could never be published, and
+    the message would be redelivered to a prediction that cannot end). Iterative: the depth
+    is bounded before this runs, but no recursion is needed.
     """
-    if prediction.status == "canceled" or runner_died(prediction):
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"{path} is {item!r}: non-finite numbers are not allowed"
+        if isinstance(item, str):
+            if _has_surrogate(item):
+                return f"{path} holds a lone surrogate (not encodable as UTF-8)"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if _has_surrogate(key):
+                    return f"a key in {path} holds a lone surrogate (not encodable as UTF-8)"
+                stack.append((child, f"{path}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
         return True
-    shut_down = (prediction.error or "").startswith("the pool shut down")
-    return prediction.status == "failed" and shut_down
+    return False

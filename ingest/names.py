@@ -12,18 +12,24 @@ __all__ = [
     "AMQP_DEAD_REASON_HEADER",
     "AMQP_DELIVERY_COUNT_HEADER",
     "AMQP_DELIVERY_LIMIT_HEADROOM",
+    "FIELD_BASE64_SUFFIX",
     "FIELD_EVENT",
     "FIELD_ID",
     "FIELD_ORIGINAL_ID",
     "FIELD_REASON",
     "FIELD_VALUE",
+    "REASON_INTERNAL",
     "REASON_INVALID_JSON",
+    "REASON_INVALID_REPLY_TO",
     "REASON_INVALID_REQUEST",
     "REASON_MAX_DELIVERIES",
     "REASON_MISSING_VALUE",
     "REASON_TOO_LARGE",
+    "REASON_UNROUTABLE",
     "dead_stream_name",
+    "default_reply_prefix",
     "deliveries_key",
+    "published_key",
     "result_key",
     "safe_id",
 ]
@@ -34,6 +40,8 @@ FIELD_ID = "id"  # prediction id on result entries
 FIELD_EVENT = "event"  # on result entries: "completed", or start/output/logs when progress is on
 FIELD_REASON = "reason"  # on dead-letter entries
 FIELD_ORIGINAL_ID = "original_id"  # on dead-letter entries: the request entry's id
+# On dead-letter entries: a field whose value was not UTF-8, base64-encoded ("value_base64").
+FIELD_BASE64_SUFFIX = "_base64"
 
 # AMQP headers.
 AMQP_DEAD_REASON_HEADER = "x-cog-dead-reason"
@@ -50,6 +58,9 @@ REASON_INVALID_REQUEST = "invalid request"
 REASON_MISSING_VALUE = "missing value field"
 REASON_TOO_LARGE = "message too large"
 REASON_MAX_DELIVERIES = "delivered too many times"
+REASON_INVALID_REPLY_TO = "invalid reply_to"
+REASON_UNROUTABLE = "reply not routable"
+REASON_INTERNAL = "internal error"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -67,6 +78,16 @@ def result_key(prefix: str, prediction_id: str) -> str:
 def deliveries_key(prefix: str, prediction_id: str) -> str:
     """Redis key counting deliveries of one id (AMQP on classic queues, which lack a count)."""
     return f"{prefix}:deliveries:{prediction_id}"
+
+
+def default_reply_prefix(stream: str) -> str:
+    """The keys a Redis message's ``reply_to`` may name when no prefix is configured."""
+    return f"{stream}:reply:"
+
+
+def published_key(prefix: str, prediction_id: str) -> str:
+    """Redis key marking that the result of one id was confirmed by the broker (AMQP)."""
+    return f"{prefix}:published:{prediction_id}"
 
 
 def safe_id(raw: str) -> str:

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", default=RedisConfig.stream, help="Redis request stream")
     p.add_argument("--queue", default=AmqpConfig.queue, help="AMQP request queue")
     p.add_argument(
+        "--reply-prefix",
+        help="the pools' queues.redis.reply_to_prefix (default: <stream>:reply:)",
+    )
+    p.add_argument(
         "-i", "--input", action="append", default=[], metavar="KEY=VALUE",
         help="an input; VALUE is parsed as JSON when it can be (5, true, [1]), else a string",
     )
@@ -95,7 +99,8 @@ async def _submit_redis(args: argparse.Namespace, body: dict[str, Any]) -> dict[
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(args.redis_url, decode_responses=True)
-    reply_to = f"{args.stream}:reply:{body['id']}"
+    prefix = args.reply_prefix or names.default_reply_prefix(args.stream)
+    reply_to = f"{prefix}{body['id']}"
     body["reply_to"] = reply_to  # a private stream: only this prediction's entries
     try:
         await client.xadd(args.stream, {names.FIELD_VALUE: json.dumps(body)})

@@ -158,6 +158,13 @@ class RedisConfig:
     result_ttl_s: float = 86_400.0
     cancel_channel: str = "cog-pool:cancel"
     max_message_bytes: int = 10 * 1024 * 1024
+    # A message's reply_to must name a key under this prefix. None: "<stream>:reply:".
+    reply_to_prefix: str | None = None
+    # Streams are capped (exact MAXLEN on every XADD): results and reply streams, dead letters.
+    results_maxlen: int = 100_000
+    dead_maxlen: int = 100_000
+    # Acked request entries are deleted (XDEL): one consumer group per stream.
+    delete_acked: bool = True
 
 
 @dataclass(frozen=True)
@@ -172,10 +179,13 @@ class AmqpConfig:
     max_deliveries: int = 3
     max_message_bytes: int = 10 * 1024 * 1024
     result_store_redis_url: str | None = None  # None: results remembered in memory
-    # Unacked messages this pool may hold. None: its runner slots (take only what can run now).
-    # More keeps slots busy while finished results wait for their confirm and ack (short
-    # predictions); the extra messages wait here instead of going to another pool.
+    # Unacked messages this pool may hold. None: twice its runner slots (at most one extra
+    # message waits per slot, so slots stay busy while finished results wait for their
+    # confirm and ack); the extra messages wait here instead of going to another pool.
     prefetch: int | None = None
+    # The in-memory result store (no result_store_redis_url): bounded in count and in bytes.
+    result_store_max_entries: int = 100_000
+    result_store_max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -482,7 +492,11 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("queues.redis.max_deliveries", lambda v: v >= 1, ">= 1"),
     ("queues.redis.result_ttl_s", lambda v: v > 0, "> 0"),
     ("queues.redis.max_message_bytes", lambda v: v > 0, "> 0"),
+    ("queues.redis.results_maxlen", lambda v: v >= 1, ">= 1"),
+    ("queues.redis.dead_maxlen", lambda v: v >= 1, ">= 1"),
     ("queues.amqp.max_deliveries", lambda v: v >= 1, ">= 1"),
+    ("queues.amqp.result_store_max_entries", lambda v: v >= 1, ">= 1"),
+    ("queues.amqp.result_store_max_bytes", lambda v: v >= 1, ">= 1"),
     ("queues.amqp.prefetch", lambda v: 1 <= v <= 65535, "between 1 and 65535"),
     ("queues.amqp.max_message_bytes", lambda v: v > 0, "> 0"),
     ("shutdown.grace_s", lambda v: v >= 0, ">= 0"),

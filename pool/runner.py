@@ -864,13 +864,6 @@ class RunnerHandle:
         return text
 
 
-_encode_request = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _encode_request_bytes(request: dict[str, Any]) -> bytes:
-    return _encode_request(request).encode()
-
-
 def _load_delta_file(path: str) -> dict[str, Any]:
     """Read and remove one spilled delta (runs in a worker thread: it may be large)."""
     try:

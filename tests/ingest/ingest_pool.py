@@ -1,8 +1,9 @@
 """Real pools for the broker tests: a PoolManager with coglet runners plus the consumers,
-in this process or as a ``python -m pool serve`` child process."""
+in this process or as a ``python -m cogpool serve`` child process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -130,14 +131,14 @@ def free_port() -> int:
 
 
 def spawn_pool_process(overrides: dict[str, Any], log_path: str) -> subprocess.Popen[bytes]:
-    """``python -m pool serve`` with the queue settings in COG_POOL_* variables."""
+    """``python -m cogpool serve`` with the queue settings in COG_POOL_* variables."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT
     for key, value in overrides.items():
         env[env_var_name(key)] = str(value)
     log = open(log_path, "wb")  # the child writes it; closed when the test process ends
     return subprocess.Popen(
-        [sys.executable, "-m", "pool", "serve", ECHO_MODEL, "--runners", "2",
+        [sys.executable, "-m", "cogpool", "serve", ECHO_MODEL, "--runners", "2",
          "--port", str(free_port()), "--log-level", "debug"],  # per-prediction lines are DEBUG
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -161,3 +162,20 @@ def count_runs(runs_file: str) -> dict[int, int]:
                 if line.strip():
                     counts[int(line)] = counts.get(int(line), 0) + 1
     return counts
+
+
+async def close_connections_named(marker: str) -> int:
+    """Close, on the broker, the connections whose client-given name contains ``marker``."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
+        "--no-table-headers", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(listing.communicate(), 60)
+    pids = [line.split("\t", 1)[0] for line in out.decode().splitlines() if marker in line]
+    for pid in pids:
+        close = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_connection", pid, "chaos test",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await asyncio.wait_for(close.wait(), 60) == 0
+    return len(pids)

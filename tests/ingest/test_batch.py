@@ -1,6 +1,6 @@
 """``cog-pool submit --file``: ids from the file, results appended, Ctrl-C and re-run.
 
-The broker tests run the real command (``python -m pool submit``) against a real pool on the
+The broker tests run the real command (``python -m cogpool submit``) against a real pool on the
 real Redis and RabbitMQ; the echo model records every run in a file, so "each line ran once"
 is counted, not assumed.
 """
@@ -32,7 +32,7 @@ from ingest_pool import (
     running_pool,
     unique,
 )
-from test_broker_redis import _ping, private_redis  # noqa: F401 (a fixture)
+from test_broker_redis import _ping  # private_redis: a fixture of conftest.py
 
 from ingest.batch import _run, batch_key, line_id, read_lines, recorded
 from ingest.submit import build_parser
@@ -99,7 +99,7 @@ async def reply_channel_ttl_ms(broker: str, name: str, inputs: Path) -> int | No
         import redis.asyncio as aioredis
 
         client = aioredis.from_url(REDIS_URL)
-        ttl_ms = int(await client.pttl(f"{name}:batch:{key}"))
+        ttl_ms = int(await client.pttl(f"{name}:reply:batch:{key}"))
         await client.aclose()
         assert ttl_ms != -1, "the reply stream has no TTL"
         if ttl_ms == -2:
@@ -125,7 +125,7 @@ async def start_submit(*flags: str) -> asyncio.subprocess.Process:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pool", "submit", *flags,
+        sys.executable, "-m", "cogpool", "submit", *flags,
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
@@ -282,7 +282,7 @@ async def test_a_broker_connection_lost_mid_run_is_reconnected(tmp_path: Path) -
 @pytest.mark.broker
 async def test_a_redis_restart_mid_run_is_retried(
     tmp_path: Path,
-    private_redis: Any,  # noqa: F811 (the fixture imported above)
+    private_redis: Any,  # the conftest.py fixture
 ) -> None:
     url, start, stop = private_redis
     name = unique("batch")

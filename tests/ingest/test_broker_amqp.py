@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from ingest_pool import (
     AMQP_URL,
     REDIS_URL,
     amqp_overrides,
+    close_connections_named,
     count_runs,
     delete_amqp_names,
     pool_config,
@@ -177,15 +177,17 @@ async def test_graceful_shutdown_requeues_unstarted_and_acks_finished(broker, tm
         await broker.publish({"id": "q-run", "input": {"sleep_s": 1.0}})
         for n in range(3):
             await broker.publish({"id": f"q-{n}", "input": {"n": n}})
-        # prefetch 2: one message runs in the free slot, one is held unstarted.
+        # Default prefetch 4 (twice the 2 slots): one message runs in the free slot, the
+        # other three are held unstarted.
         await wait_until(
-            lambda: consumers.health()["amqp"]["held"] == 1, what="one message held"
+            lambda: consumers.health()["amqp"]["held"] == 3, what="three messages held"
         )
+        assert consumers.health()["amqp"]["prefetch"] == 4
         assert manager.get("q-run") is not None
         await consumers.stop(grace_s=10)
         results = await broker.until_results(1)
         assert list(results) == ["q-run"]
-        assert await queue_depth(broker.queue) == 3  # held one back + two never delivered
+        assert await queue_depth(broker.queue) == 3  # the three held ones handed back
         await http.wait(30)
 
 
@@ -212,16 +214,11 @@ async def test_connection_loss_reconnects_nothing_lost_or_run_twice(broker, tmp_
             body = {"id": f"c-{n}", "input": {"n": n, "sleep_s": 0.3, "runs_file": runs_file}}
             await broker.publish(body)
         await broker.until_results(2)
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "close_all_connections", "cog-pool ingest test",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        # Only this pool's connection (by its connection_name): the broker is shared.
+        assert await close_connections_named(broker.queue) == 1
         await wait_until(
-            lambda: consumers.health()["amqp"]["reconnects"] >= 1, what="loss seen"
+            lambda: consumers.health()["amqp"]["reconnects"] == 1, what="loss seen"
         )
-        # The test's own connection was closed too: read the replies on a new one.
-        await broker.connect()
         await wait_until(
             lambda: consumers.health()["amqp"]["state"] == "connected", what="reconnected"
         )

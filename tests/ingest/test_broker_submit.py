@@ -24,7 +24,7 @@ pytestmark = pytest.mark.broker
 
 
 async def test_cog_pool_submit_through_redis_prints_the_result(tmp_path):
-    # Through the real command line: `python -m pool submit ...` is `cog-pool submit ...`.
+    # Through the real command line: `python -m cogpool submit ...` is `cog-pool submit ...`.
     stream = unique("submit")
     config = pool_config(str(tmp_path / "s"), redis_overrides(stream), runners=1)
     async with running_pool(config):
@@ -32,7 +32,7 @@ async def test_cog_pool_submit_through_redis_prints_the_result(tmp_path):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "pool",
+            "cogpool",
             "submit",
             *argv,
             stdout=asyncio.subprocess.PIPE,

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from ingest import names
-from ingest.messages import Poison, after_runner_died, over_delivered, parse_request, runner_died
+from ingest.messages import Poison, after_runner_died, over_delivered, parse_request
+from ingest.port import End, end_of
 from ingest.results import MemoryResultStore
-from pool.prediction import Prediction, PredictionRequest
+from pool.prediction import EndReason, Prediction, PredictionRequest
 
 
 def parse(raw: bytes | str | None, max_bytes: int = 1000):
@@ -48,25 +49,69 @@ def test_missing_id_comes_from_the_message_id_made_safe():
     assert names.safe_id("..//") == "msg"
 
 
-def test_runner_died_is_told_from_other_failures():
+def test_the_end_of_a_prediction_is_read_from_its_fields_not_its_error_text():
     p = Prediction(PredictionRequest(id="a", input={}))
-    p.runner_died = True  # as the runner handle marks the predictions of a dead process
-    p.fail("runner 1 (gpu 1) died: killed by SIGKILL\nlast output:\nboom")
-    assert runner_died(p)
+    p.fail("runner 1 (gpu 1) died: killed by SIGKILL", reason=EndReason.RUNNER_DIED)
+    assert end_of(p) is End.RUNTIME_LOST
+    lost = Prediction(PredictionRequest(id="e", input={}))
+    lost.fail("no runner can ever serve", reason=EndReason.NO_RUNNER)
+    assert end_of(lost) is End.RUNTIME_LOST
     q = Prediction(PredictionRequest(id="b", input={}))
-    q.fail("ValueError: runner 1 died in the model's own words")
-    assert not runner_died(q)
+    q.fail("ValueError: runner 1 died; the pool shut down (the model's own words)")
+    assert end_of(q) is End.RESULT
+    r = Prediction(PredictionRequest(id="c", input={}))
+    r.finish("canceled", reason=EndReason.SHUTDOWN)  # as the manager's drain ends it
+    assert end_of(r) is End.SHUTDOWN
+    user = Prediction(PredictionRequest(id="d", input={}))
+    user.finish("canceled")  # a user's cancel is a result like any other
+    assert end_of(user) is End.RESULT
 
 
 async def test_memory_store_keeps_results_and_counts_deliveries():
     store = MemoryResultStore(ttl_s=60, max_entries=2)
     assert await store.get("a") is None
-    await store.put("a", {"id": "a", "status": "succeeded"})
-    assert (await store.get("a"))["status"] == "succeeded"
+    await store.put("a", '{"id":"a","status":"succeeded"}')
+    assert json.loads(await store.get("a"))["status"] == "succeeded"
+    assert not await store.published("a")
+    await store.mark_published("a")
+    assert await store.published("a")
     assert [await store.count_delivery("a") for _ in range(3)] == [1, 2, 3]
-    await store.put("b", {})
-    await store.put("c", {})
+    await store.put("b", "{}")
+    await store.put("c", "{}")
     assert await store.get("a") is None  # bounded: the oldest goes first
+
+
+async def test_memory_store_is_bounded_in_bytes():
+    store = MemoryResultStore(ttl_s=60, max_entries=1000, max_bytes=1000)
+    for n in range(10):
+        await store.put(f"p{n}", "x" * 300)  # 3,000 bytes offered, 1,000 allowed
+    assert store.bytes <= 1000 and len(store) == 3
+    assert await store.get("p9") is not None and await store.get("p6") is None
+    await store.put("big", "y" * 5000)  # larger than the bound alone: not kept at all
+    assert store.bytes <= 1000 and await store.get("big") is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail"),
+    [
+        ('{"input": {"x": NaN}}', names.REASON_INVALID_REQUEST, "input.x: number nan is not"),
+        ('{"input": {"x": Infinity}}', names.REASON_INVALID_REQUEST, "input.x: number inf is not"),
+        ('{"input": {}, "extra": [NaN]}', names.REASON_INVALID_REQUEST, "body.extra[0] is nan"),
+        ('{"input": {"x": [1, -1e400]}}', names.REASON_INVALID_REQUEST, "input.x.1: number -inf"),
+        ('{"input": {"t": "a\\ud800b"}}', names.REASON_INVALID_REQUEST, "input.t: string holds"),
+        ('{"input": {}, "context": {"\\udc00": "v"}}', names.REASON_INVALID_REQUEST, "surrogate"),
+    ],
+)
+def test_non_finite_numbers_and_lone_surrogates_are_poison(raw, reason, detail):
+    with pytest.raises(Poison) as err:
+        parse(raw, max_bytes=10_000)
+    assert err.value.reason.startswith(reason) and detail in err.value.reason
+
+
+def test_bytes_that_are_not_utf8_are_poison_even_when_they_look_like_utf16():
+    with pytest.raises(Poison) as err:
+        parse('{"input": {}}'.encode("utf-16"))
+    assert "not UTF-8" in err.value.reason
 
 
 def nested(levels: int) -> str:
@@ -111,3 +156,13 @@ def test_kind_says_training_and_defaults_to_prediction() -> None:
     assert training.is_training and "kind" not in training.extra
     with pytest.raises(Poison, match=r"kind must be one of \['prediction', 'training'\]"):
         parse('{"kind": "train", "input": {}}')
+
+
+def test_the_in_memory_store_takes_its_bounds_from_the_config():
+    import ingest
+    from pool.config import AmqpConfig, PoolConfig, QueuesConfig
+
+    amqp = AmqpConfig(result_store_max_entries=7, result_store_max_bytes=1234)
+    store = ingest._result_store(PoolConfig(queues=QueuesConfig(amqp=amqp)))
+    assert isinstance(store, MemoryResultStore)
+    assert (store._max, store._max_bytes) == (7, 1234)

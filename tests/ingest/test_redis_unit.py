@@ -74,13 +74,14 @@ async def test_recorded_result_is_republished_not_rerun(setup):
     client, config, manager, consumer = setup
     recorded = json.dumps({"id": "p1", "status": "succeeded", "output": "old"})
     await client.set(names.result_key(config.stream, "p1"), recorded)
-    body = {"id": "p1", "input": {}, "reply_to": "r-" + config.stream}
+    reply_to = f"{config.stream}:reply:p1"
+    body = {"id": "p1", "input": {}, "reply_to": reply_to}
     await client.xadd(config.stream, {"value": json.dumps(body)})
     await consumer.start()
     results = await wait_until(lambda: _len_at_least(results_of(client, config), 1), what="result")
     assert results[0]["value"] == recorded
     assert manager.submitted == []
-    replies = await client.xrange("r-" + config.stream)
+    replies = await client.xrange(reply_to)
     assert [f["value"] for _, f in replies] == [recorded]
     await wait_until(lambda: _pending_is(client, config, 0), what="acked")
 
@@ -151,9 +152,9 @@ async def test_running_entries_stay_claimed_and_shutdown_leaves_them_pending(set
 
 
 async def test_shutdown_during_submit_cancels_the_prediction_it_handed_back(setup):
-    client, config, _manager, consumer = setup
+    client, config, _manager, _consumer = setup
     manager = BlockingSubmitManager(slots=2, auto_finish=False)
-    consumer.manager = manager
+    consumer = RedisConsumer(config, manager, client=client)
     await client.xadd(config.stream, {"value": json.dumps({"id": "slow", "input": {}})})
     await consumer.start()
     await asyncio.wait_for(manager.entered.wait(), 20)

@@ -434,7 +434,7 @@ async def test_post_shutdown_drains_and_the_served_process_exits_0(tmp_path: Pat
         "COG_POOL_HTTP_ALLOW_SHUTDOWN": "true",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
+        sys.executable, "-m", "cogpool", "serve", str(MODELS / "echo"), "--port", "0",
         "--state-dir", str(tmp_path / "state"), "--log-level", "info",
         cwd=str(tmp_path), env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -171,7 +171,7 @@ def test_cog_pool_config_never_prints_the_token() -> None:
     env = cli_env()
     env["COG_POOL_HTTP_AUTH_TOKEN"] = TOKEN
     done = subprocess.run(
-        [sys.executable, "-m", "pool", "config", str(MODELS / "worker")],
+        [sys.executable, "-m", "cogpool", "config", str(MODELS / "worker")],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

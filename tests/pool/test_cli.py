@@ -30,7 +30,7 @@ def cli_env() -> dict[str, str]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pool", *args],
+        [sys.executable, "-m", "cogpool", *args],
         cwd=PROJECT,
         env=env or cli_env(),
         capture_output=True,
@@ -46,7 +46,7 @@ class Served:
         self.log_path = tmp_path / "serve.log"
         self.log = open(self.log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve", *args, "--port", "0"],
+            [sys.executable, "-m", "cogpool", "serve", *args, "--port", "0"],
             cwd=cwd,
             env=cli_env(),
             stdout=self.log,

@@ -64,7 +64,7 @@ async def serve_example(tmp_path: Path) -> AsyncIterator[Any]:
         )
         with open(log_path, "wb") as log:  # noqa: ASYNC230 -- before the pool starts
             proc = subprocess.Popen(  # noqa: ASYNC220 -- output goes to a file
-                [sys.executable, "-m", "pool", "serve", str(PROJECT / "examples" / name),
+                [sys.executable, "-m", "cogpool", "serve", str(PROJECT / "examples" / name),
                  "--port", "0", "--state-dir", str(tmp_path / f"state-{name}")],
                 cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip

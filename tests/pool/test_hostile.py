@@ -176,7 +176,7 @@ async def test_a_queue_message_cannot_stop_the_pool_through_its_webhook(tmp_path
     client = aioredis.from_url("redis://127.0.0.1:6379/0")
     with open(log_path, "wb") as log:  # noqa: ASYNC230 -- before the pool starts
         proc = subprocess.Popen(  # noqa: ASYNC220 -- its log goes to a file, read by polling
-            [sys.executable, "-m", "pool", "serve", str(MODELS / "echo"), "--port", "0",
+            [sys.executable, "-m", "cogpool", "serve", str(MODELS / "echo"), "--port", "0",
              "--state-dir", str(tmp_path / "state")],
             cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

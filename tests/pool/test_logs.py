@@ -95,7 +95,7 @@ def launch(tmp_path: Path, fmt: str | None) -> tuple[subprocess.Popen[bytes], Pa
     log_path = tmp_path / f"serve-{fmt}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve", str(MODELS / "worker"), "--port", "0"],
+            [sys.executable, "-m", "cogpool", "serve", str(MODELS / "worker"), "--port", "0"],
             cwd=PROJECT,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -59,7 +59,7 @@ def _serve(log_path: Path) -> subprocess.Popen[bytes]:
     env["PYTHONPATH"] = str(PROJECT) + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_path, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve", str(MODELS / "proc"), "--port", "0"],
+            [sys.executable, "-m", "cogpool", "serve", str(MODELS / "proc"), "--port", "0"],
             cwd=PROJECT,
             env=env,
             stdout=out,
@@ -107,7 +107,7 @@ async def test_serve_on_a_state_dir_in_use_exits_3_naming_dir_and_holder(tmp_pat
     async with running_pool(config):
         # Steps: `cog-pool serve --state-dir <the same dir>` while the first pool serves.
         proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "pool", "serve", str(MODELS / "proc"), "--port", "0"),
+            *(sys.executable, "-m", "cogpool", "serve", str(MODELS / "proc"), "--port", "0"),
             *("--state-dir", str(config.state_dir)),
             cwd=PROJECT,
             env=env,

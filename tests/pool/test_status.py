@@ -64,7 +64,7 @@ class LivePool:
         self.log_path = tmp_path / "serve.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pool", "serve", str(MODELS / "worker"), "--runners", "2",
+                [sys.executable, "-m", "cogpool", "serve", str(MODELS / "worker"), "--runners", "2",
                  "--port", "0"],
                 cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -99,7 +99,7 @@ def status_cli(*args: str, token: str | None = None) -> subprocess.CompletedProc
     if token is not None:
         env["COG_POOL_HTTP_AUTH_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "pool", "status", *args],
+        [sys.executable, "-m", "cogpool", "status", *args],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -148,7 +148,7 @@ def test_status_watch_redraws_until_ctrl_c(live_pool: LivePool, tmp_path: Path) 
     env["COG_POOL_HTTP_AUTH_TOKEN"] = TOKEN
     with open(out_path, "w") as out:
         watch = subprocess.Popen(
-            [sys.executable, "-m", "pool", "status", "--url", live_pool.url, "--watch",
+            [sys.executable, "-m", "cogpool", "status", "--url", live_pool.url, "--watch",
              "--interval", "0.2"],
             cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pool_helpers import make_config, pid_alive, running_pool, wait_until
 
-from pool import cli
+from cogpool import cli
 from pool.errors import NotReady
 from pool.manager import PoolManager
 from pool.metrics import Metrics

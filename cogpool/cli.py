@@ -22,11 +22,12 @@ from typing import Any
 
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
+from pool.manager import PoolManager
 from pool.statedir import StateDirBusy
 
 __all__ = ["build_parser", "main", "serve"]
 
-log = logging.getLogger("pool.cli")
+log = logging.getLogger("cogpool.cli")
 
 EXIT_CONFIG = 2
 EXIT_STATE_DIR_BUSY = 3  # another live pool holds the state dir's lock
@@ -125,7 +126,6 @@ async def serve(config: PoolConfig) -> int:
     from aiohttp import web
 
     from pool.api import SHUTDOWN_KEY, create_app
-    from pool.manager import PoolManager
     from pool.metrics import Metrics
     from pool.server import start_http
 
@@ -163,17 +163,13 @@ async def serve(config: PoolConfig) -> int:
     return code
 
 
-async def _start_consumers(config: PoolConfig, manager: Any) -> Any:
+async def _start_consumers(config: PoolConfig, manager: PoolManager) -> Any:
     """Start the queue consumers ``config.queues`` enables (``ingest.start_consumers``)."""
     if not (config.queues.redis.url or config.queues.amqp.url):
         return None
-    import ingest
+    from ingest import start_consumers
 
-    start = getattr(ingest, "start_consumers", None)
-    if start is None:
-        log.error("queue_consumers_unavailable reason=no_ingest_start_consumers")
-        return None
-    return await start(config, manager)
+    return await start_consumers(config, manager)
 
 
 async def _first(*aws: Any) -> None:

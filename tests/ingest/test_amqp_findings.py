@@ -1,0 +1,218 @@
+"""Regression tests of issue 8 on the real RabbitMQ: an AmqpConsumer on a real broker, fed to
+a stand-in manager (no runners: the runner is not what these test).
+
+Each test is named after the behaviour the finding asked for; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+from aio_pika.message import IncomingMessage
+from ingest_fakes import FakeManager
+from ingest_helpers import wait_until
+from ingest_pool import AMQP_URL, delete_amqp_names, queue_depth, unique
+
+from ingest import names
+from ingest.amqp import AmqpConsumer
+from ingest.results import MemoryResultStore, RedisResultStore, ResultStore
+from pool.config import AmqpConfig
+
+pytestmark = pytest.mark.broker
+
+
+class Client:
+    """The test's own connection: publishes requests, collects replies and dead letters."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.replies: list[IncomingMessage] = []
+        self.dead: list[IncomingMessage] = []
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect(AMQP_URL)
+        self.channel = await self.connection.channel()
+        replies = await self.channel.declare_queue(f"{self.queue}.replies", durable=True)
+        await replies.consume(self._reply, no_ack=True)
+
+    async def watch_dead(self) -> None:
+        assert self.channel is not None
+        dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
+        await dead.consume(self._dead, no_ack=True)
+
+    async def _reply(self, message: IncomingMessage) -> None:
+        self.replies.append(message)
+
+    async def _dead(self, message: IncomingMessage) -> None:
+        self.dead.append(message)
+
+    async def publish(
+        self, body: dict | bytes, *, reply_to: str | None = None, message_id: str | None = None
+    ) -> None:
+        assert self.channel is not None
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                raw,
+                reply_to=reply_to or f"{self.queue}.replies",
+                message_id=message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self.queue,
+        )
+
+    def results(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for message in self.replies:
+            result = json.loads(message.body)
+            out.setdefault(result["id"], []).append(result)
+        return out
+
+    def dead_reasons(self) -> list[str]:
+        return [str((m.headers or {}).get(names.AMQP_DEAD_REASON_HEADER)) for m in self.dead]
+
+
+@pytest.fixture
+async def client():
+    c = Client(unique("amqp-fix"))
+    await c.connect()
+    await c.watch_dead()
+    yield c
+    await delete_amqp_names(c.queue, ("", ".dead", ".replies"), (".dlx", ".cancel"))
+    if c.connection is not None:
+        await c.connection.close()
+
+
+def config_for(queue: str, **extra: object) -> AmqpConfig:
+    return AmqpConfig(
+        url=AMQP_URL,
+        queue=queue,
+        dead_letter_exchange=f"{queue}.dlx",
+        dead_letter_queue=f"{queue}.dead",
+        cancel_exchange=f"{queue}.cancel",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def start():
+    consumers: list[AmqpConsumer] = []
+
+    async def start_one(
+        queue: str, manager: FakeManager, store: ResultStore | None = None
+    ) -> AmqpConsumer:
+        consumer = AmqpConsumer(
+            config_for(queue), manager, store=store or MemoryResultStore(ttl_s=60)
+        )
+        consumers.append(consumer)
+        await consumer.start()
+        await wait_until(lambda: consumer.state == "connected", what="consumer connected")
+        return consumer
+
+    yield start_one
+    for consumer in consumers:
+        if consumer.state != "stopped":
+            await consumer.stop(grace_s=1)
+
+
+# --- finding 3 --------------------------------------------------------------------------------
+async def test_a_reply_to_queue_that_does_not_exist_is_dead_lettered_not_lost(client, start):
+    consumer = await start(client.queue, FakeManager(slots=2))
+    nowhere = f"{client.queue}.no-such-queue"
+    await client.publish({"id": "lost", "input": {}}, reply_to=nowhere)
+    await client.publish({"id": "fine", "input": {}})
+    await wait_until(lambda: client.dead and "fine" in client.results(), what="both settled")
+    (reason,) = client.dead_reasons()
+    assert reason.startswith(names.REASON_UNROUTABLE) and nowhere in reason
+    health = consumer.health()
+    assert health["unroutable"] == 1 and health["completed"] == 1
+    assert list(client.results()) == ["fine"]
+    assert await queue_depth(client.queue) == 0
+
+
+# --- finding 4 --------------------------------------------------------------------------------
+async def test_a_confirmed_result_is_not_published_again_when_the_ack_was_lost(
+    client, start, monkeypatch
+):
+    manager = FakeManager(slots=2)
+    consumer = await start(client.queue, manager)
+    original_ack = IncomingMessage.ack
+    lost: list[str] = []
+
+    async def ack_lost_with_the_connection(self: IncomingMessage, multiple: bool = False):
+        if self.message_id == "dup" and not lost:
+            lost.append("dup")  # the result is confirmed; now the connection dies
+            assert consumer._connection is not None
+            await consumer._connection.close()
+        return await original_ack(self, multiple)
+
+    monkeypatch.setattr(IncomingMessage, "ack", ack_lost_with_the_connection)
+    await client.publish({"id": "dup", "input": {}}, message_id="dup")
+    await wait_until(lambda: consumer.health()["deduplicated"] == 1, what="redelivery acked")
+    await client.publish({"id": "after", "input": {}}, message_id="after")
+    results = await wait_until(
+        lambda: "after" in (r := client.results()) and r, what="a later result"
+    )
+    assert len(results["dup"]) == 1
+    (reply,) = [m for m in client.replies if m.message_id == "dup"]
+    assert reply.message_id == "dup"  # the prediction id: consumers can deduplicate by it
+    assert manager.submitted.count("dup") == 1
+    assert consumer.health()["reconnects"] == 1
+    assert await queue_depth(client.queue) == 0
+
+
+# --- finding 7 --------------------------------------------------------------------------------
+async def test_a_result_store_outage_is_retried_not_dead_lettered(client, start, private_redis):
+    url, start_redis, stop_redis = private_redis
+    store_client = aioredis.from_url(url, decode_responses=True)
+    await wait_until(lambda: _ping(store_client), what="private redis up")
+    store = RedisResultStore(store_client, prefix=client.queue, ttl_s=60)
+    manager = FakeManager(slots=2)
+    consumer = await start(client.queue, manager, store)
+    stop_redis()
+    await client.publish({"id": "during-outage", "input": {}}, message_id="during-outage")
+    await wait_until(lambda: consumer.health()["store_errors"] >= 2, what="store errors seen")
+    start_redis()
+    results = await wait_until(
+        lambda: "during-outage" in (r := client.results()) and r,
+        timeout_s=30,
+        what="the result once the store is back",
+    )
+    assert len(results["during-outage"]) == 1
+    assert client.dead == [] and consumer.health()["dead_lettered"] == 0
+    assert manager.submitted == ["during-outage"]
+
+
+async def _ping(c) -> bool:
+    try:
+        return bool(await c.ping())
+    except Exception:
+        return False
+
+
+# --- finding 9 and issue 7a -------------------------------------------------------------------
+async def test_non_finite_numbers_and_lone_surrogates_are_dead_lettered(client, start):
+    manager = FakeManager(slots=2)
+    await start(client.queue, manager)
+    for raw in (
+        b'{"id": "nan", "input": {"x": NaN}}',
+        b'{"id": "inf", "input": {"x": 1e999}}',
+        b'{"id": "sur", "input": {"t": "\\ud800"}}',
+        b'{"input": {}, "x": "\xff\xfe"}',
+    ):
+        await client.publish(raw)
+    await client.publish({"id": "fine", "input": {}})
+    await wait_until(
+        lambda: len(client.dead) == 4 and "fine" in client.results(), what="all settled"
+    )
+    reasons = sorted(client.dead_reasons())
+    assert sum("nan is not finite" in r for r in reasons) == 1
+    assert sum("inf is not finite" in r for r in reasons) == 1
+    assert sum("surrogate" in r for r in reasons) == 1
+    assert sum("not UTF-8" in r for r in reasons) == 1
+    assert manager.submitted == ["fine"]
