@@ -25,9 +25,11 @@ from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
+from coglet import protocol
 from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
+from pool import sse
 from pool.config import PoolConfig
-from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.errors import InvalidRequest, NoTrainer, NotReady, PoolBusy, PoolFull, ShuttingDown
 from pool.jsonstream import is_large, json_pieces
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
@@ -78,6 +80,10 @@ class ManagerAPI(Protocol):
     def status(self) -> str: ...
     @property
     def schema(self) -> dict[str, Any] | None: ...
+    @property
+    def user_health_error(self) -> str | None: ...
+    @property
+    def streaming(self) -> bool: ...
     @property
     def shutting_down(self) -> bool: ...
     @property
@@ -130,6 +136,10 @@ def create_app(
             web.put("/predictions/{prediction_id}", put_prediction),
             web.get("/predictions/{prediction_id}", get_prediction),
             web.post("/predictions/{prediction_id}/cancel", cancel_prediction),
+            web.post("/trainings", create_training),
+            web.put("/trainings/{training_id}", put_training),
+            web.get("/trainings/{training_id}", get_training),
+            web.post("/trainings/{training_id}/cancel", cancel_training),
             web.post("/shutdown", shutdown),
             web.get(METRICS_PATH, metrics_page),
         ]
@@ -207,6 +217,8 @@ def _retry_after(request: web.Request) -> dict[str, str]:
 
 def _translate(request: web.Request, exc: Exception) -> web.Response:
     """Turn a manager error into its HTTP answer (DESIGN §4 Errors)."""
+    if isinstance(exc, NoTrainer):  # before InvalidRequest: a training without train: is 404
+        return _error(404, exc.why)
     if isinstance(exc, InvalidRequest):  # InvalidInput included
         return _error(422, exc.detail)
     if isinstance(exc, PoolBusy):
@@ -375,6 +387,8 @@ async def health_ready(request: web.Request) -> web.Response:
     accepted = {"READY"} if request.app[CONFIG_KEY].http.reject_when_busy else _READY_STATUSES
     if request.app[SHUTDOWN_KEY].is_set() or manager.shutting_down:
         reason: str | None = "draining"
+    elif manager.user_health_error is not None:
+        reason = "pool status UNHEALTHY: no runner passes its healthcheck()"
     elif status not in accepted:
         reason = f"pool status {status}"
     else:
@@ -452,16 +466,64 @@ async def put_prediction(request: web.Request) -> web.StreamResponse:
     return await _create(request, path_id=request.match_info["prediction_id"])
 
 
-async def _create(request: web.Request, *, path_id: str | None) -> web.StreamResponse:
+async def create_training(request: web.Request) -> web.StreamResponse:
+    """POST /trainings (cog.yaml train:): as POST /predictions, validated against
+    ``TrainingInput``, run by the runner's trainer; 404 for a model without one."""
+    return await _create(request, path_id=None, kind=protocol.KIND_TRAINING)
+
+
+async def put_training(request: web.Request) -> web.StreamResponse:
+    """PUT /trainings/{id}: idempotent create of a training."""
+    path_id = request.match_info["training_id"]
+    return await _create(request, path_id=path_id, kind=protocol.KIND_TRAINING)
+
+
+def _training(request: web.Request) -> Prediction | None:
+    """The training named in the URL; None when unknown or not a training."""
+    record = request.app[MANAGER_KEY].get(request.match_info["training_id"])
+    return record if record is not None and record.request.is_training else None
+
+
+async def get_training(request: web.Request) -> web.StreamResponse:
+    training = _training(request)
+    if training is None:
+        return _error(404, "training not found")
+    return await _prediction_response(request, training)
+
+
+async def cancel_training(request: web.Request) -> web.Response:
+    """As a prediction's cancel: 200 while the training is known, 404 otherwise."""
+    training = _training(request)
+    if training is None:
+        return _error(404, "training not found")
+    if await request.app[MANAGER_KEY].cancel(training.id):
+        log.info("http_cancel training=%s", training.id)
+    known = request.app[MANAGER_KEY].get(training.id)
+    return web.json_response((known or training).to_dict())
+
+
+# Cog 0.23.1's answer to an SSE request on a training route.
+TRAINING_NO_STREAMING = "Training endpoints do not support streaming responses."
+
+
+async def _create(
+    request: web.Request, *, path_id: str | None, kind: str = protocol.KIND_PREDICTION
+) -> web.StreamResponse:
     if request.app[SHUTDOWN_KEY].is_set():
         return _error(503, "the pool is shutting down", headers=_retry_after(request))
+    manager = request.app[MANAGER_KEY]
+    want_sse = sse.wants_sse(request)
+    if want_sse and kind == protocol.KIND_TRAINING:
+        return web.json_response({"error": TRAINING_NO_STREAMING}, status=406)
+    if want_sse and manager.schema is not None and not manager.streaming:
+        # Cog's answer; an undecorated iterator still answers JSON without the header.
+        return web.json_response({"error": sse.NOT_STREAMING}, status=406)
     body = await _read_json(request)
     try:
-        pred_request = PredictionRequest.from_body(body, path_id=path_id)
+        pred_request = PredictionRequest.from_body(body, path_id=path_id, kind=kind)
     except InvalidRequest as e:
         return _error(422, e.detail)
-    respond_async = request.headers.get("Prefer") == _PREFER_ASYNC
-    manager = request.app[MANAGER_KEY]
+    respond_async = request.headers.get("Prefer") == _PREFER_ASYNC and not want_sse
     # The manager decides idempotency (a known id returns its prediction, except a run lost
     # to a runner death, which runs again); this request owns the prediction if it made it.
     existing = manager.get(pred_request.id) if pred_request.id else None
@@ -476,6 +538,14 @@ async def _create(request: web.Request, *, path_id: str | None) -> web.StreamRes
         "async" if respond_async else "sync",
         existing is not None,
     )
+    if want_sse:
+        capacity = request.app[CONFIG_KEY].http.stream_history_capacity
+        return await sse.stream_prediction(
+            request,
+            prediction,
+            replay_capacity=None if existing is None else capacity,
+            cancel=manager.cancel if existing is None else None,
+        )
     if respond_async:
         body = prediction.to_dict()
         if existing is None and body.get("status") not in TERMINAL_STATUSES:
@@ -565,7 +635,7 @@ _ERROR_REASONS = {
     "400": "Malformed request or JSON body",
     "401": "Missing or wrong bearer token (when http.auth_token is set)",
     "403": "Forbidden (POST /shutdown without http.allow_shutdown)",
-    "404": "Prediction not found",
+    "404": "Prediction or training not found; a training for a model without train:",
     "408": "Request body not received within http.body_timeout_s",
     "409": "All runners busy (http.reject_when_busy)",
     "413": "Request body over http.max_body_bytes",
@@ -585,7 +655,9 @@ _ANY_ROUTE_ERRORS = ("400", "401", "503")
 _PREDICTION_ERRORS = ("400", "401", "408", "409", "413", "503")
 
 
-def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]:
+def _prediction_op(
+    summary: str, op_id: str, *, with_id: bool, noun: str = "Prediction"
+) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"in": "header", "name": "prefer", "required": False, "schema": {"type": "string"}}
     ]
@@ -594,25 +666,25 @@ def _prediction_op(summary: str, op_id: str, *, with_id: bool) -> dict[str, Any]
             0,
             {
                 "in": "path",
-                "name": "prediction_id",
+                "name": f"{noun.lower()}_id",
                 "required": True,
-                "schema": {"title": "Prediction ID", "type": "string"},
+                "schema": {"title": f"{noun} ID", "type": "string"},
             },
         )
     return {
         "summary": summary,
-        "description": "Run a single prediction on the model",
+        "description": f"Run a single {noun.lower()} on the model",
         "operationId": op_id,
         "parameters": params,
-        "requestBody": {"content": _json_content(_ref("PredictionRequest"))},
+        "requestBody": {"content": _json_content(_ref(f"{noun}Request"))},
         "responses": {
             "200": {
                 "description": "Successful Response",
-                "content": _json_content(_ref("PredictionResponse")),
+                "content": _json_content(_ref(f"{noun}Response")),
             },
             "202": {
                 "description": "Accepted (Prefer: respond-async); progress by webhook",
-                "content": _json_content(_ref("PredictionResponse")),
+                "content": _json_content(_ref(f"{noun}Response")),
             },
             **_VALIDATION_ERROR,
             # an id with a "/" in it matches no route: 404
@@ -628,6 +700,7 @@ def _simple_op(
     with_id: bool = False,
     errors: tuple[str, ...] = (),
     content: dict[str, Any] | None = None,
+    noun: str = "Prediction",
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
@@ -644,9 +717,9 @@ def _simple_op(
         op["parameters"] = [
             {
                 "in": "path",
-                "name": "prediction_id",
+                "name": f"{noun.lower()}_id",
                 "required": True,
-                "schema": {"title": "Prediction ID", "type": "string"},
+                "schema": {"title": f"{noun} ID", "type": "string"},
             }
         ]
         op["responses"].update(_VALIDATION_ERROR)
@@ -672,6 +745,39 @@ def _nullable_response(components: dict[str, Any]) -> None:
         else:
             prop["nullable"] = True
     props.setdefault("status", _ref("Status"))
+
+
+def _training_paths() -> dict[str, Any]:
+    """Cog's training routes (a model with cog.yaml ``train:``)."""
+    return {
+        "/trainings": {
+            "post": _prediction_op("Train", "train_trainings_post", with_id=False, noun="Training")
+        },
+        "/trainings/{training_id}": {
+            "put": _prediction_op(
+                "Train Idempotent",
+                "train_idempotent_trainings__training_id__put",
+                with_id=True,
+                noun="Training",
+            ),
+            "get": _simple_op(
+                "Get Training",
+                "get_training_trainings__training_id__get",
+                with_id=True,
+                errors=("404",),
+                noun="Training",
+            ),
+        },
+        "/trainings/{training_id}/cancel": {
+            "post": _simple_op(
+                "Cancel Training",
+                "cancel_training_trainings__training_id__cancel_post",
+                with_id=True,
+                errors=("404",),
+                noun="Training",
+            )
+        },
+    }
 
 
 def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
@@ -709,6 +815,7 @@ def openapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                 errors=("404",),
             )
         },
+        **(_training_paths() if "TrainingInput" in components else {}),
         "/shutdown": {
             "post": _simple_op("Start Shutdown", "start_shutdown_shutdown_post", errors=("403",))
         },

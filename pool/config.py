@@ -79,6 +79,9 @@ class HttpConfig:
     auth_token_file: str | None = None
     metrics_public: bool = False  # true: /metrics answers without the token
     live_tick_age_s: float = 10.0  # /health/live fails once the supervisor loop is this stale
+    # SSE (@cog.streaming models): events a second subscriber may replay; 0: no replay.
+    # Cog's COG_STREAM_HISTORY_CAPACITY sets it too (COG_POOL_HTTP_... wins).
+    stream_history_capacity: int = 1000
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class RunnersConfig:
     max_rss_mb: float | None = None  # None: no recycle by memory
     max_failed_ticks: int = 10  # consecutive failing supervisor ticks, then exit non-zero
     max_runners: int | None = None  # run-time scaling bound; None: twice the configured runners
+    healthcheck_interval_s: float = 5.0  # seconds between a runner's user healthcheck() calls
+    healthcheck_max_failures: int = 3  # consecutive failed checks, then the runner is recycled
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.auth_token", lambda v: v.strip() != "" and v == v.strip(), "a non-empty token "
      "without surrounding whitespace"),
     ("http.live_tick_age_s", lambda v: v > 0, "> 0"),
+    ("http.stream_history_capacity", lambda v: v >= 0, ">= 0"),
     ("logging.format", lambda v: v in LOG_FORMATS, f"one of {', '.join(LOG_FORMATS)}"),
     ("runners.per_gpu", lambda v: v >= 1, ">= 1"),
     ("runners.count", lambda v: v >= 1, ">= 1"),
@@ -474,6 +480,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("runners.max_rss_mb", lambda v: v > 0, "> 0"),
     ("runners.max_failed_ticks", lambda v: v >= 1, ">= 1"),
     ("runners.max_runners", lambda v: v >= 1, ">= 1"),
+    ("runners.healthcheck_interval_s", lambda v: v > 0, "> 0"),
+    ("runners.healthcheck_max_failures", lambda v: v >= 1, ">= 1"),
     ("webhooks.throttle_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.timeout_s", lambda v: v > 0, "> 0"),
     ("webhooks.max_attempts", lambda v: v >= 1, ">= 1"),
@@ -651,6 +659,7 @@ def load_config(
     Raises :class:`ConfigError` naming the key (and the file or variable it came from).
     """
     env = os.environ if env is None else env
+    env = _with_cog_env(env)
     sources = _collect(path, env, overrides or {})
     flat = {key: _coerce(key, value, _KEYS[key]) for key, value in sources.items()}
     _check_rules(flat, sources)
@@ -693,6 +702,19 @@ def _check_max_runners(flat: dict[str, Any]) -> None:
             "runners.max_runners",
             f"must be >= the configured runners ({configured}), got {most}",
         )
+
+
+# Cog's own variables that set a pool key (when its COG_POOL_* variable is not set).
+COG_ENV_ALIASES = {"COG_STREAM_HISTORY_CAPACITY": "http.stream_history_capacity"}
+
+
+def _with_cog_env(env: Mapping[str, str]) -> Mapping[str, str]:
+    extra = {
+        env_var_name(key): env[cog_name]
+        for cog_name, key in COG_ENV_ALIASES.items()
+        if cog_name in env and env_var_name(key) not in env
+    }
+    return {**env, **extra} if extra else env
 
 
 def _token_from_file(flat: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ __all__ = [
     "ConfigError",
     "InvalidInput",
     "InvalidRequest",
+    "NoTrainer",
     "NotReady",
     "PoolBusy",
     "PoolError",
@@ -50,6 +51,15 @@ def _where(loc: Any) -> str:
 
 class InvalidInput(InvalidRequest):
     """The prediction input does not match the model's schema (HTTP 422, before any runner)."""
+
+
+class NoTrainer(InvalidRequest):
+    """A training for a model without ``train:`` in cog.yaml (HTTP 404 as Cog; queue: dead
+    letter)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__([{"loc": ["body"], "msg": why, "type": "value_error.no_trainer"}])
+        self.why = why
 
 
 class NotReady(PoolError):

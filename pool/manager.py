@@ -22,7 +22,7 @@ from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
 from pool import files, network, statedir
 from pool.config import PoolConfig
-from pool.errors import InvalidInput, NotReady, ShuttingDown
+from pool.errors import InvalidInput, NoTrainer, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
 from pool.prediction import (
     EVENT_COMPLETED,
@@ -89,6 +89,7 @@ class PoolManager:
         self._cancel_forwarders: list[CancelForwarder] = []
         self._cleanups: set[asyncio.Task[None]] = set()  # input dirs being removed, off the loop
         self._secrets: tuple[dict[str, Any] | None, frozenset[str]] = (None, frozenset())
+        self._training_view: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None)
         self._shutting_down = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
@@ -194,6 +195,16 @@ class PoolManager:
         return self._supervisor.status()
 
     @property
+    def streaming(self) -> bool:
+        """The model's predict() has ``@cog.streaming`` (SSE allowed)."""
+        return self._supervisor.features().get(protocol.FEATURE_STREAMING) is True
+
+    @property
+    def user_health_error(self) -> str | None:
+        """Cog's ``user_healthcheck_error`` while no set-up runner passes its check."""
+        return self._supervisor.user_health_error()
+
+    @property
     def schema(self) -> dict[str, Any] | None:
         return self._supervisor.schema()
 
@@ -217,8 +228,10 @@ class PoolManager:
 
     def health(self) -> dict[str, Any]:
         """The /health-check body (queue consumers add theirs through health sources)."""
+        user_error = self.user_health_error
         body: dict[str, Any] = {
-            "status": self.status,
+            # Cog's UNHEALTHY: no runner passes its user healthcheck() (peers that pass serve).
+            "status": "UNHEALTHY" if user_error is not None else self.status,
             "setup": self._supervisor.setup_info(),
             "runners": self._supervisor.runners_info(),
             "concurrency": {
@@ -228,6 +241,8 @@ class PoolManager:
         }
         # Cog's `status` keeps its meaning (READY: a free slot); `degraded` says that part of
         # the configured capacity is gone for good, which READY alone would hide.
+        if user_error is not None:
+            body["user_healthcheck_error"] = user_error
         reasons = self._supervisor.degraded_reasons()
         body["degraded"] = bool(reasons)
         body["degraded_reasons"] = reasons
@@ -292,6 +307,8 @@ class PoolManager:
             if known is not None and not (known.done and known.runner_died):
                 return known
         schema = self._require_ready()
+        if request.is_training:
+            schema = self._training_schema(schema)
         _validate(schema, request.input)
         prediction = Prediction(
             request,
@@ -376,6 +393,25 @@ class PoolManager:
             fields = secret_fields(schema)
             self._secrets = (schema, fields)
         return fields
+
+    def _training_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The schema as a training sees it: ``TrainingInput``/``TrainingOutput`` in the place
+        of ``Input``/``Output``, so validation, file inputs and secrets work unchanged
+        (cached per schema). NoTrainer when the model has no ``train:``."""
+        cached_for, view = self._training_view
+        if cached_for is schema and view is not None:
+            return view
+        components = schema.get("components", {}).get("schemas", {})
+        if not isinstance(components, dict) or "TrainingInput" not in components:
+            raise NoTrainer("this model has no trainer (cog.yaml has no train:)")
+        view = dict(schema)
+        view_components = dict(components)
+        view_components["Input"] = components["TrainingInput"]
+        if "TrainingOutput" in components:
+            view_components["Output"] = components["TrainingOutput"]
+        view["components"] = {**schema["components"], "schemas": view_components}
+        self._training_view = (schema, view)
+        return view
 
     def _require_ready(self) -> dict[str, Any]:
         schema = self.schema

@@ -425,21 +425,47 @@ class PredictionRequest:
     context: dict[str, Any] = field(default_factory=dict)
     # Extra routing fields a queue message may carry (e.g. ``reply_to``); never sent to runners.
     extra: dict[str, Any] = field(default_factory=dict)
+    # protocol.KIND_PREDICTION, or KIND_TRAINING (cog.yaml train:; /trainings, or a queue
+    # message with "kind": "training").
+    kind: str = protocol.KIND_PREDICTION
+
+    @property
+    def is_training(self) -> bool:
+        return self.kind == protocol.KIND_TRAINING
 
     @classmethod
-    def from_body(cls, body: Any, *, path_id: str | None = None) -> PredictionRequest:
-        """Parse and check a request body; raise :class:`InvalidRequest` naming each problem."""
+    def from_body(
+        cls, body: Any, *, path_id: str | None = None, kind: str | None = None
+    ) -> PredictionRequest:
+        """Parse and check a request body; raise :class:`InvalidRequest` naming each problem.
+
+        ``kind`` is set by the HTTP route (``/predictions`` or ``/trainings``); None (a queue
+        message) reads the body's ``"kind"``: ``"prediction"`` (the default) or ``"training"``.
+        """
         if not isinstance(body, Mapping):
             raise InvalidRequest(
                 [_err(["body"], "request body must be a JSON object", "type_error.dict")]
             )
         errors: list[dict[str, Any]] = []
+        if kind is None:
+            kind = body.get("kind", protocol.KIND_PREDICTION)
+            kinds = (protocol.KIND_PREDICTION, protocol.KIND_TRAINING)
+            if kind not in kinds:
+                errors.append(
+                    _err(
+                        ["body", "kind"],
+                        f"kind must be one of {list(kinds)}, not {_short_repr(kind)}",
+                        "value_error.enum",
+                    )
+                )
+                kind = protocol.KIND_PREDICTION
+        noun = "training" if kind == protocol.KIND_TRAINING else "prediction"
         body_id = body.get("id")
         if body_id is not None and not protocol.is_valid_id(body_id):
             errors.append(
                 _err(
                     ["body", "id"],
-                    f"invalid prediction id: must match {protocol.ID_PATTERN}",
+                    f"invalid {noun} id: must match {protocol.ID_PATTERN}",
                     "value_error.id",
                 )
             )
@@ -447,8 +473,8 @@ class PredictionRequest:
             if not protocol.is_valid_id(path_id):
                 errors.append(
                     _err(
-                        ["path", "prediction_id"],
-                        f"invalid prediction id: must match {protocol.ID_PATTERN}",
+                        ["path", f"{noun}_id"],
+                        f"invalid {noun} id: must match {protocol.ID_PATTERN}",
                         "value_error.id",
                     )
                 )
@@ -456,7 +482,7 @@ class PredictionRequest:
                 errors.append(
                     _err(
                         ["body", "id"],
-                        f"prediction id in body ({body_id!r}) does not match the URL ({path_id!r})",
+                        f"{noun} id in body ({body_id!r}) does not match the URL ({path_id!r})",
                         "value_error.id_mismatch",
                     )
                 )
@@ -512,7 +538,15 @@ class PredictionRequest:
             )
         if errors:
             raise InvalidRequest(errors)
-        known = {"id", "input", "webhook", "webhook_events_filter", "context", "created_at"}
+        known = {
+            "id",
+            "input",
+            "webhook",
+            "webhook_events_filter",
+            "context",
+            "created_at",
+            "kind",
+        }
         extra = {k: v for k, v in body.items() if k not in known}
         return cls(
             id=path_id if path_id is not None else body_id,
@@ -521,7 +555,13 @@ class PredictionRequest:
             webhook_events_filter=events,
             context=dict(context),
             extra=extra,
+            kind=kind,
         )
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 Listener = Callable[["Prediction", str], None]
@@ -660,6 +700,8 @@ class Prediction:
         request: dict[str, Any] = {"id": self.id, "input": runner_input, "stream": True}
         if self.request.context:
             request["context"] = self.request.context
+        if self.request.is_training:
+            request["kind"] = protocol.KIND_TRAINING
         self.runner_request = _ENCODE_REQUEST(request).encode("utf-8")
         return self.runner_request
 
@@ -879,6 +921,7 @@ class Prediction:
             webhook_events_filter=self.request.webhook_events_filter,
             context=self.request.context,
             extra=self.request.extra,
+            kind=self.request.kind,
         )
         copy = Prediction(request, source=self.source, logs_max_bytes=max(1, _utf8_len(logs)))
         copy._logs.append(logs)

@@ -183,6 +183,11 @@ class RunnerHandle:
         self.exit_code: int | None = None
         self.setup_timed_out = False
         self.slots: dict[str, Slot] = {}
+        # The user healthcheck() (health.json): the latest result, and how many checks in a
+        # row have failed (a check is one new ``checked_at``); reset with each process.
+        self.health: dict[str, Any] | None = None
+        self.health_failures = 0
+        self._health_stamp: tuple[int, int] | None = None  # health.json's (mtime_ns, size)
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._state = DEFUNCT
         self._wake = wake
@@ -211,13 +216,37 @@ class RunnerHandle:
     def state(self) -> str:
         """STARTING, READY (a free slot by the pool's count), BUSY, SETUP_FAILED or DEFUNCT."""
         if self._state in (READY, BUSY):
-            return BUSY if len(self.slots) >= self.capacity or self.draining else READY
+            full = len(self.slots) >= self.capacity
+            return BUSY if full or self.draining or not self.healthy else READY
         return self._state
 
     @property
     def accepting(self) -> bool:
-        """Ready, alive and not draining for a recycle: may take predictions up to capacity."""
-        return self._state in (READY, BUSY) and self.alive and self.draining is None
+        """Ready, alive, healthy and not draining for a recycle: may take predictions up to
+        capacity."""
+        return (
+            self._state in (READY, BUSY) and self.alive and self.draining is None and self.healthy
+        )
+
+    @property
+    def has_healthcheck(self) -> bool:
+        """The predictor has a user ``healthcheck()`` (setup_result ``features``)."""
+        features = (self.setup_result or {}).get("features")
+        return isinstance(features, dict) and features.get(protocol.FEATURE_HEALTHCHECK) is True
+
+    @property
+    def healthy(self) -> bool:
+        """False while the latest user healthcheck() failed; True without one, or before the
+        first result."""
+        return self.health is None or self.health.get("healthy") is not False
+
+    @property
+    def health_error(self) -> str | None:
+        """The failing check's text (Cog's words), or None."""
+        if self.healthy or self.health is None:
+            return None
+        error = self.health.get("error")
+        return error if isinstance(error, str) else "Healthcheck failed"
 
     @property
     def free(self) -> int:
@@ -257,6 +286,9 @@ class RunnerHandle:
         self.schema = None
         self.setup_result = None
         self.setup_timed_out = False
+        self.health = None
+        self.health_failures = 0
+        self._health_stamp = None
         self._events.clear()
         self.draining = None
         self.stop_requested = False
@@ -289,7 +321,7 @@ class RunnerHandle:
         task.add_done_callback(self._tasks.discard)
 
     def _runner_config(self) -> dict[str, Any]:
-        config = {
+        config: dict[str, Any] = {
             "predictor_ref": self.config.model.predict,
             "max_concurrency": self.capacity,
             "runner_index": self.index,
@@ -298,6 +330,7 @@ class RunnerHandle:
         }
         if self.config.model.train is not None:
             config["train_ref"] = self.config.model.train  # cog.yaml train: (issue 9)
+        config["healthcheck_interval_s"] = self.config.runners.healthcheck_interval_s
         return config
 
     def _child_env(self) -> dict[str, str]:
@@ -485,6 +518,8 @@ class RunnerHandle:
         whose slot was freed (terminal response seen)."""
         if self._state == STARTING:
             self._scan_setup()
+        if self._state in (READY, BUSY) and self.has_healthcheck:
+            self._scan_health()
         if not self.slots:
             return []
         return self._scan_responses()
@@ -515,6 +550,38 @@ class RunnerHandle:
                 self.index,
                 self.pid,
                 json.dumps(result.get("error")),
+            )
+
+    def _scan_health(self) -> None:
+        """Read health.json when it changed (one stat a pass); count failed checks in a row."""
+        path = os.path.join(self.working_dir, protocol.HEALTH_FILE)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return  # no check has finished yet
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._health_stamp:
+            return
+        self._health_stamp = stamp
+        data = self._read(protocol.HEALTH_FILE)
+        if data is None or not isinstance(data.get("healthy"), bool):
+            return  # a bad file is logged by _read; the last good result stands
+        previous = self.health
+        if previous is not None and previous.get("checked_at") == data.get("checked_at"):
+            return  # the same check (a rewrite with equal content)
+        self.health = data
+        if data["healthy"]:
+            self.health_failures = 0
+        else:
+            self.health_failures += 1
+        was_healthy = previous is None or previous.get("healthy") is not False
+        if was_healthy != data["healthy"]:
+            log.info(
+                "runner_health runner=%d pid=%s healthy=%s error=%s",
+                self.index,
+                self.pid,
+                data["healthy"],
+                json.dumps(data.get("error")),
             )
 
     def _read(self, name: str) -> dict[str, Any] | None:
@@ -691,9 +758,7 @@ class RunnerHandle:
         ``request`` was encoded by the record before any slot was taken; the file is written
         before the slot is, so a failed write leaves nothing held.
         """
-        protocol.write_request(
-            self.working_dir, prediction.id, request, spill_dir=self.temp_dir
-        )
+        protocol.write_request(self.working_dir, prediction.id, request, spill_dir=self.temp_dir)
         self.slots[prediction.id] = Slot(prediction=prediction, dispatched_at=time.monotonic())
         prediction.mark_started(self.index)
         self.send(protocol.SIG_RESCAN)

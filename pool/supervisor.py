@@ -96,6 +96,7 @@ RELOAD_FAILED = "failed"
 RECYCLE_MAX_PREDICTIONS = "max_predictions"
 RECYCLE_MAX_RSS = "max_rss_mb"
 RECYCLE_MEMORY_ERROR = "memory_error"
+RECYCLE_HEALTHCHECK = "healthcheck"
 
 
 def runner_gpus(config: PoolConfig) -> list[str | None]:
@@ -304,8 +305,10 @@ class Supervisor:
         # the hot path than wait_for(), which wraps every wait in a new task. The loop ends
         # on a flag as well as on cancel, so a stop can never be missed.
         loop = asyncio.get_running_loop()
+        # At least once per healthcheck interval too: each check of a failing runner counts.
+        rescan_s = min(protocol.SAFETY_RESCAN_S, self.config.runners.healthcheck_interval_s)
         while not self._closing:
-            safety = loop.call_later(protocol.SAFETY_RESCAN_S, self._event.set)
+            safety = loop.call_later(rescan_s, self._event.set)
             try:
                 await self._event.wait()
             finally:
@@ -474,6 +477,8 @@ class Supervisor:
                 runner.request_stop()
 
     def _recycle_reason(self, runner: RunnerHandle) -> str | None:
+        if runner.health_failures >= self.config.runners.healthcheck_max_failures:
+            return RECYCLE_HEALTHCHECK
         book = self._restarts[runner.index]
         if book.checked == book.completed:
             return None  # nothing finished since the last look
@@ -816,11 +821,29 @@ class Supervisor:
             reasons.append(f"supervisor pass failed {self._failed_ticks} time(s) in a row")
         return reasons
 
+    def user_health_error(self) -> str | None:
+        """Cog's ``user_healthcheck_error`` when no runner that finished setup is healthy:
+        the first failing runner's error; None while any set-up runner passes its check
+        (or none has one)."""
+        serving = [r for r in self.runners if r.alive and r.state in (READY, BUSY)]
+        if not serving or any(r.healthy for r in serving):
+            return None
+        return next(e for r in serving if (e := r.health_error) is not None)
+
     def can_ever_serve(self) -> bool:
         """False when every runner is out for good (setup failed, or restarts given up)."""
         return any(
             r.state != SETUP_FAILED and not self._restarts[r.index].given_up for r in self.runners
         )
+
+    def features(self) -> dict[str, Any]:
+        """The model's features (setup_result ``features``) from a runner that set up."""
+        for runner in self.runners:
+            result = runner.setup_result
+            if result is not None and result.get("status") == protocol.STATUS_SUCCEEDED:
+                features = result.get("features")
+                return features if isinstance(features, dict) else {}
+        return {}
 
     def schema(self) -> dict[str, Any] | None:
         for runner in self.runners:
@@ -872,6 +895,9 @@ class Supervisor:
                 "restarts": r.restarts,
                 "recycles": r.recycles,
                 "draining": r.draining,
+                "healthy": r.healthy,
+                "healthcheck_error": r.health_error,
+                "healthcheck_failures": r.health_failures,
             }
             for r in self.runners
         ]

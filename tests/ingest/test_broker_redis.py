@@ -258,3 +258,29 @@ async def test_redis_restart_reconnects_nothing_lost_or_run_twice(private_redis,
         await client.aclose()
     assert all(len(v) == 1 and v[0]["status"] == "succeeded" for v in results.values())
     assert count_runs(runs_file) == {n: 1 for n in range(total)}
+
+
+TRAIN_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "api", "train"
+)
+
+
+async def test_a_message_with_kind_training_runs_a_training(redis_client, stream, tmp_path):
+    client, _ = redis_client
+    overrides = redis_overrides(stream, **{"model.path": TRAIN_MODEL})
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    async with running_pool(config):
+        bad = await push(client, stream, {"id": "t-bad", "kind": "tune", "input": {}})
+        await push(client, stream, {"id": "t-1", "kind": "training", "input": {"steps": 4}})
+        await push(client, stream, {"id": "p-1", "input": {"text": "z"}})
+        results = await until_results(client, stream, 2)
+        dead = await wait_until(
+            lambda: client.xrange(names.dead_stream_name(stream)), what="the dead letter"
+        )
+    ((training,), (prediction,)) = results["t-1"], results["p-1"]
+    assert training["status"] == "succeeded" and training["output"]["steps"] == 4, training
+    assert training["output"]["weights"].startswith("data:")
+    assert prediction["output"] == "predicted z"
+    ((_, fields),) = dead
+    assert fields[names.FIELD_ORIGINAL_ID] == bad
+    assert "kind must be one of ['prediction', 'training']" in fields["reason"]

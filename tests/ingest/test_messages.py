@@ -150,6 +150,14 @@ def test_delivery_limits_give_the_dead_letter_reason():
     assert reason is not None and "delivered 3 times" in reason and "kept dying" in reason
 
 
+def test_kind_says_training_and_defaults_to_prediction() -> None:
+    assert parse('{"input": {}}').kind == "prediction"
+    training = parse('{"kind": "training", "input": {"steps": 2}}')
+    assert training.is_training and "kind" not in training.extra
+    with pytest.raises(Poison, match=r"kind must be one of \['prediction', 'training'\]"):
+        parse('{"kind": "train", "input": {}}')
+
+
 def test_the_in_memory_store_takes_its_bounds_from_the_config():
     import ingest
     from pool.config import AmqpConfig, PoolConfig, QueuesConfig

@@ -61,6 +61,8 @@ class FakeManager:
         self.fail_prediction_with: str | None = None
         self.shutting_down = False
         self.last_tick_at: float | None = time.monotonic()
+        self.user_health_error: str | None = None
+        self.streaming = False
 
     async def start(self) -> None:
         self.started = True

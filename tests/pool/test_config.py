@@ -162,6 +162,8 @@ def test_unknown_override_key() -> None:
         ("predictions.recent_max_bytes", -1, ">= 0"),
         ("predictions.logs_max_bytes", 10, ">= 1024"),
         ("runners.max_runners", 0, ">= 1"),
+        ("runners.healthcheck_interval_s", 0, "> 0"),
+        ("runners.healthcheck_max_failures", 0, ">= 1"),
     ],
 )
 def test_impossible_values(key: str, value: object, must: str) -> None:
