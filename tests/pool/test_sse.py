@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from test_api_e2e import Api, serving, wait_until
+from test_api_e2e import PROJECT, Api, serving, wait_until
 
 from pool.config import load_config
 from pool.sse import NOT_STREAMING, REPLAY_TRUNCATED
@@ -103,6 +103,19 @@ async def test_chunks_reach_the_client_while_the_model_still_runs(tmp_path: Path
         events = await stream.rest()
     assert [o["index"] for o in outputs(events)] == [0, 1, 2, 3]
     assert events[-1][0] == "completed"
+
+
+async def test_the_stream_example_streams_its_tokens(tmp_path: Path) -> None:
+    # examples/README.md: curl -N -H 'Accept: text/event-stream' ... against examples/stream.
+    async with serving(tmp_path, str(PROJECT / "examples" / "stream")) as api:
+        assert api.manager.streaming
+        body = {"input": {"prompt": "the quick fox", "max_tokens": 4}}
+        stream = await open_stream(api, "POST", "/predictions", body)
+        events = await stream.rest()
+    chunks = [o["chunk"] for o in outputs(events)]
+    assert chunks == ["the ", "quick ", "fox ", "the "]
+    assert events[0][0] == "start" and events[-1][0] == "completed"
+    assert events[-1][1]["output"] == chunks
 
 
 async def test_a_model_without_cog_streaming_answers_406(tmp_path: Path) -> None:
