@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cog_compat  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import cog_compat  # bench/ is a folder of scripts, not a package
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "bench", "models", "sse_clock")
