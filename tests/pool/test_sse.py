@@ -155,6 +155,8 @@ async def test_a_model_without_cog_streaming_answers_406(tmp_path: Path) -> None
         assert status == 406, body
         status, body = await api.call("POST", "/predictions", json={"input": {"n": 2}})
         assert status == 200 and body["output"] == ["t0", "t1"], body
+        status, doc = await api.call("GET", "/openapi.json")
+        assert status == 200 and "x-cog-streaming" not in doc["paths"]["/predictions"]["post"]
 
 
 async def test_a_second_put_replays_the_history_then_continues_live(tmp_path: Path) -> None:
