@@ -132,8 +132,8 @@ CASES = [
         [{}],
         environment=["HEALTH_MODE_FILE=health-mode"],
         health=True,
-        note="the runner writes health.json (tested in tests/coglet); the pool's "
-        "/health-check does not read it yet (issue 9, pool side)",
+        note="same status and user_healthcheck_error; only setup_last_log_line differs "
+        "(Cog's is its own runtime's '[coglet] Server ready', ours the model's last setup line)",
     ),
 ]
 

@@ -8,6 +8,7 @@ still pending, so nothing printed just before predict() returns is lost.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -78,6 +79,10 @@ class Responder:
         self._log_flush_armed = False
         self._item_flush_armed = False
         self._done = False
+        # The prediction's recorded metrics (watch_metrics): a processing delta carries them
+        # whole when they changed since the last delta that did, so the pool sees them live.
+        self._metrics: Optional[Dict[str, Any]] = None
+        self._metrics_sent: Optional[Dict[str, Any]] = None
 
     @property
     def done(self) -> bool:
@@ -122,6 +127,11 @@ class Responder:
         if logs:
             with self._lock:
                 self._logs.append(logs)
+
+    def watch_metrics(self, metrics: Dict[str, Any]) -> None:
+        """Send ``metrics`` (the live recorder) with each processing delta after it changed."""
+        with self._lock:
+            self._metrics = metrics
 
     def announce(self) -> bool:
         """Write epoch 0 (status processing) unless a delta was written already; True if so."""
@@ -203,6 +213,16 @@ class Responder:
             fields["logs_append"] = "".join(self._logs)
         if extra:
             fields.update(extra)
+        metrics_now = None
+        if self._metrics is not None and status == protocol.STATUS_PROCESSING:
+            try:
+                metrics_now = copy.deepcopy(dict(self._metrics))
+            except Exception:  # a value deepcopy cannot take: the terminal delta has it
+                metrics_now = None
+            if metrics_now and metrics_now != self._metrics_sent:
+                fields["metrics"] = metrics_now
+            else:
+                metrics_now = None
         # Output is spliced in as JSON text encoded by the thread that produced it, so an
         # unencodable value fails the prediction there, with the model's traceback. The parts
         # are written one after another, never joined: a large output is not copied again.
@@ -243,3 +263,5 @@ class Responder:
         self._epoch += 1
         self._logs = []
         self._items = []
+        if metrics_now is not None:
+            self._metrics_sent = metrics_now

@@ -421,6 +421,7 @@ class Runner:
             context if isinstance(context, dict) else {},
             predictor,
         )
+        responder.watch_metrics(prediction.scope.metrics)
         self._predictions[prediction_id] = prediction
         self._waiting.append(prediction)
         if self._timer is None:  # sync: the timer thread's tick announces (see _on_sync_tick)

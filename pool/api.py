@@ -406,7 +406,11 @@ async def openapi(request: web.Request) -> web.Response:
             "the model's schema is not known yet (no runner has started)",
             headers=_retry_after(request),
         )
-    return web.json_response(openapi_document(schema))
+    doc = openapi_document(schema)
+    if request.app[MANAGER_KEY].streaming:
+        # Where Cog 0.23.1 reads it to allow SSE; clients read it the same way.
+        doc["paths"]["/predictions"]["post"]["x-cog-streaming"] = True
+    return web.json_response(doc)
 
 
 async def metrics_page(request: web.Request) -> web.Response:

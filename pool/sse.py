@@ -15,16 +15,20 @@ happened, that subscriber gets Cog's ``event: error`` (``SSE stream replay trunc
 were dropped``, ``"skipped": <n>``) and the stream ends, as Cog's does; with a capacity of 0 it
 gets no history, only what happens from then on.
 
-Metrics: the runner sends a prediction's metrics with its terminal update only, so ``metric``
-events come just before ``completed``, one per metric (``predict_time`` excepted) with its
-final value and ``mode: "replace"`` (Cog sends each ``record`` as it happens, ``increment``
-for ``incr``).
+Metrics: the runner sends a prediction's recorded metrics whole with each progress update
+after they changed (and with its terminal one), so a ``metric`` event goes out, as the update
+arrives, for each metric (``predict_time`` excepted) whose value changed since this
+subscriber's last one, with its current value and ``mode: "replace"``. Cog sends each
+``record`` as it happens, with ``mode: "increment"`` and the added amount for ``incr``:
+metrics here ride on the next output or log update, several records in between read as one
+event, and an increment reads as the new total.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -77,9 +81,9 @@ def history_length(prediction: Prediction) -> int:
     """Events a full replay of ``prediction`` would send now."""
     if prediction.status == protocol.STATUS_STARTING and not prediction.done:
         return 0
-    count = 1 + len(_outputs(prediction))
+    count = 1 + len(_outputs(prediction)) + len(_metrics(prediction))
     if prediction.done:
-        count += len(_metrics(prediction)) + 1
+        count += 1
     return count
 
 
@@ -91,6 +95,7 @@ class _Cursor:
         started = prediction.status != protocol.STATUS_STARTING
         self.started = from_now and started
         self.sent = len(_outputs(prediction)) if from_now else 0
+        self.metrics_sent: dict[str, Any] = dict(_metrics(prediction)) if from_now else {}
         self.finished = False
 
     def take(self) -> bytes:
@@ -104,9 +109,12 @@ class _Cursor:
         for index in range(self.sent, len(outputs)):
             out.append(frame("output", {"chunk": outputs[index], "index": index}))
         self.sent = len(outputs)
-        if p.done and not self.finished:
+        if self.started:
             for name, value in _metrics(p).items():
-                out.append(frame("metric", {"mode": "replace", "name": name, "value": value}))
+                if name not in self.metrics_sent or self.metrics_sent[name] != value:
+                    out.append(frame("metric", {"mode": "replace", "name": name, "value": value}))
+                    self.metrics_sent[name] = copy.deepcopy(value)
+        if p.done and not self.finished:
             out.append(frame("completed", p.to_dict()))
             self.finished = True
         return b"".join(out)

@@ -1,11 +1,16 @@
-"""A token stream, like a language model's: echoes the prompt's words one at a time."""
+"""A token stream, like a language model's: echoes the prompt's words one at a time.
+
+``@cog.streaming`` lets a client ask for Server-Sent Events (``Accept: text/event-stream``) and
+read each token as it is yielded."""
 
 import time
 
+import cog
 from cog import BasePredictor, ConcatenateIterator, Input
 
 
 class Predictor(BasePredictor):
+    @cog.streaming
     def predict(
         self,
         prompt: str = Input(description="Words to stream back"),

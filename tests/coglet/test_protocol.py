@@ -213,3 +213,23 @@ def test_a_raw_string_without_its_marker_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b'{"status":"succeeded"}\nnot announced')
     with pytest.raises(ValueError, match="output_raw"):
         protocol.read_delta_file(str(path))
+
+
+def test_a_processing_delta_carries_the_metrics_once_they_changed(tmp_path: Path) -> None:
+    from cog.scope import MetricRecorder
+
+    responder = _responder(tmp_path)
+    recorded = MetricRecorder()
+    responder.watch_metrics(recorded)
+    recorded.record("tokens", 1, "incr")
+    recorded.record("steps", 1, "append")
+    responder.append_output("1")
+    responder.flush()
+    assert _response(tmp_path, 0)["metrics"] == {"tokens": 1, "steps": [1]}
+    responder.append_output("2")
+    responder.flush()
+    assert "metrics" not in _response(tmp_path, 1)  # unchanged: not sent again
+    recorded.record("steps", 2, "append")  # a change inside a list counts too
+    responder.append_output("3")
+    responder.flush()
+    assert _response(tmp_path, 2)["metrics"] == {"tokens": 1, "steps": [1, 2]}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from test_api_e2e import Api, serving, wait_until
+from test_api_e2e import PROJECT, Api, serving, wait_until
 
 from pool.config import load_config
 from pool.sse import NOT_STREAMING, REPLAY_TRUNCATED
@@ -50,6 +50,13 @@ class Events:
 
     async def until(self, count: int) -> list[tuple[str, Any]]:
         while len(self.seen) < count:
+            if await self.next() is None:
+                raise AssertionError(f"stream ended after {self.seen}")
+        return self.seen
+
+    async def until_outputs(self, count: int) -> list[tuple[str, Any]]:
+        """Read on until ``count`` output events have come (metric events come between)."""
+        while len(outputs(self.seen)) < count:
             if await self.next() is None:
                 raise AssertionError(f"stream ended after {self.seen}")
         return self.seen
@@ -96,13 +103,46 @@ async def test_chunks_reach_the_client_while_the_model_still_runs(tmp_path: Path
     async with serving(tmp_path, "sse") as api:
         body = {"id": "live", "input": {"n": 4, "gate": str(gate), "gate_after": 2}}
         stream = await open_stream(api, "PUT", "/predictions/live", body)
-        events = await stream.until(3)  # start, tok0, tok1: the model now waits on the gate
+        events = await stream.until_outputs(2)  # tok0, tok1: the model now waits on the gate
         assert outputs(events) == [{"chunk": "tok0", "index": 0}, {"chunk": "tok1", "index": 1}]
         assert api.manager.get("live").status == "processing"  # not buffered to the end
         gate.touch()
         events = await stream.rest()
     assert [o["index"] for o in outputs(events)] == [0, 1, 2, 3]
     assert events[-1][0] == "completed"
+
+
+async def test_the_stream_example_streams_its_tokens(tmp_path: Path) -> None:
+    # examples/README.md: curl -N -H 'Accept: text/event-stream' ... against examples/stream.
+    async with serving(tmp_path, str(PROJECT / "examples" / "stream")) as api:
+        assert api.manager.streaming
+        body = {"input": {"prompt": "the quick fox", "max_tokens": 4}}
+        stream = await open_stream(api, "POST", "/predictions", body)
+        events = await stream.rest()
+    chunks = [o["chunk"] for o in outputs(events)]
+    assert chunks == ["the ", "quick ", "fox ", "the "]
+    assert events[0][0] == "start" and events[-1][0] == "completed"
+    assert events[-1][1]["output"] == chunks
+
+
+async def test_metrics_reach_the_client_while_the_model_still_runs(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    async with serving(tmp_path, "sse") as api:
+        body = {"id": "m", "input": {"n": 4, "gate": str(gate), "gate_after": 2}}
+        stream = await open_stream(api, "PUT", "/predictions/m", body)
+        live: dict[str, Any] = {}
+        while live.get("tokens", {}).get("value") != 2:  # the model waits on the gate now
+            event = await stream.next()
+            assert event is not None and event[0] != "completed", stream.seen
+            if event[0] == "metric":
+                live[event[1]["name"]] = event[1]
+        assert api.manager.get("m").status == "processing"
+        assert live["temperature"] == {"mode": "replace", "name": "temperature", "value": 0.5}
+        gate.touch()
+        events = await stream.rest()
+    tokens = [d["value"] for name, d in events if name == "metric" and d["name"] == "tokens"]
+    assert tokens[-1] == 4 and tokens == sorted(tokens)  # each sent once per change, in order
+    assert len([d for name, d in events if name == "metric" and d["name"] == "temperature"]) == 1
 
 
 async def test_a_model_without_cog_streaming_answers_406(tmp_path: Path) -> None:
@@ -115,6 +155,8 @@ async def test_a_model_without_cog_streaming_answers_406(tmp_path: Path) -> None
         assert status == 406, body
         status, body = await api.call("POST", "/predictions", json={"input": {"n": 2}})
         assert status == 200 and body["output"] == ["t0", "t1"], body
+        status, doc = await api.call("GET", "/openapi.json")
+        assert status == 200 and "x-cog-streaming" not in doc["paths"]["/predictions"]["post"]
 
 
 async def test_a_second_put_replays_the_history_then_continues_live(tmp_path: Path) -> None:
@@ -140,10 +182,10 @@ async def test_a_replay_past_the_capacity_ends_with_cogs_error(tmp_path: Path) -
     async with serving(tmp_path, "sse", http__stream_history_capacity=2) as api:
         body = {"input": {"n": 4, "gate": str(gate), "gate_after": 2}}
         first = await open_stream(api, "PUT", "/predictions/lost", body)
-        await first.until(3)  # start + 2 outputs: 3 events > 2
+        await first.until_outputs(2)  # start, 2 outputs, 2 metrics: 5 events > 2
         second = await open_stream(api, "PUT", "/predictions/lost", body)
         events = await second.rest()
-        assert events == [("error", {"error": REPLAY_TRUNCATED, "skipped": 1})]
+        assert events == [("error", {"error": REPLAY_TRUNCATED, "skipped": 3})]
         assert REPLAY_TRUNCATED.startswith("SSE stream replay truncated")
         gate.touch()
         full = await first.rest()  # the creator's stream is not bounded by it
@@ -155,7 +197,7 @@ async def test_capacity_zero_gives_a_second_subscriber_only_live_events(tmp_path
     async with serving(tmp_path, "sse", http__stream_history_capacity=0) as api:
         body = {"input": {"n": 4, "gate": str(gate), "gate_after": 2}}
         first = await open_stream(api, "PUT", "/predictions/zero", body)
-        await first.until(3)
+        await first.until_outputs(2)
         second = await open_stream(api, "PUT", "/predictions/zero", body)
         gate.touch()
         events = await second.rest()
