@@ -3,17 +3,16 @@ tests/models/compat. Each scenario says its steps, then the result."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from pool_helpers import wait_until
 
 from pool.api import COG_SETUP_NOT_FINISHED, create_app
 from pool.config import load_config
@@ -21,15 +20,6 @@ from pool.manager import PoolManager
 
 COMPAT = Path(__file__).resolve().parent.parent / "models" / "compat"
 DEADLINE_S = 60.0
-
-
-async def wait_for(check: Any, what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {DEADLINE_S}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 @contextlib.asynccontextmanager
@@ -51,7 +41,9 @@ async def serving(
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         async with aiohttp.ClientSession() as session:
-            await wait_for(lambda: manager.status == ready, f"pool {ready}")
+            await wait_until(
+                lambda: manager.status == ready, timeout_s=DEADLINE_S, what=f"pool {ready}"
+            )
             yield session, f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
