@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -65,6 +65,8 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+# A give-back finds the channel gone (BrokerLost) as often as failing on the wire.
+NACK_ERRORS: tuple[type[BaseException], ...] = (BrokerLost, *BROKER_ERRORS)
 JSON = "application/json"
 
 
@@ -75,9 +77,43 @@ class AmqpStats(ConsumerStats):
     queue_depth: int | None = None
 
 
+class _Incoming:
+    """One delivered message, read straight from aiormq's frames: the few properties the
+    driver uses, without building aio-pika's IncomingMessage (a few dozen attribute
+    assignments per message, on the consumer's hot path)."""
+
+    __slots__ = ("_properties", "body", "delivery_tag", "redelivered")
+
+    def __init__(self, raw: aiormq.abc.DeliveredMessage) -> None:
+        self.body: bytes = raw.body
+        self.delivery_tag = int(raw.delivery.delivery_tag or 0)  # type: ignore[union-attr]
+        self.redelivered = bool(getattr(raw.delivery, "redelivered", False))
+        self._properties = raw.header.properties
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self._properties.headers or {})
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._properties.reply_to
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._properties.correlation_id
+
+    @property
+    def message_id(self) -> str | None:
+        return self._properties.message_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self._properties.content_type
+
+
 @dataclasses.dataclass
 class _Meta:
-    message: AbstractIncomingMessage
+    message: _Incoming
     generation: int  # the connection the message came on; acks on another one are invalid
 
 
@@ -149,9 +185,11 @@ class AmqpConsumer:
         log.info("amqp_consumer_stopped queue=%s abandoned=%d", self.config.queue, abandoned)
 
     async def _cancel_consumer(self) -> None:
-        if self._queue is not None and self._consumer_tag is not None:
+        channel = self._channel
+        if channel is not None and not channel.is_closed and self._consumer_tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_cancel(self._consumer_tag)
             except BROKER_ERRORS as e:
                 log.info("amqp_cancel_consumer_failed error=%r", str(e))
             self._consumer_tag = None
@@ -214,7 +252,12 @@ class AmqpConsumer:
             channel.close_callbacks.add(lambda *_: closed.set())
             if channel.is_closed:
                 closed.set()
-            self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+            # Consumed through aiormq directly (see _Incoming); declared through aio-pika.
+            underlay = await channel.get_underlay_channel()
+            consume_ok = await underlay.basic_consume(
+                self._queue.name, self._on_message, no_ack=False
+            )
+            self._consumer_tag = consume_ok.consumer_tag
             self.state = "connected"
             log.info(
                 "amqp_connected queue=%s generation=%d prefetch=%d",
@@ -314,8 +357,9 @@ class AmqpConsumer:
                 log.info("amqp_monitor_failed error=%r", str(e))
 
     # --- deliveries ----------------------------------------------------------------------------
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
+    async def _on_message(self, raw: aiormq.abc.DeliveredMessage) -> None:
+        message = _Incoming(raw)
+        headers = raw.header.properties.headers or {}
         count = headers.get(names.AMQP_DELIVERY_COUNT_HEADER)
         deliveries = int(count) + 1 if isinstance(count, int) else 1
         self.core.deliver(
@@ -336,7 +380,7 @@ class AmqpConsumer:
         channel = self._channel
         return meta.generation == self._generation and channel is not None and not channel.is_closed
 
-    def _require_valid(self, delivery: Delivery) -> AbstractIncomingMessage:
+    def _require_valid(self, delivery: Delivery) -> _Incoming:
         if not self.valid(delivery):
             raise BrokerLost("the message's connection is gone; the broker redelivers it")
         meta: _Meta = delivery.meta
@@ -367,26 +411,31 @@ class AmqpConsumer:
         else:
             await self.store.put(request.id, value)
         message = self._require_valid(delivery)
-        out = aio_pika.Message(
-            body=value.encode(),
+        properties = aiormq.spec.Basic.Properties(
             content_type=JSON,
             correlation_id=message.correlation_id,
             message_id=request.id,  # consumers deduplicate by it (the remaining window)
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
             headers={"prediction-id": request.id},
         )
+        body = value.encode()
         routed = False
         try:
             if message.reply_to:
-                confirm = await self._channel_of(delivery).default_exchange.publish(
-                    out, routing_key=message.reply_to, mandatory=True
+                confirm = await self._publish(
+                    delivery, body, "", message.reply_to, properties, mandatory=True
                 )
                 if not isinstance(confirm, aiormq.spec.Basic.Ack):
                     raise self._unroutable(request.id, f"reply_to queue {message.reply_to!r}")
                 routed = True
             if self._results_exchange is not None:
-                confirm = await self._results_exchange.publish(
-                    out, routing_key=self.config.results_routing_key, mandatory=True
+                confirm = await self._publish(
+                    delivery,
+                    body,
+                    self._results_exchange.name,
+                    self.config.results_routing_key,
+                    properties,
+                    mandatory=True,
                 )
                 if isinstance(confirm, aiormq.spec.Basic.Ack):
                     routed = True
@@ -420,17 +469,48 @@ class AmqpConsumer:
             raise BrokerLost("the message's channel is gone")
         return channel
 
+    async def _publish(
+        self,
+        delivery: Delivery,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: aiormq.spec.Basic.Properties,
+        *,
+        mandatory: bool,
+    ) -> Any:
+        """Publish on the message's own channel and return the broker's confirm (Basic.Ack),
+        or what aiormq returns for a returned message.
+
+        Straight to aiormq with ``wait=False``: the channel's lock is then held only while
+        the frames are queued, not until the socket write drained, so results waiting for
+        their confirms do not queue behind one another one loop turn each."""
+        underlay = cast(
+            aiormq.Channel, await self._channel_of(delivery).get_underlay_channel()
+        )
+        return await underlay.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            wait=False,
+        )
+
     async def _ack(self, delivery: Delivery) -> None:
         message = self._require_valid(delivery)
         try:
-            await message.ack()
+            # Queued, not waited for: frames of one channel go out in order, so nothing sent
+            # on this channel later can overtake it, and a lost connection requeues anyway.
+            underlay = await self._channel_of(delivery).get_underlay_channel()
+            await underlay.basic_ack(message.delivery_tag, wait=False)
         except BROKER_ERRORS as e:
             raise BrokerLost(f"ack failed: {e!r}") from e
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish a copy with the reason to the dead-letter exchange (confirmed), then ack."""
         message = self._require_valid(delivery)
-        headers = dict(message.headers or {})
+        headers = message.headers
         headers[names.AMQP_DEAD_REASON_HEADER] = reason
         assert self._dead_exchange is not None
         try:
@@ -457,9 +537,10 @@ class AmqpConsumer:
             return
         meta: _Meta = delivery.meta
         try:
-            await meta.message.nack(requeue=True)
+            underlay = await self._channel_of(delivery).get_underlay_channel()
+            await underlay.basic_nack(meta.message.delivery_tag, requeue=True)
             self.stats.requeued += 1
-        except BROKER_ERRORS as e:
+        except NACK_ERRORS as e:
             log.info("amqp_nack_failed error=%r", str(e))
 
     def submitted(self, job: Job) -> None:

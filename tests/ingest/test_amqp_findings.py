@@ -18,6 +18,7 @@ from ingest_pool import AMQP_URL, delete_amqp_names, queue_depth, unique
 
 from ingest import names
 from ingest.amqp import AmqpConsumer
+from ingest.core import Delivery
 from ingest.results import MemoryResultStore, RedisResultStore, ResultStore
 from pool.config import AmqpConfig
 
@@ -141,17 +142,17 @@ async def test_a_confirmed_result_is_not_published_again_when_the_ack_was_lost(
 ):
     manager = FakeManager(slots=2)
     consumer = await start(client.queue, manager)
-    original_ack = IncomingMessage.ack
+    original_ack = consumer._ack
     lost: list[str] = []
 
-    async def ack_lost_with_the_connection(self: IncomingMessage, multiple: bool = False):
-        if self.message_id == "dup" and not lost:
+    async def ack_lost_with_the_connection(delivery: Delivery) -> None:
+        if delivery.meta.message.message_id == "dup" and not lost:
             lost.append("dup")  # the result is confirmed; now the connection dies
             assert consumer._connection is not None
             await consumer._connection.close()
-        return await original_ack(self, multiple)
+        return await original_ack(delivery)
 
-    monkeypatch.setattr(IncomingMessage, "ack", ack_lost_with_the_connection)
+    monkeypatch.setattr(consumer, "_ack", ack_lost_with_the_connection)
     await client.publish({"id": "dup", "input": {}}, message_id="dup")
     await wait_until(lambda: consumer.health()["deduplicated"] == 1, what="redelivery acked")
     await client.publish({"id": "after", "input": {}}, message_id="after")
