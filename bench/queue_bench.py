@@ -76,6 +76,51 @@ def start_pool(
 
 
 COUNTS: dict[str, int] = {}  # results seen per id (both brokers), for the duplicate count
+POOL_PIDS: list[int] = []  # the pool processes under test (their runners are their children)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """user + system CPU seconds of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _broker_pid(broker: str) -> int | None:
+    name = "beam.smp" if broker == "amqp" else "redis-server"
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() in (name, name[:15]):
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def cpu_snapshot(broker: str) -> dict[str, float]:
+    """CPU seconds so far: pool managers, their runners, the broker."""
+    runners = [c for p in POOL_PIDS for c in _children(p)]
+    broker_pid = _broker_pid(broker)
+    return {
+        "pool": sum(_cpu_s(p) for p in POOL_PIDS),
+        "runners": sum(_cpu_s(c) for c in runners),
+        "broker": _cpu_s(broker_pid) if broker_pid else 0.0,
+        "client": _cpu_s(os.getpid()),  # this bench: producer and result reader
+    }
 
 
 def summary(broker: str, load: str, sent: dict[str, float], seen: dict[str, float]) -> dict:
@@ -179,11 +224,16 @@ async def measure(
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
     ids = [f"s-{uuid.uuid4().hex}" for _ in range(saturation)]
+    cpu_before = cpu_snapshot(broker)
     now = time.perf_counter()
     sent.update(dict.fromkeys(ids, now))
     await push_all(ids)
     await read_until(set(ids), seen)
-    rows.append(summary(broker, "saturation", sent, seen))
+    cpu_after = cpu_snapshot(broker)
+    row = summary(broker, "saturation", sent, seen)
+    # CPU per prediction of each party: less sensitive to other load than predictions/s.
+    row["cpu_ms"] = {k: (cpu_after[k] - cpu_before[k]) * 1000 / saturation for k in cpu_after}
+    rows.append(row)
     sent, seen = {}, {}
     for _ in range(light):
         pid = f"l-{uuid.uuid4().hex}"
@@ -230,6 +280,7 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                    extra=extra)
         for i in range(args.pools)
     ]
+    POOL_PIDS[:] = [p.pid for p in pools]
     rows: list[dict] = []
     try:
         if args.only in (None, "redis"):
@@ -340,7 +391,9 @@ def print_table(rows: list[dict]) -> None:
           f"{'p99 ms':>8} {'dups':>5}")
     for r in rows:
         print(f"{r['broker']:<7} {r['pools']:>5} {r['load']:<11} {r['n']:>6} {r['per_s']:>9.1f} "
-              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['dups']:>5}")
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['dups']:>5}"
+              + ("  cpu ms/prediction: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms"].items())
+                 if "cpu_ms" in r else ""))
 
 
 def main() -> None:
