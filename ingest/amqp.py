@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any, cast
 
@@ -50,6 +51,7 @@ from ingest.backoff import retry_forever, watch_task
 from ingest.core import BrokerLost, ConsumerStats, Delivery, DeliveryCore, Job, StoreUnavailable
 from ingest.messages import Poison
 from ingest.port import Manager
+from ingest.prefetch import PrefetchTuner
 from ingest.results import ResultStore
 from pool.config import AmqpConfig
 from pool.prediction import PredictionRequest
@@ -115,6 +117,7 @@ class _Incoming:
 class _Meta:
     message: _Incoming
     generation: int  # the connection the message came on; acks on another one are invalid
+    submitted_at: float | None = None  # its prediction exists (monotonic): the run begins
 
 
 class AmqpConsumer:
@@ -146,6 +149,8 @@ class AmqpConsumer:
         self._dead_exchange: AbstractExchange | None = None
         self._cancel_exchange: AbstractExchange | None = None
         self._prefetch_count: int | None = None
+        self._tuner: PrefetchTuner | None = None  # None: queues.amqp.prefetch is fixed
+        self._retuning: asyncio.Task[None] | None = None
         self._count_in_store = False  # classic queue (no x-delivery-count): count in the store
         self._task: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -278,11 +283,68 @@ class AmqpConsumer:
             await self.core.wait_slot_or_stop()
 
     def _prefetch(self) -> int:
-        """queues.amqp.prefetch, else twice the pool's slot capacity (computed once per
-        connection; health reports the value set, never recomputes it: the manager's health
-        includes this consumer's)."""
-        self._prefetch_count = self.config.prefetch or 2 * self._capacity()
+        """queues.amqp.prefetch, else the tuner's window: twice the pool's slot capacity to
+        begin with (computed once per connection; health reports the value set, never
+        recomputes it: the manager's health includes this consumer's)."""
+        if self.config.prefetch:
+            self._tuner = None
+            self._prefetch_count = self.config.prefetch
+        else:
+            self._tuner = PrefetchTuner(
+                self._capacity(), max_per_slot=self.config.prefetch_max_per_slot
+            )
+            self._prefetch_count = self._tuner.current
         return self._prefetch_count
+
+    def _observe_settle(self, delivery: Delivery, published_at: float) -> None:
+        """Feed the tuner one settled message; re-consume when it asks for a new window."""
+        tuner, meta = self._tuner, delivery.meta
+        if tuner is None or meta.submitted_at is None:
+            return
+        now = time.monotonic()
+        tuner.observe(published_at - meta.submitted_at, now - published_at)
+        wanted = tuner.due(now)
+        if wanted is None or self._retuning is not None:
+            return
+        tuner.applied(wanted, now)  # also when it fails: retried after the interval
+        self._retuning = asyncio.create_task(self._retune(wanted), name="amqp-retune")
+        self._retuning.add_done_callback(self._retuned)
+
+    def _retuned(self, task: asyncio.Task[None]) -> None:
+        self._retuning = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("amqp_prefetch_change_failed error=%r", str(task.exception()))
+
+    async def _retune(self, prefetch: int) -> None:
+        """Consume anew with ``prefetch`` (a new basic.qos binds only later consumers), then
+        cancel the old consumer. Its unacked messages stay on this channel and settle as
+        usual; deliveries sent before its cancel-ok still reach ``_on_message``."""
+        channel, queue, old = self._channel, self._queue, self._consumer_tag
+        generation = self._generation
+        if channel is None or channel.is_closed or queue is None or self.core.stopping:
+            return
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_qos(prefetch_count=prefetch)
+            consume_ok = await underlay.basic_consume(queue.name, self._on_message, no_ack=False)
+            if generation != self._generation or self.core.stopping:
+                return  # a new connection (or a stop) took over meanwhile
+            self._consumer_tag = consume_ok.consumer_tag
+            previous, self._prefetch_count = self._prefetch_count, prefetch
+            if old is not None:
+                await underlay.basic_cancel(old)
+        except BROKER_ERRORS as e:
+            log.info("amqp_prefetch_change_failed error=%r", str(e))
+            return
+        tuner = self._tuner
+        log.info(
+            "amqp_prefetch_changed queue=%s from=%s to=%d run_ms=%.2f settle_ms=%.2f",
+            self.config.queue,
+            previous,
+            prefetch,
+            (tuner.run_s or 0) * 1000 if tuner else 0,
+            (tuner.settle_s or 0) * 1000 if tuner else 0,
+        )
 
     def _capacity(self) -> int:
         try:
@@ -401,6 +463,7 @@ class AmqpConsumer:
         self, delivery: Delivery, request: PredictionRequest, value: str, *, republish: bool
     ) -> None:
         assert request.id is not None
+        published_at = time.monotonic()
         if republish:
             if delivery.redelivered and await self.store.published(request.id):
                 # Confirmed already; only the ack was lost (with its connection): ack now.
@@ -455,6 +518,8 @@ class AmqpConsumer:
             self.stats.store_errors += 1
             log.warning("amqp_publish_mark_failed prediction=%s error=%r", request.id, str(e))
         await self._ack(delivery)
+        if not republish:
+            self._observe_settle(delivery, published_at)
 
     def _unroutable(self, prediction_id: str, where: str) -> Poison:
         self.stats.unroutable += 1
@@ -544,4 +609,5 @@ class AmqpConsumer:
             log.info("amqp_nack_failed error=%r", str(e))
 
     def submitted(self, job: Job) -> None:
-        return None
+        meta: _Meta = job.delivery.meta
+        meta.submitted_at = time.monotonic()

@@ -180,10 +180,12 @@ class AmqpConfig:
     max_deliveries: int = 3
     max_message_bytes: int = 10 * 1024 * 1024
     result_store_redis_url: str | None = None  # None: results remembered in memory
-    # Unacked messages this pool may hold. None: twice its runner slots (at most one extra
-    # message waits per slot, so slots stay busy while finished results wait for their
-    # confirm and ack); the extra messages wait here instead of going to another pool.
+    # Unacked messages this pool may hold. None: chosen by the pool (ingest/prefetch.py):
+    # twice its runner slots (at most one message waits per slot), plus room for finished
+    # messages whose results are still being confirmed when predictions are so short that
+    # the slots would otherwise idle; never more than prefetch_max_per_slot per slot.
     prefetch: int | None = None
+    prefetch_max_per_slot: int = 4
     # The in-memory result store (no result_store_redis_url): bounded in count and in bytes.
     result_store_max_entries: int = 100_000
     result_store_max_bytes: int = 256 * 1024 * 1024
@@ -500,6 +502,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("queues.amqp.result_store_max_entries", lambda v: v >= 1, ">= 1"),
     ("queues.amqp.result_store_max_bytes", lambda v: v >= 1, ">= 1"),
     ("queues.amqp.prefetch", lambda v: 1 <= v <= 65535, "between 1 and 65535"),
+    ("queues.amqp.prefetch_max_per_slot", lambda v: 2 <= v <= 64, "between 2 and 64"),
     ("queues.amqp.max_message_bytes", lambda v: v > 0, "> 0"),
     ("shutdown.grace_s", lambda v: v >= 0, ">= 0"),
     ("log_level", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),

@@ -6,6 +6,8 @@ Each test is named after the behaviour the finding asked for; each failed before
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 
 import aio_pika
@@ -16,9 +18,11 @@ from ingest_fakes import FakeManager
 from ingest_helpers import wait_until
 from ingest_pool import AMQP_URL, delete_amqp_names, queue_depth, unique
 
+from ingest import amqp as amqp_module
 from ingest import names
 from ingest.amqp import AmqpConsumer
 from ingest.core import Delivery
+from ingest.prefetch import PrefetchTuner
 from ingest.results import MemoryResultStore, RedisResultStore, ResultStore
 from pool.config import AmqpConfig
 
@@ -217,3 +221,76 @@ async def test_non_finite_numbers_and_lone_surrogates_are_dead_lettered(client, 
     assert sum("surrogate" in r for r in reasons) == 1
     assert sum("not UTF-8" in r for r in reasons) == 1
     assert manager.submitted == ["fine"]
+
+
+# --- throughput: the default prefetch follows the settle times --------------------------------
+class SlowManager(FakeManager):
+    """Each prediction takes ``run_s`` (a model of a few tens of milliseconds)."""
+
+    def __init__(self, *, run_s: float, slots: int = 2) -> None:
+        super().__init__(slots=slots, auto_finish=False)
+        self.run_s = run_s
+
+    async def submit(self, request, *, source: str = "http"):
+        prediction = await super().submit(request, source=source)
+        asyncio.get_running_loop().call_later(self.run_s, self.finish, prediction.id)
+        return prediction
+
+
+@pytest.fixture
+def quick_tuner(monkeypatch):
+    """The tuner with a short memory, so a test sees it act within a few dozen messages."""
+    monkeypatch.setattr(
+        amqp_module, "PrefetchTuner", functools.partial(PrefetchTuner, min_samples=5, interval_s=0)
+    )
+
+
+async def test_instant_predictions_widen_the_window_and_every_message_runs_once(
+    client, start, quick_tuner
+):
+    # Steps: 2 slots, predictions that finish at once, 300 messages. The result's confirm
+    # and ack then take longer than a prediction: the pool widens its prefetch (consuming
+    # anew) and no message is lost or run twice across the change.
+    manager = FakeManager(slots=2)
+    consumer = await start(client.queue, manager)
+    assert consumer.health()["prefetch"] == 4
+    ids = [f"m-{n}" for n in range(300)]
+    for pid in ids:
+        await client.publish({"id": pid, "input": {}})
+    results = await wait_until(
+        lambda: len(r := client.results()) == len(ids) and r, what="every result"
+    )
+    assert all(len(results[pid]) == 1 for pid in ids)
+    assert sorted(manager.submitted) == sorted(ids)
+    assert 4 < consumer.health()["prefetch"] <= 8  # at most prefetch_max_per_slot per slot
+    assert await queue_depth(client.queue) == 0
+
+
+async def test_longer_predictions_keep_one_waiting_message_per_slot(client, start, quick_tuner):
+    # Steps: 2 slots, 30 ms predictions, 40 messages: a result settles well within one
+    # prediction, so the window stays at two per slot (one runs, one waits).
+    manager = SlowManager(run_s=0.03, slots=2)
+    consumer = await start(client.queue, manager)
+    ids = [f"s-{n}" for n in range(40)]
+    for pid in ids:
+        await client.publish({"id": pid, "input": {}})
+    await wait_until(lambda: len(client.results()) == len(ids), what="every result")
+    assert consumer.health()["prefetch"] == 4
+    assert consumer._tuner is not None and consumer._tuner.run_s is not None
+    assert consumer._tuner.run_s >= 0.03
+
+
+async def test_a_prefetch_setting_is_never_tuned(client, start, quick_tuner):
+    manager = FakeManager(slots=2)
+    consumer = AmqpConsumer(
+        config_for(client.queue, prefetch=3), manager, store=MemoryResultStore(ttl_s=60)
+    )
+    await consumer.start()
+    try:
+        await wait_until(lambda: consumer.state == "connected", what="consumer connected")
+        for n in range(60):
+            await client.publish({"id": f"f-{n}", "input": {}})
+        await wait_until(lambda: len(client.results()) == 60, what="every result")
+        assert consumer.health()["prefetch"] == 3
+    finally:
+        await consumer.stop(grace_s=1)

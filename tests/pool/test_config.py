@@ -158,6 +158,7 @@ def test_unknown_override_key() -> None:
         ("log_level", "loud", "one of"),
         ("queues.redis.url", "http://not-redis", "redis://"),
         ("queues.amqp.prefetch", 0, "between 1 and 65535"),
+        ("queues.amqp.prefetch_max_per_slot", 1, "between 2 and 64"),
         ("runners.backoff_max_s", 0.01, ">= runners.backoff_initial_s"),
         ("predictions.recent_max_bytes", -1, ">= 0"),
         ("predictions.logs_max_bytes", 10, ">= 1024"),
