@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,9 +15,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aio_pika
 from ingest_helpers import wait_until
 
-from ingest import Consumers, start_consumers
+from ingest import Consumers, names, start_consumers
 from pool.config import PoolConfig, env_var_name, load_config
 from pool.manager import PoolManager
 
@@ -24,6 +26,79 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ECHO_MODEL = os.path.join(ROOT, "tests", "models", "ingest", "echo")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class AmqpClient:
+    """A test's own AMQP connection: publishes requests, collects replies and dead letters."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.replies: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect(AMQP_URL)
+        self.channel = await self.connection.channel()
+        replies = await self.channel.declare_queue(f"{self.queue}.replies", durable=True)
+        await replies.consume(self._reply, no_ack=True)
+
+    async def _reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.replies.append(message)
+
+    async def watch_dead(self) -> None:
+        assert self.channel is not None
+        dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
+        await dead.consume(self._dead, no_ack=True)
+
+    async def _dead(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.dead.append(message)
+
+    async def publish(
+        self,
+        body: dict | bytes,
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        assert self.channel is not None
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                raw,
+                reply_to=reply_to or f"{self.queue}.replies",
+                correlation_id=correlation_id,
+                message_id=message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self.queue,
+        )
+
+    def results(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for message in self.replies:
+            result = json.loads(message.body)
+            out.setdefault(result["id"], []).append(result)
+        return out
+
+    async def until_results(self, n: int, timeout_s: float = 60.0) -> dict[str, list[dict]]:
+        return await wait_until(
+            lambda: (r := self.results()) and len(r) >= n and r,
+            timeout_s=timeout_s,
+            what=f"{n} replies",
+        )
+
+    def dead_reasons(self) -> list[str]:
+        return [str((m.headers or {}).get(names.AMQP_DEAD_REASON_HEADER)) for m in self.dead]
+
+    async def cleanup(self) -> None:
+        await delete_amqp_names(
+            self.queue, ("", ".dead", ".replies"), (".dlx", ".cancel", ".results")
+        )
+        if self.connection is not None and not self.connection.is_closed:
+            await self.connection.close()
 
 
 def unique(prefix: str) -> str:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 
-import aio_pika
 import pytest
 import redis.asyncio as aioredis
-from aio_pika.message import IncomingMessage
 from ingest_fakes import FakeManager
 from ingest_helpers import wait_until
-from ingest_pool import AMQP_URL, delete_amqp_names, queue_depth, unique
+from ingest_pool import AMQP_URL, AmqpClient, queue_depth, unique
 
 from ingest import amqp as amqp_module
 from ingest import names
@@ -29,68 +26,13 @@ from pool.config import AmqpConfig
 pytestmark = pytest.mark.broker
 
 
-class Client:
-    """The test's own connection: publishes requests, collects replies and dead letters."""
-
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-        self.replies: list[IncomingMessage] = []
-        self.dead: list[IncomingMessage] = []
-        self.connection: aio_pika.abc.AbstractConnection | None = None
-        self.channel: aio_pika.abc.AbstractChannel | None = None
-
-    async def connect(self) -> None:
-        self.connection = await aio_pika.connect(AMQP_URL)
-        self.channel = await self.connection.channel()
-        replies = await self.channel.declare_queue(f"{self.queue}.replies", durable=True)
-        await replies.consume(self._reply, no_ack=True)
-
-    async def watch_dead(self) -> None:
-        assert self.channel is not None
-        dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
-        await dead.consume(self._dead, no_ack=True)
-
-    async def _reply(self, message: IncomingMessage) -> None:
-        self.replies.append(message)
-
-    async def _dead(self, message: IncomingMessage) -> None:
-        self.dead.append(message)
-
-    async def publish(
-        self, body: dict | bytes, *, reply_to: str | None = None, message_id: str | None = None
-    ) -> None:
-        assert self.channel is not None
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        await self.channel.default_exchange.publish(
-            aio_pika.Message(
-                raw,
-                reply_to=reply_to or f"{self.queue}.replies",
-                message_id=message_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=self.queue,
-        )
-
-    def results(self) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        for message in self.replies:
-            result = json.loads(message.body)
-            out.setdefault(result["id"], []).append(result)
-        return out
-
-    def dead_reasons(self) -> list[str]:
-        return [str((m.headers or {}).get(names.AMQP_DEAD_REASON_HEADER)) for m in self.dead]
-
-
 @pytest.fixture
 async def client():
-    c = Client(unique("amqp-fix"))
+    c = AmqpClient(unique("amqp-fix"))
     await c.connect()
     await c.watch_dead()
     yield c
-    await delete_amqp_names(c.queue, ("", ".dead", ".replies"), (".dlx", ".cancel"))
-    if c.connection is not None:
-        await c.connection.close()
+    await c.cleanup()
 
 
 def config_for(queue: str, **extra: object) -> AmqpConfig:

@@ -10,12 +10,11 @@ import aio_pika
 import pytest
 from ingest_helpers import wait_until
 from ingest_pool import (
-    AMQP_URL,
     REDIS_URL,
+    AmqpClient,
     amqp_overrides,
     close_connections_named,
     count_runs,
-    delete_amqp_names,
     pool_config,
     queue_depth,
     running_pool,
@@ -30,75 +29,13 @@ from pool.prediction import PredictionRequest
 pytestmark = pytest.mark.broker
 
 
-class Broker:
-    """A test's client connection: publishes requests, collects replies and dead letters."""
-
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-        self.replies: list[aio_pika.abc.AbstractIncomingMessage] = []
-        self.dead: list[aio_pika.abc.AbstractIncomingMessage] = []
-        self.connection: aio_pika.abc.AbstractConnection | None = None
-        self.channel: aio_pika.abc.AbstractChannel | None = None
-
-    async def connect(self) -> None:
-        self.connection = await aio_pika.connect(AMQP_URL)
-        self.channel = await self.connection.channel()
-        replies = await self.channel.declare_queue(f"{self.queue}.replies", durable=True)
-        await replies.consume(self._reply, no_ack=True)
-
-    async def _reply(self, message) -> None:
-        self.replies.append(message)
-
-    async def watch_dead(self) -> None:
-        assert self.channel is not None
-        dead = await self.channel.declare_queue(f"{self.queue}.dead", durable=True)
-        await dead.consume(self._dead, no_ack=True)
-
-    async def _dead(self, message) -> None:
-        self.dead.append(message)
-
-    async def publish(self, body: dict | bytes, *, correlation_id: str | None = None) -> None:
-        assert self.channel is not None
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        await self.channel.default_exchange.publish(
-            aio_pika.Message(
-                raw,
-                reply_to=f"{self.queue}.replies",
-                correlation_id=correlation_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=self.queue,
-        )
-
-    def results(self) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        for message in self.replies:
-            result = json.loads(message.body)
-            out.setdefault(result["id"], []).append(result)
-        return out
-
-    async def until_results(self, n: int, timeout_s: float = 60.0) -> dict[str, list[dict]]:
-        return await wait_until(
-            lambda: (r := self.results()) and len(r) >= n and r,
-            timeout_s=timeout_s,
-            what=f"{n} replies",
-        )
-
-    async def cleanup(self) -> None:
-        await delete_amqp_names(
-            self.queue, ("", ".dead", ".replies"), (".dlx", ".cancel", ".results")
-        )
-        if self.connection is not None and not self.connection.is_closed:
-            await self.connection.close()
-
-
 def nested_body(levels: int) -> bytes:
     return ('{"input": {"n": ' + "[" * levels + "]" * levels + "}}").encode()
 
 
 @pytest.fixture
 async def broker():
-    b = Broker(unique("amqp"))
+    b = AmqpClient(unique("amqp"))
     await b.connect()
     yield b
     await b.cleanup()
