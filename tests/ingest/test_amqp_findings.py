@@ -12,7 +12,7 @@ import functools
 import pytest
 import redis.asyncio as aioredis
 from ingest_fakes import FakeManager
-from ingest_helpers import wait_until
+from ingest_helpers import redis_up, wait_until
 from ingest_pool import AMQP_URL, AmqpClient, queue_depth, unique
 
 from ingest import amqp as amqp_module
@@ -117,7 +117,7 @@ async def test_a_confirmed_result_is_not_published_again_when_the_ack_was_lost(
 async def test_a_result_store_outage_is_retried_not_dead_lettered(client, start, private_redis):
     url, start_redis, stop_redis = private_redis
     store_client = aioredis.from_url(url, decode_responses=True)
-    await wait_until(lambda: _ping(store_client), what="private redis up")
+    await wait_until(lambda: redis_up(url), what="private redis up")
     store = RedisResultStore(store_client, prefix=client.queue, ttl_s=60)
     manager = FakeManager(slots=2)
     consumer = await start(client.queue, manager, store)
@@ -133,13 +133,6 @@ async def test_a_result_store_outage_is_retried_not_dead_lettered(client, start,
     assert len(results["during-outage"]) == 1
     assert client.dead == [] and consumer.health()["dead_lettered"] == 0
     assert manager.submitted == ["during-outage"]
-
-
-async def _ping(c) -> bool:
-    try:
-        return bool(await c.ping())
-    except Exception:
-        return False
 
 
 # --- finding 9 and issue 7a -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingest_helpers import wait_until
+from ingest_helpers import redis_up, wait_until
 from ingest_pool import (
     AMQP_URL,
     REDIS_URL,
@@ -32,7 +32,6 @@ from ingest_pool import (
     running_pool,
     unique,
 )
-from test_broker_redis import _ping  # private_redis: a fixture of conftest.py
 
 from ingest.batch import _run, batch_key, line_id, read_lines, recorded
 from ingest.submit import build_parser
@@ -295,7 +294,7 @@ async def test_a_redis_restart_mid_run_is_retried(
                 for i in range(count))
     )  # fmt: skip
     out = tmp_path / "results.jsonl"
-    await wait_until(lambda: _ping(url), timeout_s=30, what="private redis up")
+    await wait_until(lambda: redis_up(url), timeout_s=30, what="private redis up")
     config = pool_config(str(tmp_path / "state"), overrides, runners=2)
     async with running_pool(config):
         proc = await start_submit(
@@ -310,7 +309,7 @@ async def test_a_redis_restart_mid_run_is_retried(
         # finishes with every line once.
         await asyncio.to_thread(stop)
         start()
-        await wait_until(lambda: _ping(url), timeout_s=30, what="private redis back")
+        await wait_until(lambda: redis_up(url), timeout_s=30, what="private redis back")
         _, err = await asyncio.wait_for(proc.communicate(), 180)
     assert proc.returncode == 0, err.decode()
     assert "retrying" in err.decode()  # it did see the outage

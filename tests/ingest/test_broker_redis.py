@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import redis.asyncio as aioredis
-from ingest_helpers import wait_until
+from ingest_helpers import redis_up, wait_until
 from ingest_pool import (
     REDIS_URL,
     count_runs,
@@ -214,19 +214,9 @@ async def test_two_pool_processes_share_work_and_kill_9_loses_nothing(
         assert await client.get(names.result_key(stream, pid)) is not None
 
 
-async def _ping(url: str) -> bool:
-    client = aioredis.from_url(url)
-    try:
-        return bool(await client.ping())
-    except (OSError, RedisError):
-        return False
-    finally:
-        await client.aclose()
-
-
 async def test_redis_restart_reconnects_nothing_lost_or_run_twice(private_redis, tmp_path):
     url, start, stop = private_redis
-    await wait_until(lambda: _ping(url), what="private redis up")
+    await wait_until(lambda: redis_up(url), what="private redis up")
     client = aioredis.from_url(url, decode_responses=True)
     stream = unique("restart")
     runs_file = str(tmp_path / "runs.txt")
@@ -247,7 +237,7 @@ async def test_redis_restart_reconnects_nothing_lost_or_run_twice(private_redis,
                 what="consumer sees the loss",
             )
             start()
-            await wait_until(lambda: _ping(url), what="redis back")
+            await wait_until(lambda: redis_up(url), what="redis back")
             results = await until_results(client, stream, total, timeout_s=60)
             health = consumers.health()["redis"]
             assert health["reconnects"] == 1  # one outage, one reconnect

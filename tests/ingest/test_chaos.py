@@ -21,7 +21,7 @@ import subprocess
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
-from ingest_helpers import wait_until
+from ingest_helpers import redis_up, wait_until
 from ingest_pool import (
     AMQP_URL,
     REDIS_URL,
@@ -47,21 +47,11 @@ def _kill_9(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-async def _ping(url: str) -> bool:
-    client = aioredis.from_url(url)
-    try:
-        return bool(await client.ping())
-    except (OSError, RedisError):
-        return False
-    finally:
-        await client.aclose()
-
-
 async def test_redis_chaos_kill_9_and_a_redis_restart_every_id_exactly_once(
     private_redis, tmp_path
 ):
     url, start_redis, stop_redis = private_redis
-    await wait_until(lambda: _ping(url), what="private redis up")
+    await wait_until(lambda: redis_up(url), what="private redis up")
     stream = unique("chaos")
     overrides = {
         **redis_overrides(stream, **{"queues.redis.claim_idle_s": 1.0}),
@@ -95,7 +85,7 @@ async def test_redis_chaos_kill_9_and_a_redis_restart_every_id_exactly_once(
         await wait_until(lambda: at_least(200), timeout_s=60, what="the survivor working")
         stop_redis()
         start_redis()
-        await wait_until(lambda: _ping(url), what="redis back")
+        await wait_until(lambda: redis_up(url), what="redis back")
         counts = await wait_until(lambda: at_least(TOTAL), timeout_s=90, what="every id")
         groups = await client.xinfo_groups(stream)
     finally:
