@@ -178,7 +178,7 @@ class AmqpConsumer:
         self.core.stopping = True
         await self._cancel_consumer()
         abandoned = await self.core.stop(grace_s)
-        owned = [t for t in (self._task, self._monitor) if t is not None]
+        owned = [t for t in (self._task, self._monitor, self._retuning) if t is not None]
         for task in owned:
             task.cancel()
         await asyncio.gather(*owned, return_exceptions=True)
@@ -327,8 +327,11 @@ class AmqpConsumer:
             underlay = await channel.get_underlay_channel()
             await underlay.basic_qos(prefetch_count=prefetch)
             consume_ok = await underlay.basic_consume(queue.name, self._on_message, no_ack=False)
-            if generation != self._generation or self.core.stopping:
-                return  # a new connection (or a stop) took over meanwhile
+            if generation != self._generation:
+                return  # that channel went with its connection
+            if self.core.stopping:  # stop() cancelled the old consumer; this one goes too
+                await underlay.basic_cancel(consume_ok.consumer_tag)
+                return
             self._consumer_tag = consume_ok.consumer_tag
             previous, self._prefetch_count = self._prefetch_count, prefetch
             if old is not None:
