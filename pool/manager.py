@@ -462,14 +462,19 @@ class PoolManager:
             prediction.runner_index,
         )
         # Cog's message; the phase it ended in is on the record (ended_in) and in the log.
+        # A run still on its runner is canceled there (_on_event).
         prediction.fail("Prediction timed out", reason=EndReason.TIMED_OUT)
-        if runner is not None:
-            runner.time_out(prediction.id)
 
     def _on_event(self, prediction: Prediction, event: str) -> None:
         if event != EVENT_COMPLETED:
             return
         self._router.record_finished(prediction)
+        runner = self._router.runner_of(prediction.id)
+        if runner is not None:
+            # It ended here (its deadline, its output cap, an output no JSON can carry) while
+            # its runner still works on it: the runner is told to stop, and the supervisor
+            # kills it if it has not let go within runners.cancel_grace_s.
+            runner.cancel(prediction.id)
         if prediction.input_dir is not None:  # most predictions have no file inputs
             self._remove_input_dir(prediction)
         if self.metrics is not None:

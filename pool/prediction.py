@@ -780,8 +780,14 @@ class Prediction:
 
     def lose_runner(self, error: str) -> None:
         """Its runner process died under it: it fails (after any update being encoded) as
-        lost to the runtime (``EndReason.RUNNER_DIED``), unless it has ended already."""
+        lost to the runtime (``EndReason.RUNNER_DIED``), unless it has ended already or a
+        client had canceled it (then it ends ``canceled``)."""
         if self.done:
+            return
+        if self.cancel_reason is EndReason.CANCELED:
+            # A client canceled it and its runner is gone (killed past its cancel grace, or
+            # died meanwhile): it ends as the client asked, not as a loss to run again.
+            self.deliver({"status": protocol.STATUS_CANCELED})
             return
         self._runner_lost = True
         self.deliver({"status": protocol.STATUS_FAILED, "error": error})
