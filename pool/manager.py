@@ -315,6 +315,7 @@ class PoolManager:
             source=source,
             secret_fields=self._secret_fields(schema),
             logs_max_bytes=self.config.predictions.logs_max_bytes,
+            streamed_output_max_bytes=self.config.predictions.streamed_output_max_bytes,
             encoder=self._encode_output,
         )
         self._router.admit(prediction)  # holds its place while its inputs are fetched

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from ingest_helpers import wait_until
 from ingest_pool import (
     REDIS_URL,
+    ROOT,
     count_runs,
     pool_config,
     redis_overrides,
@@ -284,3 +285,34 @@ async def test_a_message_with_kind_training_runs_a_training(redis_client, stream
     ((_, fields),) = dead
     assert fields[names.FIELD_ORIGINAL_ID] == bad
     assert "kind must be one of ['prediction', 'training']" in fields["reason"]
+
+
+async def test_an_endless_stream_gets_one_failed_result_at_the_output_cap(
+    redis_client, stream, tmp_path
+):
+    client, _ = redis_client
+    cap = 256 * 1024
+    overrides = redis_overrides(
+        stream,
+        **{
+            "model.path": os.path.join(ROOT, "tests", "models", "api", "endless"),
+            "predictions.streamed_output_max_bytes": cap,
+        },
+    )
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    async with running_pool(config) as (manager, _):
+        # Steps: a message whose model yields without end; then one that yields 2 items.
+        await push(client, stream, {"id": "endless", "input": {"item_kb": 16}})
+        await push(client, stream, {"id": "after", "input": {"n": 2}})
+        results = await until_results(client, stream, 2)
+        restarts = manager.health()["runners"][0]["restarts"]
+    # Result: one failed result naming the cap, the next message served by the same runner,
+    # nothing pending, nothing dead-lettered.
+    assert len(results["endless"]) == 1
+    (failed,) = results["endless"]
+    assert failed["status"] == "failed"
+    assert f"exceeded {cap} bytes (predictions.streamed_output_max_bytes)" in failed["error"]
+    assert results["after"][0]["status"] == "succeeded" and len(results["after"]) == 1
+    assert restarts == 0
+    assert (await client.xinfo_groups(stream))[0]["pending"] == 0
+    assert await client.xlen(names.dead_stream_name(stream)) == 0

@@ -522,3 +522,24 @@ async def test_large_outputs_stream_out_as_the_exact_json(tmp_path: Path) -> Non
             body = json.loads(raw)
             assert body["status"] == "succeeded", body.get("error")
             assert body["output"] == output, kind
+
+
+async def test_an_endless_stream_fails_at_the_output_cap_and_the_pool_serves_on(
+    tmp_path: Path,
+) -> None:
+    cap = 256 * 1024
+    async with serving(tmp_path, "endless", predictions__streamed_output_max_bytes=cap) as api:
+        # Steps: a model that yields 16 KiB items without end; then a bounded one.
+        status, body = await api.call("POST", "/predictions", json={"input": {"item_kb": 16}})
+        # Result: the prediction failed naming the cap and the setting; what it holds of the
+        # output stays under the cap; the runner let go of it and serves the next one.
+        assert status == 200 and body["status"] == "failed", body["error"]
+        assert body["error"].startswith(
+            f"the output exceeded {cap} bytes (predictions.streamed_output_max_bytes)"
+        )
+        assert sum(len(item) for item in body["output"] or []) <= cap
+        await wait_until(lambda: api.manager.health()["concurrency"]["current"] == 0, "slot")
+        status, after = await api.call("POST", "/predictions", json={"input": {"n": 3}})
+        assert status == 200 and after["status"] == "succeeded", after["error"]
+        assert after["output"] == ["x" * 1024] * 3
+        assert api.manager.health()["runners"][0]["restarts"] == 0
