@@ -145,6 +145,7 @@ class NetworkConfig:
     allow_private: bool = False  # loopback, private, link-local...; never metadata addresses
     allow_hosts: tuple[str, ...] = ()  # host names ("files.internal", "*.corp") always allowed
     allow_cidrs: tuple[str, ...] = ()  # address ranges ("10.0.0.0/8", "127.0.0.1/32") allowed
+    resolve_timeout_s: float = 5.0  # a webhook's host name, resolved when it is submitted
 
 
 @dataclass(frozen=True)
@@ -492,6 +493,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("webhooks.retry_initial_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.retry_max_s", lambda v: v >= 0, ">= 0"),
     ("files.download_timeout_s", lambda v: v > 0, "> 0"),
+    ("network.resolve_timeout_s", lambda v: v > 0, "> 0"),
     ("files.max_download_bytes", lambda v: v > 0, "> 0"),
     ("queues.redis.block_ms", lambda v: v >= 0, ">= 0"),
     ("queues.redis.claim_idle_s", lambda v: v > 0, "> 0"),

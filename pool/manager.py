@@ -22,7 +22,7 @@ from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
 from pool import files, network, statedir
 from pool.config import PoolConfig
-from pool.errors import InvalidInput, NoTrainer, NotReady, ShuttingDown
+from pool.errors import InvalidInput, InvalidRequest, NoTrainer, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
 from pool.prediction import (
     EVENT_COMPLETED,
@@ -290,7 +290,8 @@ class PoolManager:
         """Validate and admit (once), prepare and queue one prediction; returns once it is
         queued or has ended (await ``.wait()``).
 
-        Raises InvalidInput (nothing taken), NotReady, PoolBusy, PoolFull or ShuttingDown.
+        Raises InvalidRequest (a webhook the network policy refuses) or InvalidInput (nothing
+        taken), NotReady, PoolBusy, PoolFull or ShuttingDown.
         """
         # Before anything is taken: a 422 / a dead letter. A large input is walked in a thread
         # (50 MB of non-ASCII text take ~150 ms); from here on nothing awaits until admission,
@@ -299,6 +300,8 @@ class PoolManager:
             await asyncio.to_thread(check_wire_safe, request)
         else:
             check_wire_safe(request)
+        if request.webhook is not None:
+            await self._check_webhook(request.webhook)
         if self._shutting_down:
             raise ShuttingDown("the pool is shutting down; retry on another instance")
         if request.id is not None:
@@ -337,6 +340,23 @@ class PoolManager:
         # DEBUG: prediction_finished carries the same fields, and this path is hot.
         log.debug("prediction_accepted prediction=%s source=%s", prediction.id, source)
         return prediction
+
+    async def _check_webhook(self, url: str) -> None:
+        """A webhook the network policy refuses, or whose host does not resolve, is refused
+        now (HTTP 422, a queue's dead letter), naming the field, the URL and why: accepted, it
+        could only fail later, out of the client's sight."""
+        try:
+            await self._webhooks.check(url)
+        except network.NetworkRefused as e:
+            detail = {"loc": ["body", "webhook"], "msg": str(e), "type": "value_error.url.refused"}
+            raise InvalidRequest([detail]) from None
+        except network.UrlUnresolvable as e:
+            detail = {
+                "loc": ["body", "webhook"],
+                "msg": str(e),
+                "type": "value_error.url.unresolvable",
+            }
+            raise InvalidRequest([detail]) from None
 
     async def _prepare(self, schema: dict[str, Any], prediction: Prediction) -> Any:
         """Fetch the file inputs and encode the request file; None when the prediction ended
