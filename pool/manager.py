@@ -43,6 +43,10 @@ __all__ = ["PoolManager"]
 
 log = logging.getLogger("pool.manager")
 
+# Cog 0.23.1 fails a prediction whose input file cannot be fetched (HTTP 200, status failed)
+# with this prefix before the download error; ours names the input, the URL and why after it.
+COG_INPUT_ERROR_PREFIX = "Input validation error: "
+
 CancelForwarder = Callable[[str], Awaitable[None]]
 CANCEL_FORWARD_TIMEOUT_S = 5.0
 OFF_LOOP_CHECK_BYTES = 1024 * 1024  # inputs larger: checked and encoded in a thread
@@ -382,9 +386,11 @@ class PoolManager:
                 return None
             except files.FileFetchError as e:
                 # The prediction was accepted: it is recorded, webhooked and counted as failed,
-                # like any other failure, instead of vanishing with the exception.
+                # like any other failure, instead of vanishing with the exception. A failed
+                # prediction, not a 422, is what Cog answers for an input it cannot fetch (an
+                # unreachable host or a 404 alike); a URL the network policy refuses is one.
                 self._remove_input_dir(prediction, dest)
-                prediction.fail(str(e))
+                prediction.fail(f"{COG_INPUT_ERROR_PREFIX}{e}")
                 return None
             finally:
                 prediction.preparation = None
