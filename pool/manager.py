@@ -304,10 +304,12 @@ class PoolManager:
             await asyncio.to_thread(check_wire_safe, request)
         else:
             check_wire_safe(request)
-        if request.webhook is not None:
-            await self._check_webhook(request.webhook)
         if self._shutting_down:
             raise ShuttingDown("the pool is shutting down; retry on another instance")
+        if request.webhook is not None:
+            await self._check_webhook(request.webhook)
+            if self._shutting_down:
+                raise ShuttingDown("the pool is shutting down; retry on another instance")
         if request.id is not None:
             known = self.get(request.id)
             # Idempotent by id, except for a run lost to a runner death: that is retried.

@@ -298,8 +298,9 @@ class UrlChecker:
         )
 
     def close(self) -> None:
-        """Stop the resolver threads (a lookup still running ends on its own)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Let the resolver threads go once the lookups asked for have ended (not waited for;
+        each caller still gets its answer or its timeout)."""
+        self._executor.shutdown(wait=False)
 
 
 def _middleware(policy: NetworkPolicy) -> Any:

@@ -752,6 +752,8 @@ class Supervisor:
         Cancels of the pool's own drain are left to the shutdown's steps (stop file, SIGTERM,
         SIGKILL): a runner killed here would be restarted.
         """
+        if self.stopping:
+            return  # the shutdown's steps end every runner now
         grace = self.config.runners.cancel_grace_s
         now = time.monotonic()
         next_due: float | None = None
