@@ -222,6 +222,10 @@ Resolve = Callable[[str, int], list[str]]
 """(host, port) -> the addresses it resolves to; blocking (it runs in a worker thread)."""
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _getaddrinfo(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]).split("%", 1)[0] for info in infos]
@@ -283,6 +287,10 @@ class UrlChecker:
         except OSError as e:  # socket.gaierror: no such name, no DNS server, ...
             why = e.strerror or str(e) or type(e).__name__
             raise UrlUnresolvable(url, f"its host {host} did not resolve: {why}") from None
+        except UnicodeError as e:  # the IDNA codec: an empty label, a label over 63 characters
+            raise UrlUnresolvable(
+                url, f"its host {_short(host)} is not a valid host name ({e})"
+            ) from None
         if not addresses:
             raise UrlUnresolvable(url, f"its host {host} did not resolve: no address")
         if self.policy.host_allowed(host):
