@@ -132,6 +132,9 @@ class PredictionsConfig:
     recent_max_bytes: int = 64 * 1024 * 1024  # ... taking at most this many bytes in all
     recent_value_max_bytes: int = 256 * 1024  # a kept input value/output/logs larger: omitted
     logs_max_bytes: int = 1024 * 1024  # one prediction's logs: head + marker + tail past this
+    # What an iterator model streams into one prediction's output (its items as JSON, summed):
+    # past it the prediction fails and is canceled on its runner. None: no cap.
+    streamed_output_max_bytes: int | None = 100 * 1024 * 1024
     waiting_max_bytes: int = 1024 * 1024 * 1024  # inputs of predictions waiting for a slot
 
 
@@ -142,6 +145,7 @@ class NetworkConfig:
     allow_private: bool = False  # loopback, private, link-local...; never metadata addresses
     allow_hosts: tuple[str, ...] = ()  # host names ("files.internal", "*.corp") always allowed
     allow_cidrs: tuple[str, ...] = ()  # address ranges ("10.0.0.0/8", "127.0.0.1/32") allowed
+    resolve_timeout_s: float = 5.0  # a webhook's host name, resolved when it is submitted
 
 
 @dataclass(frozen=True)
@@ -456,6 +460,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("predictions.recent_max_bytes", lambda v: v >= 0, ">= 0"),
     ("predictions.recent_value_max_bytes", lambda v: v >= 0, ">= 0"),
     ("predictions.logs_max_bytes", lambda v: v >= 1024, ">= 1024"),
+    ("predictions.streamed_output_max_bytes", lambda v: v >= 1, ">= 1 (null: no cap)"),
     ("predictions.waiting_max_bytes", lambda v: v >= 0, ">= 0"),
     ("http.max_connections", lambda v: v >= 1, ">= 1"),
     ("http.header_timeout_s", lambda v: v > 0, "> 0"),
@@ -490,6 +495,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("webhooks.retry_initial_s", lambda v: v >= 0, ">= 0"),
     ("webhooks.retry_max_s", lambda v: v >= 0, ">= 0"),
     ("files.download_timeout_s", lambda v: v > 0, "> 0"),
+    ("network.resolve_timeout_s", lambda v: v > 0, "> 0"),
     ("files.max_download_bytes", lambda v: v > 0, "> 0"),
     ("queues.redis.block_ms", lambda v: v >= 0, ">= 0"),
     ("queues.redis.claim_idle_s", lambda v: v > 0, "> 0"),

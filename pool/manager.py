@@ -22,7 +22,7 @@ from coglet import protocol
 from coglet.validation import InputValidationError, validate_input
 from pool import files, network, statedir
 from pool.config import PoolConfig
-from pool.errors import InvalidInput, NoTrainer, NotReady, ShuttingDown
+from pool.errors import InvalidInput, InvalidRequest, NoTrainer, NotReady, ShuttingDown
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
 from pool.prediction import (
     EVENT_COMPLETED,
@@ -42,6 +42,10 @@ from pool.webhooks import WebhookSender
 __all__ = ["PoolManager"]
 
 log = logging.getLogger("pool.manager")
+
+# Cog 0.23.1 fails a prediction whose input file cannot be fetched (HTTP 200, status failed)
+# with this prefix before the download error; ours names the input, the URL and why after it.
+COG_INPUT_ERROR_PREFIX = "Input validation error: "
 
 CancelForwarder = Callable[[str], Awaitable[None]]
 CANCEL_FORWARD_TIMEOUT_S = 5.0
@@ -290,7 +294,8 @@ class PoolManager:
         """Validate and admit (once), prepare and queue one prediction; returns once it is
         queued or has ended (await ``.wait()``).
 
-        Raises InvalidInput (nothing taken), NotReady, PoolBusy, PoolFull or ShuttingDown.
+        Raises InvalidRequest (a webhook the network policy refuses) or InvalidInput (nothing
+        taken), NotReady, PoolBusy, PoolFull or ShuttingDown.
         """
         # Before anything is taken: a 422 / a dead letter. A large input is walked in a thread
         # (50 MB of non-ASCII text take ~150 ms); from here on nothing awaits until admission,
@@ -301,6 +306,10 @@ class PoolManager:
             check_wire_safe(request)
         if self._shutting_down:
             raise ShuttingDown("the pool is shutting down; retry on another instance")
+        if request.webhook is not None:
+            await self._check_webhook(request.webhook)
+            if self._shutting_down:
+                raise ShuttingDown("the pool is shutting down; retry on another instance")
         if request.id is not None:
             known = self.get(request.id)
             # Idempotent by id, except for a run lost to a runner death: that is retried.
@@ -315,6 +324,7 @@ class PoolManager:
             source=source,
             secret_fields=self._secret_fields(schema),
             logs_max_bytes=self.config.predictions.logs_max_bytes,
+            streamed_output_max_bytes=self.config.predictions.streamed_output_max_bytes,
             encoder=self._encode_output,
         )
         self._router.admit(prediction)  # holds its place while its inputs are fetched
@@ -336,6 +346,23 @@ class PoolManager:
         # DEBUG: prediction_finished carries the same fields, and this path is hot.
         log.debug("prediction_accepted prediction=%s source=%s", prediction.id, source)
         return prediction
+
+    async def _check_webhook(self, url: str) -> None:
+        """A webhook the network policy refuses, or whose host does not resolve, is refused
+        now (HTTP 422, a queue's dead letter), naming the field, the URL and why: accepted, it
+        could only fail later, out of the client's sight."""
+        try:
+            await self._webhooks.check(url)
+        except network.NetworkRefused as e:
+            detail = {"loc": ["body", "webhook"], "msg": str(e), "type": "value_error.url.refused"}
+            raise InvalidRequest([detail]) from None
+        except network.UrlUnresolvable as e:
+            detail = {
+                "loc": ["body", "webhook"],
+                "msg": str(e),
+                "type": "value_error.url.unresolvable",
+            }
+            raise InvalidRequest([detail]) from None
 
     async def _prepare(self, schema: dict[str, Any], prediction: Prediction) -> Any:
         """Fetch the file inputs and encode the request file; None when the prediction ended
@@ -361,9 +388,11 @@ class PoolManager:
                 return None
             except files.FileFetchError as e:
                 # The prediction was accepted: it is recorded, webhooked and counted as failed,
-                # like any other failure, instead of vanishing with the exception.
+                # like any other failure, instead of vanishing with the exception. A failed
+                # prediction, not a 422, is what Cog answers for an input it cannot fetch (an
+                # unreachable host or a 404 alike); a URL the network policy refuses is one.
                 self._remove_input_dir(prediction, dest)
-                prediction.fail(str(e))
+                prediction.fail(f"{COG_INPUT_ERROR_PREFIX}{e}")
                 return None
             finally:
                 prediction.preparation = None
@@ -462,14 +491,19 @@ class PoolManager:
             prediction.runner_index,
         )
         # Cog's message; the phase it ended in is on the record (ended_in) and in the log.
+        # A run still on its runner is canceled there (_on_event).
         prediction.fail("Prediction timed out", reason=EndReason.TIMED_OUT)
-        if runner is not None:
-            runner.time_out(prediction.id)
 
     def _on_event(self, prediction: Prediction, event: str) -> None:
         if event != EVENT_COMPLETED:
             return
         self._router.record_finished(prediction)
+        runner = self._router.runner_of(prediction.id)
+        if runner is not None:
+            # It ended here (its deadline, its output cap, an output no JSON can carry) while
+            # its runner still works on it: the runner is told to stop, and the supervisor
+            # kills it if it has not let go within runners.cancel_grace_s.
+            runner.cancel(prediction.id)
         if prediction.input_dir is not None:  # most predictions have no file inputs
             self._remove_input_dir(prediction)
         if self.metrics is not None:

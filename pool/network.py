@@ -25,11 +25,14 @@ Also here: :func:`redact_url`, the one way a URL is written to a log line or an 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import re
 import socket
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -44,6 +47,8 @@ __all__ = [
     "GuardedResolver",
     "NetworkPolicy",
     "NetworkRefused",
+    "UrlChecker",
+    "UrlUnresolvable",
     "client_session",
     "redact_text",
     "redact_url",
@@ -71,6 +76,15 @@ class NetworkRefused(PoolError):
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"{redact_url(url)} is refused by the network policy: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class UrlUnresolvable(PoolError):
+    """A URL's host name does not resolve (or not in time): nothing could ever be sent there."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{redact_url(url)}: {reason}")
         self.url = url
         self.reason = reason
 
@@ -202,6 +216,99 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._resolver.close()
+
+
+Resolve = Callable[[str, int], list[str]]
+"""(host, port) -> the addresses it resolves to; blocking (it runs in a worker thread)."""
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _getaddrinfo(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]).split("%", 1)[0] for info in infos]
+
+
+class UrlChecker:
+    """Checks a URL a client hands in, before it is accepted (a webhook at submission), as the
+    connection will be checked when it is used: its scheme, a literal address, and the
+    addresses its host name resolves to. So a client learns at once why nothing would arrive.
+
+    Names are resolved off the event loop, in a few threads of the checker's own (a resolver
+    that hangs holds those, never the loop's default executor), each within ``timeout_s``.
+    The check at connect time stays (:class:`GuardedResolver`): DNS answers may change.
+    """
+
+    def __init__(
+        self,
+        policy: NetworkPolicy | NetworkConfig,
+        *,
+        timeout_s: float,
+        resolve: Resolve = _getaddrinfo,
+        threads: int = 4,
+    ) -> None:
+        self.policy = policy if isinstance(policy, NetworkPolicy) else NetworkPolicy(policy)
+        self.timeout_s = timeout_s
+        self._resolve = resolve
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="cog-pool-resolve"
+        )
+
+    async def check(self, url: str) -> None:
+        """Raise :class:`NetworkRefused` when the policy refuses ``url`` (after resolving its
+        host), :class:`UrlUnresolvable` when its host does not resolve within ``timeout_s``."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError as e:
+            raise NetworkRefused(url, f"the URL cannot be parsed ({e})") from None
+        self.policy.check_url(url)  # the scheme and a literal address
+        if host is None:
+            raise NetworkRefused(url, "the URL has no host")
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+            return  # a literal address: check_url judged it
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        try:
+            addresses = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._resolve, host, port), self.timeout_s
+            )
+        except TimeoutError:
+            raise UrlUnresolvable(
+                url,
+                f"its host {host} did not resolve: no answer within {self.timeout_s} s "
+                "(network.resolve_timeout_s)",
+            ) from None
+        except OSError as e:  # socket.gaierror: no such name, no DNS server, ...
+            why = e.strerror or str(e) or type(e).__name__
+            raise UrlUnresolvable(url, f"its host {host} did not resolve: {why}") from None
+        except UnicodeError as e:  # the IDNA codec: an empty label, a label over 63 characters
+            raise UrlUnresolvable(
+                url, f"its host {_short(host)} is not a valid host name ({e})"
+            ) from None
+        if not addresses:
+            raise UrlUnresolvable(url, f"its host {host} did not resolve: no address")
+        if self.policy.host_allowed(host):
+            return
+        refused = []
+        for address in dict.fromkeys(addresses):
+            reason = self.policy.address_refusal(address)
+            if reason is None:
+                return  # the connection will go to an allowed address
+            refused.append(reason)
+        raise NetworkRefused(
+            url, _fix(f"{host} resolves only to refused addresses: {'; '.join(refused)}")
+        )
+
+    def close(self) -> None:
+        """Let the resolver threads go once the lookups asked for have ended (not waited for;
+        each caller still gets its answer or its timeout)."""
+        self._executor.shutdown(wait=False)
 
 
 def _middleware(policy: NetworkPolicy) -> Any:

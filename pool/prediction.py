@@ -321,6 +321,13 @@ def _unencodable_output(where: str) -> str:
     )
 
 
+def _output_too_large(limit: int, streamed: int) -> str:
+    return (
+        f"the output exceeded {limit} bytes (predictions.streamed_output_max_bytes): the model "
+        f"streamed {streamed} bytes, so the prediction was stopped"
+    )
+
+
 def _current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
@@ -593,6 +600,7 @@ class Prediction:
         source: str = "http",
         secret_fields: frozenset[str] = frozenset(),
         logs_max_bytes: int = DEFAULT_LOGS_MAX_BYTES,
+        streamed_output_max_bytes: int | None = None,
         encoder: OutputEncoder | None = None,
     ) -> None:
         self.id: str = request.id or new_prediction_id()
@@ -611,6 +619,9 @@ class Prediction:
         self.ended_in: Phase | None = None  # the phase it was in when it ended
         self.end_reason: EndReason | None = None
         self.output: Any = None
+        # The bytes (as JSON) of what an iterator streamed into output, and their cap.
+        self.streamed_output_bytes = 0
+        self._streamed_output_max_bytes = streamed_output_max_bytes
         self._logs = LogBuffer(logs_max_bytes)
         self.error: str | None = None
         self.metrics: dict[str, Any] = {}
@@ -780,8 +791,14 @@ class Prediction:
 
     def lose_runner(self, error: str) -> None:
         """Its runner process died under it: it fails (after any update being encoded) as
-        lost to the runtime (``EndReason.RUNNER_DIED``), unless it has ended already."""
+        lost to the runtime (``EndReason.RUNNER_DIED``), unless it has ended already or a
+        client had canceled it (then it ends ``canceled``)."""
         if self.done:
+            return
+        if self.cancel_reason is EndReason.CANCELED:
+            # A client canceled it and its runner is gone (killed past its cancel grace, or
+            # died meanwhile): it ends as the client asked, not as a loss to run again.
+            self.deliver({"status": protocol.STATUS_CANCELED})
             return
         self._runner_lost = True
         self.deliver({"status": protocol.STATUS_FAILED, "error": error})
@@ -800,6 +817,15 @@ class Prediction:
                     self.fail(_unencodable_output(bad))
                     return
         if "output_append" in delta:
+            limit = self._streamed_output_max_bytes
+            if limit is not None:
+                self.streamed_output_bytes += approx_bytes(delta["output_append"])
+                if self.streamed_output_bytes > limit:
+                    # Items are dropped from here on: an endless stream must not grow the pool.
+                    # Its runner is told to cancel it (the manager: a record that ended while
+                    # its runner still holds it).
+                    self.fail(_output_too_large(limit, self.streamed_output_bytes))
+                    return
             if not isinstance(self.output, list):
                 self.output = []
             self.output.extend(delta["output_append"])

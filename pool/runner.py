@@ -1,7 +1,8 @@
 """One runner handle: a ``python -m coglet`` child process, its working directory, its slots.
 
 The handle speaks the file + signal protocol of :mod:`coglet.protocol` from the pool's side.
-It never decides policy (restarts, routing); the supervisor and the router do. Every method
+It never decides policy (restarts, kills, recycling, routing); the supervisor and the router
+do. Every method
 here runs on the event loop thread; signal handlers never call into it (they only wake the
 supervisor, which then calls :meth:`RunnerHandle.scan`).
 """
@@ -143,10 +144,11 @@ class Slot:
     prediction: Prediction
     dispatched_at: float
     next_epoch: int = 0
-    cancel_sent: bool = False  # a cancel-<id> file was written (removed with the slot)
+    # time.monotonic() of the pool's cancel (its cancel-<id> file, if it could be written, is
+    # removed with the slot). What to do if the runner does not let go is the supervisor's.
+    cancel_sent_at: float | None = None
     pending: list[Pending] = field(default_factory=list)  # behind a spilled delta's load
     loader: asyncio.Task[None] | None = None
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
 class RunnerHandle:
@@ -637,12 +639,14 @@ class RunnerHandle:
         if problem is not None or not isinstance(delta, dict):  # garbage fails this one only
             delta = self._bad_response(ValueError(problem))
         terminal = delta.get("status") in protocol.TERMINAL_STATUSES
+        if terminal:
+            # Released first: a record that ends with this delta sees its runner done with it
+            # (a record that ends while its runner still holds it is canceled there).
+            self._release(prediction_id)
         if protocol.DELTA_FILE_KEY in delta:
             self._deliver(slot, self._delta_file(delta[protocol.DELTA_FILE_KEY]))
         else:
             self._deliver(slot, delta)
-        if terminal:
-            self._release(prediction_id)
         return terminal
 
     def _bad_response(self, error: Exception | None) -> dict[str, Any]:
@@ -765,17 +769,24 @@ class RunnerHandle:
         log.debug("prediction_dispatched prediction=%s runner=%d", prediction.id, self.index)
 
     def cancel(self, prediction_id: str) -> bool:
-        """Ask the runner to cancel one prediction: ``cancel-<id>``, then SIGUSR1."""
-        if prediction_id not in self.slots:
+        """Ask the runner to cancel one prediction: ``cancel-<id>``, then SIGUSR1.
+
+        The slot keeps when (``cancel_sent_at``); asking again changes nothing. Whether the
+        runner let go in time is the supervisor's to judge (runners.cancel_grace_s).
+        """
+        slot = self.slots.get(prediction_id)
+        if slot is None:
             return False
-        self.slots[prediction_id].cancel_sent = True
+        if slot.cancel_sent_at is not None:
+            return True
+        slot.cancel_sent_at = time.monotonic()
         try:
             protocol.write_atomic(
                 os.path.join(self.working_dir, protocol.cancel_name(prediction_id)), b""
             )
         except OSError as e:
-            # The runner cannot be told which prediction to stop (a full tmpfs): rather than
-            # hold the slot for good, the runner is killed if it still has it after the grace.
+            # The runner cannot be told which prediction to stop (a full tmpfs): the cancel
+            # grace runs all the same, so the slot is not held for good.
             log.warning(
                 "prediction_cancel_write_failed prediction=%s runner=%d error=%r action=%s",
                 prediction_id,
@@ -783,47 +794,24 @@ class RunnerHandle:
                 e,
                 "kill_after_cancel_grace",
             )
-            loop = asyncio.get_running_loop()
-            grace = self.config.runners.cancel_grace_s
-            timer = loop.call_later(grace, self._on_cancel_grace_over, prediction_id)
-            self.slots[prediction_id].timers.append(timer)
-            return True
-        self.send(protocol.SIG_CANCEL)
-        log.info("prediction_cancel_sent prediction=%s runner=%d", prediction_id, self.index)
+        else:
+            self.send(protocol.SIG_CANCEL)
+            log.info("prediction_cancel_sent prediction=%s runner=%d", prediction_id, self.index)
+        self._wake()  # the supervisor starts counting the grace
         return True
 
-    def time_out(self, prediction_id: str) -> bool:
-        """Its record's deadline passed (the record has ended it): cancel it on the runner, and
-        kill the runner if it has not let go within runners.cancel_grace_s."""
-        slot = self.slots.get(prediction_id)
-        if slot is None:
-            return False
-        self.cancel(prediction_id)
-        grace = self.config.runners.cancel_grace_s
-        loop = asyncio.get_running_loop()
-        slot.timers.append(loop.call_later(grace, self._on_cancel_grace_over, prediction_id))
-        return True
-
-    def _on_cancel_grace_over(self, prediction_id: str) -> None:
-        if prediction_id not in self.slots or not self.alive:
-            return
-        log.warning(
-            "runner_kill runner=%d pid=%s reason=cancel_grace_over prediction=%s",
-            self.index,
-            self.pid,
-            prediction_id,
-        )
-        self.send(signal.SIGKILL, group=True)
+    def kill(self) -> bool:
+        """SIGKILL the runner's whole process group (the model's children too); False when it
+        is gone. When to is the supervisor's decision."""
+        return self.send(signal.SIGKILL, group=True)
 
     def _release(self, prediction_id: str) -> None:
         slot = self.slots.pop(prediction_id, None)
         if slot is None:
             return
-        for timer in slot.timers:
-            timer.cancel()
         # The runner deletes the request file it took, and the working directory is emptied
         # before a restart; only a cancel file may be left behind, and only after a cancel.
-        if slot.cancel_sent:
+        if slot.cancel_sent_at is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.working_dir, protocol.cancel_name(prediction_id)))
         self._wake()

@@ -4,8 +4,8 @@ One loop task owns every runner handle. It wakes on a runner signal (SIGUSR1/SIG
 on a child exit (its pidfd turns readable), on a freed slot, on an operator's request
 (SIGTTIN/SIGTTOU, a reload request file plus SIGHUP), or after the safety rescan
 (``SAFETY_RESCAN_S``); each wake runs the same short list of verbs: reap, scan, take requests,
-recycle, reload, scale, restart, check setup timeouts, then the ``on_tick`` callback (the
-router dispatches there).
+recycle, reload, scale, restart, check setup timeouts, check cancel graces, then the
+``on_tick`` callback (the router dispatches there).
 
 Runners at run time: a reload replaces the runners one at a time (a fresh runner reaches READY
 before an old one drains and stops); scaling adds a runner on the least-loaded GPU or drains
@@ -204,6 +204,7 @@ class _Restarts:
     completed: int = 0
     memory_errors: int = 0  # ... of which failed with MemoryError
     checked: int = -1  # `completed` when the recycle limits were last checked
+    cancel_killed_pid: int | None = None  # the process killed past its cancel grace
 
 
 class Supervisor:
@@ -253,6 +254,7 @@ class Supervisor:
         self._reload_requested = False
         self._scale_pending = 0  # runners to add (> 0) or remove (< 0), as asked
         self._requests_checked_at = float("-inf")  # monotonic, of the last request file check
+        self._cancel_wake_at: float | None = None  # monotonic: a wake is armed for then
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -336,7 +338,7 @@ class Supervisor:
 
     def tick(self) -> None:
         """One pass: reap, scan, take requests, recycle, reload, scale, restart, time out
-        setups, then let the router dispatch."""
+        setups, enforce cancel graces, then let the router dispatch."""
         self.reap()
         self.scan()
         self.take_requests()
@@ -345,6 +347,7 @@ class Supervisor:
         self.scale()
         self.restart_due()
         self.check_setup_timeouts()
+        self.check_cancel_graces()
         self._on_tick()
 
     # --- verbs ---------------------------------------------------------------------------------
@@ -739,7 +742,51 @@ class Supervisor:
             if runner.started_at is not None and now - runner.started_at > limit:
                 runner.setup_timed_out = True
                 log.error("runner_setup_timed_out runner=%d limit_s=%s", runner.index, limit)
-                runner.send(signal.SIGKILL, group=True)
+                runner.kill()
+
+    def check_cancel_graces(self) -> None:
+        """Kill runners that still hold a prediction runners.cancel_grace_s after the pool
+        asked them to cancel it (a model that ignores cancels, or a cancel file that could
+        not be written); wake again when the next grace ends.
+
+        Cancels of the pool's own drain are left to the shutdown's steps (stop file, SIGTERM,
+        SIGKILL): a runner killed here would be restarted.
+        """
+        if self.stopping:
+            return  # the shutdown's steps end every runner now
+        grace = self.config.runners.cancel_grace_s
+        now = time.monotonic()
+        next_due: float | None = None
+        for runner in self.runners:
+            book = self._restarts[runner.index]
+            if not runner.alive or book.cancel_killed_pid == runner.pid:
+                continue
+            for prediction_id, slot in runner.slots.items():
+                sent_at = slot.cancel_sent_at
+                if sent_at is None or slot.prediction.ended_by_shutdown:
+                    continue
+                due = sent_at + grace
+                if due > now:
+                    next_due = due if next_due is None else min(next_due, due)
+                    continue
+                log.warning(
+                    "runner_kill runner=%d pid=%s reason=cancel_grace_over prediction=%s "
+                    "grace_s=%s",
+                    runner.index,
+                    runner.pid,
+                    prediction_id,
+                    grace,
+                )
+                book.cancel_killed_pid = runner.pid
+                runner.kill()  # its exit is reaped like any death: restarted, slots failed
+                break
+        if next_due is None:
+            return
+        armed = self._cancel_wake_at
+        if armed is None or armed <= now or next_due < armed:
+            self._cancel_wake_at = next_due
+            loop = asyncio.get_running_loop()
+            self._timers.append(loop.call_later(next_due - now, self.wake))
 
     # --- stopping ------------------------------------------------------------------------------
     async def stop(self, stop_grace_s: float | None = None) -> None:
@@ -751,7 +798,7 @@ class Supervisor:
         steps: list[tuple[str, Callable[[RunnerHandle], Any], float]] = [
             ("stop_file", lambda r: r.request_stop(), grace),
             ("sigterm", lambda r: r.send(signal.SIGTERM, group=True), grace),
-            ("sigkill", lambda r: r.send(signal.SIGKILL, group=True), 30.0),
+            ("sigkill", lambda r: r.kill(), 30.0),
         ]
         for step, act, wait_s in steps:
             alive = [r for r in self.runners if r.alive]

@@ -32,6 +32,7 @@ from pool.metrics import Metrics
 from pool.network import (
     NetworkPolicy,
     NetworkRefused,
+    UrlChecker,
     client_session,
     redact_text,
     redact_url,
@@ -107,9 +108,17 @@ class WebhookSender:
             if isinstance(network, NetworkPolicy)
             else NetworkPolicy(network or NetworkConfig())
         )
+        self._checker = UrlChecker(self.policy, timeout_s=self.policy.config.resolve_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+
+    async def check(self, url: str) -> None:
+        """Before a prediction is accepted: raise :class:`~pool.network.NetworkRefused` when
+        the network policy refuses ``url`` (its host resolved, off the loop), or
+        :class:`~pool.network.UrlUnresolvable` when its host does not resolve within
+        ``network.resolve_timeout_s``. Each send is checked again (DNS may change)."""
+        await self._checker.check(url)
 
     def watch(self, prediction: Prediction) -> None:
         """Send ``prediction``'s webhooks from now on; no-op without ``request.webhook``."""
@@ -144,6 +153,7 @@ class WebhookSender:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self._checker.close()
 
     # --- per-prediction task -------------------------------------------------------------------
     async def _run(self, watch: _Watch) -> None:

@@ -235,3 +235,38 @@ async def test_two_pool_processes_share_work_and_kill_9_loses_nothing(broker, tm
             await client.delete(names.result_key(broker.queue, pid))
     finally:
         await client.aclose()
+
+
+async def test_a_webhook_the_network_policy_refuses_is_dead_lettered_with_why(broker, tmp_path):
+    config = pool_config(str(tmp_path / "state"), amqp_overrides(broker.queue))
+    async with running_pool(config):
+        await broker.watch_dead()
+        # Steps: messages whose webhook is a loopback address, or a host that does not
+        # resolve; then a plain one.
+        cases = {
+            "h-loop": (
+                "http://127.0.0.1:9/hook?token=SECRET",
+                "webhook: http://127.0.0.1:9/hook is refused by the network policy: "
+                "127.0.0.1 is a loopback address",
+            ),
+            "h-nx": (
+                "http://no-such-host.invalid/hook",
+                "webhook: http://no-such-host.invalid/hook: its host no-such-host.invalid "
+                "did not resolve",
+            ),
+        }
+        for correlation_id, (hook, _) in cases.items():
+            body = {"id": correlation_id, "input": {"n": 1}, "webhook": hook}
+            await broker.publish(body, correlation_id=correlation_id)
+        await broker.publish({"id": "fine", "input": {"n": 5}}, correlation_id="fine")
+        await wait_until(lambda: len(broker.dead) >= len(cases), timeout_s=60, what="dead")
+        results = await broker.until_results(1)
+    # Result: each is dead-lettered once, as invalid input is, with the field, URL and why;
+    # the plain message got its reply.
+    reasons = {m.correlation_id: m.headers[names.AMQP_DEAD_REASON_HEADER] for m in broker.dead}
+    assert sorted(m.correlation_id for m in broker.dead) == sorted(cases)
+    for correlation_id, (_, why) in cases.items():
+        assert reasons[correlation_id].startswith(f"{names.REASON_INVALID_REQUEST}: {why}")
+        assert "SECRET" not in reasons[correlation_id]
+    assert list(results) == ["fine"] and results["fine"][0]["output"] == "echo 5"
+    assert await queue_depth(broker.queue) == 0

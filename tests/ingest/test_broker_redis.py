@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from ingest_helpers import redis_up, wait_until
 from ingest_pool import (
     REDIS_URL,
+    ROOT,
     count_runs,
     pool_config,
     redis_overrides,
@@ -274,3 +275,75 @@ async def test_a_message_with_kind_training_runs_a_training(redis_client, stream
     ((_, fields),) = dead
     assert fields[names.FIELD_ORIGINAL_ID] == bad
     assert "kind must be one of ['prediction', 'training']" in fields["reason"]
+
+
+async def test_an_endless_stream_gets_one_failed_result_at_the_output_cap(
+    redis_client, stream, tmp_path
+):
+    client, _ = redis_client
+    cap = 256 * 1024
+    overrides = redis_overrides(
+        stream,
+        **{
+            "model.path": os.path.join(ROOT, "tests", "models", "api", "endless"),
+            "predictions.streamed_output_max_bytes": cap,
+        },
+    )
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    async with running_pool(config) as (manager, _):
+        # Steps: a message whose model yields without end; then one that yields 2 items.
+        await push(client, stream, {"id": "endless", "input": {"item_kb": 16}})
+        await push(client, stream, {"id": "after", "input": {"n": 2}})
+        results = await until_results(client, stream, 2)
+        restarts = manager.health()["runners"][0]["restarts"]
+    # Result: one failed result naming the cap, the next message served by the same runner,
+    # nothing pending, nothing dead-lettered.
+    assert len(results["endless"]) == 1
+    (failed,) = results["endless"]
+    assert failed["status"] == "failed"
+    assert f"exceeded {cap} bytes (predictions.streamed_output_max_bytes)" in failed["error"]
+    assert results["after"][0]["status"] == "succeeded" and len(results["after"]) == 1
+    assert restarts == 0
+    assert (await client.xinfo_groups(stream))[0]["pending"] == 0
+    assert await client.xlen(names.dead_stream_name(stream)) == 0
+
+
+async def test_a_webhook_the_network_policy_refuses_is_dead_lettered_with_why(
+    redis_client, stream, tmp_path
+):
+    client, _ = redis_client
+    config = pool_config(str(tmp_path / "state"), redis_overrides(stream))
+    async with running_pool(config):
+        # Steps: messages whose webhook is a loopback address, or a host that does not
+        # resolve; then a plain one.
+        sent = {
+            await push(client, stream, {"id": "h-loop", "input": {"n": 1},
+                                        "webhook": "http://127.0.0.1:9/hook?token=SECRET"}): (
+                "webhook: http://127.0.0.1:9/hook is refused by the network policy: "
+                "127.0.0.1 is a loopback address"
+            ),
+            await push(client, stream, {"id": "h-nx", "input": {"n": 2},
+                                        "webhook": "http://no-such-host.invalid/hook"}): (
+                "webhook: http://no-such-host.invalid/hook: its host no-such-host.invalid "
+                "did not resolve"
+            ),
+        }  # fmt: skip
+        await push(client, stream, {"id": "fine", "input": {"n": 3}})
+        dead_stream = names.dead_stream_name(stream)
+
+        async def all_dead():
+            entries = await client.xrange(dead_stream)
+            return entries if len(entries) >= len(sent) else None
+
+        dead = await wait_until(all_dead, timeout_s=60, what="dead letters")
+        results = await until_results(client, stream, 1)
+    # Result: each is dead-lettered once, as invalid input is, with the field, URL and why;
+    # nothing ran for them; the plain message got its result; nothing is pending.
+    by_origin = {fields[names.FIELD_ORIGINAL_ID]: fields for _, fields in dead}
+    assert set(by_origin) == set(sent)
+    for entry_id, why in sent.items():
+        reason = by_origin[entry_id]["reason"]
+        assert reason.startswith(f"{names.REASON_INVALID_REQUEST}: {why}"), reason
+        assert "SECRET" not in reason
+    assert list(results) == ["fine"] and results["fine"][0]["output"] == "echo 3"
+    assert (await client.xinfo_groups(stream))[0]["pending"] == 0

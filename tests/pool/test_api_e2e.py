@@ -522,3 +522,66 @@ async def test_large_outputs_stream_out_as_the_exact_json(tmp_path: Path) -> Non
             body = json.loads(raw)
             assert body["status"] == "succeeded", body.get("error")
             assert body["output"] == output, kind
+
+
+async def test_an_endless_stream_fails_at_the_output_cap_and_the_pool_serves_on(
+    tmp_path: Path,
+) -> None:
+    cap = 256 * 1024
+    async with serving(tmp_path, "endless", predictions__streamed_output_max_bytes=cap) as api:
+        # Steps: a model that yields 16 KiB items without end; then a bounded one.
+        status, body = await api.call("POST", "/predictions", json={"input": {"item_kb": 16}})
+        # Result: the prediction failed naming the cap and the setting; what it holds of the
+        # output stays under the cap; the runner let go of it and serves the next one.
+        assert status == 200 and body["status"] == "failed", body["error"]
+        assert body["error"].startswith(
+            f"the output exceeded {cap} bytes (predictions.streamed_output_max_bytes)"
+        )
+        assert sum(len(item) for item in body["output"] or []) <= cap
+        await wait_until(lambda: api.manager.health()["concurrency"]["current"] == 0, "slot")
+        status, after = await api.call("POST", "/predictions", json={"input": {"n": 3}})
+        assert status == 200 and after["status"] == "succeeded", after["error"]
+        assert after["output"] == ["x" * 1024] * 3
+        assert api.manager.health()["runners"][0]["restarts"] == 0
+
+
+async def test_an_input_url_that_cannot_be_fetched_fails_the_prediction_as_cog_does(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    # Cog 0.23.1, side by side (a Path input, sync POST): HTTP 200, {"status": "failed",
+    # "error": "Input validation error: 404 Client Error: File not found for url: <url>"};
+    # an unreachable or unresolvable host alike. Refused by the network policy is one more
+    # such case here.
+    missing = receiver.url("/files/missing.txt")
+    refused = receiver.url("/files/doc.txt?sig=TOPSECRET").replace("127.0.0.1", "127.0.0.2")
+    unresolvable = "http://no-such-host.invalid/doc.txt"
+    async with serving(tmp_path, model="files") as api:
+        answers = {}
+        for url in (missing, refused, unresolvable):
+            answers[url] = await api.call("POST", "/predictions", json={"input": {"doc": url}})
+        # The async form: 202 at once; the recorded prediction failed the same way.
+        status, _ = await api.call(
+            "PUT",
+            "/predictions/refused-async",
+            json={"input": {"doc": refused}},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202
+        await wait_until(lambda: api.manager.get("refused-async").done, "the failure")
+        answers["async"] = await api.call("GET", "/predictions/refused-async")
+        status, fine = await api.call("POST", "/predictions", json={"input": {"doc": "data:,ok"}})
+        assert status == 200 and fine["status"] == "succeeded", fine
+    # Result: each is a failed prediction with Cog's prefix, naming the input, the URL
+    # (without its query) and why; no runner was used.
+    shown = refused.split("?")[0]
+    why = {
+        missing: f"from {missing}: HTTP 404 Not Found",
+        refused: f"from {shown}: refused by the network policy: 127.0.0.2 is a loopback address",
+        unresolvable: f"from {unresolvable}: ClientConnectorDNSError",
+        "async": f"from {shown}: refused by the network policy: 127.0.0.2 is a loopback address",
+    }
+    for key, (code, body) in answers.items():
+        assert code == 200 and body["status"] == "failed", body
+        expected = f"Input validation error: failed to fetch input 'doc' {why[key]}"
+        assert body["error"].startswith(expected), body["error"]
+        assert "TOPSECRET" not in body["error"] and body["started_at"] is None

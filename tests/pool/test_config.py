@@ -162,6 +162,7 @@ def test_unknown_override_key() -> None:
         ("runners.backoff_max_s", 0.01, ">= runners.backoff_initial_s"),
         ("predictions.recent_max_bytes", -1, ">= 0"),
         ("predictions.logs_max_bytes", 10, ">= 1024"),
+        ("predictions.streamed_output_max_bytes", 0, ">= 1"),
         ("runners.max_runners", 0, ">= 1"),
         ("runners.healthcheck_interval_s", 0, "> 0"),
         ("runners.healthcheck_max_failures", 0, ">= 1"),

@@ -126,6 +126,59 @@ async def test_body_over_the_limit_is_413_json(tmp_path: Path) -> None:
 
 
 # --- SSRF and the pool's own /shutdown (issue 7, finding 4) ---------------------------------------
+async def test_a_webhook_the_network_policy_refuses_is_422_at_submission(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    async with serving(tmp_path, network__allow_cidrs=[]) as api:
+        # Steps: a client sends webhooks to a loopback receiver (a literal address, and a name
+        # that resolves to it) and to a host that does not resolve; by POST and by PUT.
+        cases = {
+            receiver.url("/hook/a?token=TOPSECRET"): "127.0.0.1 is a loopback address",
+            receiver.url("/hook/a").replace("127.0.0.1", "localhost"): (
+                "localhost resolves only to refused addresses"
+            ),
+            "http://no-such-host.invalid/hook": "its host no-such-host.invalid did not resolve",
+        }
+        answers = []
+        for hook, why in cases.items():
+            body = {"input": {"text": "x"}, "webhook": hook}
+            answers.append((why, await api.call("POST", "/predictions", json=body)))
+            answers.append((why, await api.call("PUT", "/predictions/hooked", json=body)))
+        status, _ = await api.call("GET", "/predictions/hooked")
+        # Result: each is a 422 naming the field, the URL (no query) and why; nothing was
+        # created or sent, and the pool serves on.
+        assert status == 404
+        for why, (code, answer) in answers:
+            assert code == 422, answer
+            (detail,) = answer["detail"]
+            assert detail["loc"] == ["body", "webhook"] and why in detail["msg"], detail
+            assert "/hook" in detail["msg"] and "TOPSECRET" not in detail["msg"]
+        assert "network.allow_cidrs" in answers[0][1][1]["detail"][0]["msg"]
+        assert receiver.hooks == {}
+        await still_serving(api)
+
+
+async def test_a_webhook_allowed_at_submission_is_still_checked_when_sent(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Steps: the receiver's name resolves to a public address when the prediction is
+    # submitted, and to loopback by the time the webhook is sent (DNS rebinding).
+    caplog.set_level(logging.INFO)
+    async with serving(tmp_path, network__allow_cidrs=[]) as api:
+        answers = iter([["93.184.216.34"]])
+        checker = api.manager._webhooks._checker  # the submission-time check's resolver
+        checker._resolve = lambda host, port: next(answers)
+        hook = receiver.url("/hook/a").replace("127.0.0.1", "localhost")
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": {"text": "x"}, "webhook": hook}
+        )
+        assert status == 200 and body["status"] == "succeeded", body
+        await wait_until(lambda: "webhook_refused" in caplog.text, "webhook_refused logged")
+    # Result: accepted, but the send found loopback and refused it; nothing arrived.
+    assert receiver.hooks == {}
+
+
+
 async def test_urls_to_internal_addresses_are_refused_and_cannot_stop_the_pool(
     tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -142,12 +195,15 @@ async def test_urls_to_internal_addresses_are_refused_and_cannot_stop_the_pool(
         assert "loopback" in body["error"] and "network.allow_cidrs" in body["error"]
         assert "TOPSECRET" not in body["error"]
 
+        # The webhook is refused at submission (422), before anything runs or is sent.
         hook = api.url("/shutdown?token=TOPSECRET")
         status, body = await api.call(
             "POST", "/predictions", json={"input": {"doc": "data:,x"}, "webhook": hook}
         )
-        assert status == 200 and body["status"] == "succeeded", body
-        await wait_until(lambda: "webhook_refused" in caplog.text, "webhook_refused logged")
+        assert status == 422, body
+        (detail,) = body["detail"]
+        assert detail["loc"] == ["body", "webhook"] and api.url("/shutdown") in detail["msg"]
+        assert "loopback" in detail["msg"] and "TOPSECRET" not in detail["msg"]
         status, health = await api.call("GET", "/health-check")
         assert status == 200 and health["status"] == "READY" and "shutting_down" not in health
         status, body = await api.call("POST", "/predictions", json={"input": {"doc": "data:,y"}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from pool.config import FilesConfig, NetworkConfig, WebhooksConfig
 from pool.errors import ConfigError
 from pool.files import FileFetchError, prepare_inputs
 from pool.metrics import Metrics
-from pool.network import NetworkPolicy, NetworkRefused, client_session, redact_text, redact_url
+from pool.network import (
+    NetworkPolicy,
+    NetworkRefused,
+    UrlChecker,
+    UrlUnresolvable,
+    client_session,
+    redact_text,
+    redact_url,
+)
 from pool.prediction import Prediction, PredictionRequest
 from pool.webhooks import WebhookSender
 
@@ -236,3 +245,58 @@ def test_redaction_removes_credentials_and_queries() -> None:
     assert redact_url("data:text/plain;base64," + "A" * 100).endswith("...")
     text = "Cannot connect to https://a:b@h.example/p?sig=S3CRET (error)"
     assert redact_text(text) == "Cannot connect to https://h.example/p (error)"
+
+
+# --- checking a URL before it is accepted (webhooks at submission) -----------------------------
+async def test_the_checker_refuses_literal_and_resolved_internal_addresses(target: Target) -> None:
+    checker = UrlChecker(NetworkConfig(), timeout_s=5.0)
+    try:
+        with pytest.raises(NetworkRefused, match=r"127\.0\.0\.1 is a loopback address") as e:
+            await checker.check(target.url("/hook?token=TOPSECRET"))
+        assert target.url("/hook") in str(e.value) and "TOPSECRET" not in str(e.value)
+        # A name is judged by what it resolves to, off the loop.
+        with pytest.raises(NetworkRefused, match="localhost resolves only to refused addresses"):
+            await checker.check(target.url("/hook", host="localhost"))
+        with pytest.raises(NetworkRefused, match="a cloud metadata address"):
+            await checker.check("http://169.254.169.254/latest/meta-data/")
+        unresolvable = r"its host no-such-host\.invalid did not resolve"
+        with pytest.raises(UrlUnresolvable, match=unresolvable):
+            await checker.check("http://no-such-host.invalid/hook")
+        # A name the IDNA codec refuses (a label over 63 characters; found by schemathesis).
+        with pytest.raises(UrlUnresolvable, match=r"is not a valid host name \(.*too long"):
+            await checker.check(f"https://{'a' * 70}.dev/hook")
+    finally:
+        checker.close()
+    assert target.hits == []  # checking never connects
+
+
+async def test_the_checker_allows_what_the_policy_allows(target: Target) -> None:
+    checker = UrlChecker(NetworkConfig(allow_cidrs=("127.0.0.0/8",)), timeout_s=5.0)
+    hosts = UrlChecker(NetworkConfig(allow_hosts=("localhost",)), timeout_s=5.0)
+    try:
+        await checker.check(target.url("/hook"))
+        await checker.check(target.url("/hook", host="localhost"))
+        await hosts.check(target.url("/hook", host="localhost"))
+    finally:
+        checker.close()
+        hosts.close()
+
+
+async def test_a_name_that_does_not_resolve_in_time_is_refused_naming_the_setting() -> None:
+    release = threading.Event()
+
+    def hanging_resolver(host: str, port: int) -> list[str]:
+        release.wait(30)  # a DNS server that never answers
+        return ["93.184.216.34"]
+
+    checker = UrlChecker(NetworkConfig(), timeout_s=0.2, resolve=hanging_resolver)
+    try:
+        with pytest.raises(UrlUnresolvable) as e:
+            await checker.check("https://hooks.example.com/x")
+    finally:
+        release.set()
+        checker.close()
+    assert str(e.value) == (
+        "https://hooks.example.com/x: its host hooks.example.com did not resolve: no answer "
+        "within 0.2 s (network.resolve_timeout_s)"
+    )

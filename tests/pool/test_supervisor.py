@@ -16,8 +16,10 @@ from cogpool import cli
 from pool.errors import NotReady
 from pool.manager import PoolManager
 from pool.metrics import Metrics
-from pool.prediction import Prediction, PredictionRequest
+from pool.prediction import EndReason, Prediction, PredictionRequest
 from pool.router import Router
+from pool.runner import RunnerHandle
+from pool.supervisor import WAKE_SIGNALS
 
 
 async def submit(manager: PoolManager, **inputs: Any) -> Prediction:
@@ -338,3 +340,85 @@ async def test_a_recycle_costs_only_the_recycled_runners_capacity(tmp_path: Path
         await q.wait(30)
         assert q.status == "succeeded" and q.runner_index == other
         await wait_until(all_ready(manager), what="the recycled runner back")
+
+
+# --- the cancel grace is the supervisor's policy ----------------------------------------------
+async def test_a_runner_that_ignores_a_client_cancel_is_killed_and_the_prediction_canceled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    config = make_config(tmp_path, runners__cancel_grace_s=0.5)
+    async with running_pool(config) as manager:
+        # Steps: a model that swallows every cancel runs; a client cancels it.
+        body = {"sleep_s": 120, "stubborn": True, "shout": "running"}
+        stubborn = await manager.submit(PredictionRequest(id="stubborn-c", input=body))
+        await wait_until(lambda: "running" in stubborn.logs, what="the model running")
+        pid = runner(manager, 0)["pid"]
+        assert await manager.cancel(stubborn.id)
+        await stubborn.wait(30)
+        await wait_until(lambda: manager.status == "READY", what="runner back")
+        # A PUT of the same id returns the canceled prediction; it is not run again.
+        again = await manager.submit(PredictionRequest(id="stubborn-c", input=body))
+        after = await submit(manager, n=1)
+        await after.wait(30)
+        restarts = runner(manager, 0)["restarts"]
+    # Result: the supervisor killed the runner past the grace (its whole group), the
+    # prediction ended canceled as the client asked, and a fresh runner serves.
+    assert stubborn.status == "canceled" and stubborn.end_reason is EndReason.CANCELED
+    assert not stubborn.runner_died
+    assert again is manager.get("stubborn-c") and again.status == "canceled"
+    assert not pid_alive(pid) and restarts == 1
+    assert after.status == "succeeded"
+    kills = [r.getMessage() for r in caplog.records if "runner_kill" in r.getMessage()]
+    assert len(kills) == 1 and "reason=cancel_grace_over prediction=stubborn-c" in kills[0]
+
+
+async def test_a_runner_that_lets_go_within_the_grace_is_not_killed(tmp_path: Path) -> None:
+    config = make_config(tmp_path, runners__cancel_grace_s=0.5)
+    async with running_pool(config) as manager:
+        # Steps: a cooperative prediction is canceled and lets go; the next one on the same
+        # runner runs well past the first one's grace.
+        first = await submit(manager, sleep_s=120, shout="running")
+        await wait_until(lambda: "running" in first.logs, what="the model running")
+        pid = runner(manager, 0)["pid"]
+        assert await manager.cancel(first.id)
+        await first.wait(30)
+        second = await submit(manager, sleep_s=1.5)
+        await second.wait(30)
+        health = runner(manager, 0)
+    # Result: the runner was never killed: the second prediction ran to its end on it.
+    assert first.status == "canceled"
+    assert second.status == "succeeded", second.error
+    assert json.loads(second.output)["pid"] == pid
+    assert health["pid"] == pid and health["restarts"] == 0
+
+
+async def test_a_runner_handle_alone_never_kills_its_runner(tmp_path: Path) -> None:
+    # The handle only writes the cancel and remembers when: with no supervisor, a runner that
+    # ignores the cancel is left alone past the grace (killing is the supervisor's policy).
+    config = make_config(tmp_path, runners__cancel_grace_s=0.1)
+    loop = asyncio.get_running_loop()
+    for sig in WAKE_SIGNALS:  # the runner's hints would otherwise kill this process
+        loop.add_signal_handler(sig, lambda: None)
+    handle = RunnerHandle(0, None, config, str(tmp_path / "state"), wake=lambda: None)
+    try:
+        handle.spawn()
+        await wait_until(lambda: (handle.scan(), handle.state == "READY")[1], what="READY")
+        prediction = Prediction(
+            PredictionRequest(id="alone", input={"sleep_s": 1.5, "stubborn": True, "shout": "go"})
+        )
+        handle.dispatch(prediction, prediction.encode_request(prediction.input))
+        await wait_until(lambda: (handle.scan(), "go" in prediction.logs)[1], what="running")
+        assert handle.cancel("alone")
+        sent_at = handle.slots["alone"].cancel_sent_at
+        # Steps: the model ignores the cancel and runs 1.5 s, 15 graces, to its end.
+        await wait_until(lambda: (handle.scan(), prediction.done)[1], what="prediction ends")
+        assert sent_at is not None and handle.alive
+        assert prediction.status == "succeeded", prediction.error
+        assert "ignoring a cancel" in prediction.logs
+    finally:
+        handle.kill()
+        await wait_until(lambda: handle.reap() is not None or not handle.alive, what="reaped")
+        handle.close()
+        for sig in WAKE_SIGNALS:
+            loop.remove_signal_handler(sig)
