@@ -47,7 +47,15 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrecon
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.core import BrokerLost, ConsumerStats, Delivery, DeliveryCore, Job, StoreUnavailable
+from ingest.core import (
+    BrokerLost,
+    ConsumerStats,
+    Delivery,
+    DeliveryCore,
+    Job,
+    ResultValue,
+    StoreUnavailable,
+)
 from ingest.messages import Poison
 from ingest.port import Manager
 from ingest.results import ResultStore
@@ -350,11 +358,16 @@ class AmqpConsumer:
     async def check_reply_to(self, delivery: Delivery, request: PredictionRequest) -> None:
         return None  # a reply_to naming no queue is told by the broker's return (mandatory)
 
-    async def recorded(self, prediction_id: str) -> str | None:
+    async def recorded(self, prediction_id: str) -> ResultValue | None:
         return await self.store.get(prediction_id)
 
     async def publish(
-        self, delivery: Delivery, request: PredictionRequest, value: str, *, republish: bool
+        self,
+        delivery: Delivery,
+        request: PredictionRequest,
+        value: ResultValue,
+        *,
+        republish: bool,
     ) -> None:
         assert request.id is not None
         if republish:
@@ -368,7 +381,7 @@ class AmqpConsumer:
             await self.store.put(request.id, value)
         message = self._require_valid(delivery)
         out = aio_pika.Message(
-            body=value.encode(),
+            body=value if isinstance(value, bytes) else value.encode(),
             content_type=JSON,
             correlation_id=message.correlation_id,
             message_id=request.id,  # consumers deduplicate by it (the remaining window)
