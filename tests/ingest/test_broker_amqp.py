@@ -128,7 +128,8 @@ async def test_a_large_file_output_is_replied_whole(broker, tmp_path):
     config = pool_config(str(tmp_path / "state"), overrides, runners=1)
     # Steps: a message whose prediction returns a 3 MiB file (kept on disk by its record).
     async with running_pool(config):
-        await broker.publish({"id": "f", "input": {"size_kb": 3072, "seed": 8}}, correlation_id="f")
+        inputs = {"size_kb": 3072, "seed": 8, "path": str(tmp_path / "out.bin")}
+        await broker.publish({"id": "f", "input": inputs}, correlation_id="f")
         results = await broker.until_results(1)
     # Result: the reply carries the whole file as its data: URI, byte for byte.
     (result,) = results["f"]

@@ -106,7 +106,8 @@ async def test_a_large_file_output_is_published_whole(redis_client, stream, tmp_
     config = pool_config(str(tmp_path / "state"), overrides, runners=1)
     # Steps: a message whose prediction returns a 3 MiB file (kept on disk by its record).
     async with running_pool(config):
-        await push(client, stream, {"id": "f", "input": {"size_kb": 3072, "seed": 7}})
+        inputs = {"size_kb": 3072, "seed": 7, "path": str(tmp_path / "out.bin")}
+        await push(client, stream, {"id": "f", "input": inputs})
         results = await until_results(client, stream, 1)
     # Result: the published result carries the whole file as its data: URI, byte for byte
     # (built off the loop, a slice at a time), and the stored result is the same text.

@@ -40,10 +40,14 @@ _large_text: Callable[[int, str], str] = _large.text
 SIZE_KB = 4096  # 4 MiB: four 1 MiB slices and more
 
 
+def model_input(tmp_path: Path, name: str, **values: Any) -> dict[str, Any]:
+    """The bigfile model's input, its file written under ``tmp_path`` (not left in /tmp)."""
+    return {"path": str(tmp_path / f"{name}.bin"), **values}
+
+
 def decoded(uri: Any) -> bytes:
-    assert isinstance(uri, str) and uri.startswith("data:application/octet-stream;base64,"), (
-        str(uri)[:80]
-    )
+    prefix = "data:application/octet-stream;base64,"
+    assert isinstance(uri, str) and uri.startswith(prefix), str(uri)[:80]
     return base64.b64decode(uri.partition(",")[2], validate=True)
 
 
@@ -99,7 +103,9 @@ async def test_a_large_file_output_reaches_every_reader_whole_then_goes(
         assert model_file.read_bytes() == expected
         assert file_size(kept) == len(expected)
 
-        status, small = await api.call("POST", "/predictions", json={"input": {"size_kb": 1}})
+        status, small = await api.call(
+            "POST", "/predictions", json={"input": model_input(tmp_path, "small", size_kb=1)}
+        )
         assert status == 200 and decoded(small["output"]) == content(1, 0)  # inline: no file
         # Result: f1 left the recent store (recent_max 1), and its file with it.
         await wait_until(lambda: not kept_files(api.manager), "f1's file removed")
@@ -134,7 +140,10 @@ async def test_without_a_recent_store_the_file_lives_until_the_answer_is_written
     # Steps: no recent store at all; a sync prediction returns a 3 MiB file.
     async with serving(tmp_path, model="bigfile", predictions__recent_max=0) as api:
         status, raw, _ = await read_streamed(
-            api, "POST", "/predictions", json={"input": {"size_kb": 3072, "seed": 3}}
+            api,
+            "POST",
+            "/predictions",
+            json={"input": model_input(tmp_path, "f", size_kb=3072, seed=3)},
         )
         # Result: the answer carries the whole file (the request held it past the record's
         # end); once written, nothing holds it and it is removed.
@@ -149,14 +158,17 @@ async def test_a_reader_in_the_middle_of_a_file_keeps_it_past_its_eviction(
     size_kb = 16 << 10  # 21 MiB of JSON: more than the socket buffers take at once
     async with serving(tmp_path, model="bigfile", predictions__recent_max=1) as api:
         status, _ = await api.call(
-            "POST", "/predictions", json={"id": "f2", "input": {"size_kb": size_kb, "seed": 2}}
+            "POST",
+            "/predictions",
+            json={"id": "f2", "input": model_input(tmp_path, "f2", size_kb=size_kb, seed=2)},
         )
         assert status == 200
         # Steps: a GET of f2 reads its first MiB and pauses; another prediction evicts f2
         # from the recent store meanwhile; then the GET reads on.
         async with api.session.get(api.url("/predictions/f2")) as resp:
             first = await resp.content.readexactly(1 << 20)
-            status, _ = await api.call("POST", "/predictions", json={"input": {"size_kb": 1}})
+            small = {"input": model_input(tmp_path, "small", size_kb=1)}
+            status, _ = await api.call("POST", "/predictions", json=small)
             assert status == 200
             gone, _ = await api.call("GET", "/predictions/f2")
             rest = await resp.read()
@@ -170,7 +182,7 @@ async def test_a_reader_in_the_middle_of_a_file_keeps_it_past_its_eviction(
 async def test_a_large_file_output_costs_the_pool_a_few_slices_of_memory(tmp_path: Path) -> None:
     size = 16 << 20
     async with serving(tmp_path, model="bigfile") as api:
-        body = {"input": {"size_kb": size >> 10, "seed": 4}}
+        body = {"input": model_input(tmp_path, "f", size_kb=size >> 10, seed=4)}
         # Steps: tracemalloc traces this process (the pool's manager, its HTTP server and the
         # client) while a 16 MiB file output is answered and read a chunk at a time.
         gc.collect()
@@ -218,7 +230,9 @@ async def test_a_long_string_output_is_held_once(tmp_path: Path) -> None:
 async def test_a_file_at_the_inline_bound_is_a_data_uri_at_once(tmp_path: Path) -> None:
     async with serving(tmp_path, model="bigfile") as api:
         size_kb = INLINE_FILE_MAX_BYTES >> 10  # 191 KiB
-        status, body = await api.call("POST", "/predictions", json={"input": {"size_kb": size_kb}})
+        status, body = await api.call(
+            "POST", "/predictions", json={"input": model_input(tmp_path, "f", size_kb=size_kb)}
+        )
         # Result: a small file is encoded at once, as before; the record keeps no file.
         assert status == 200 and decoded(body["output"]) == content(size_kb, 0)
         assert kept_files(api.manager) == []
@@ -229,19 +243,22 @@ async def test_a_file_at_the_inline_bound_is_a_data_uri_at_once(tmp_path: Path) 
 
 async def test_the_kept_files_bound_drops_the_oldest_copies(tmp_path: Path) -> None:
     bound = 5 << 20
-    async with serving(
-        tmp_path, model="bigfile", predictions__recent_files_max_bytes=bound
-    ) as api:
+    async with serving(tmp_path, model="bigfile", predictions__recent_files_max_bytes=bound) as api:
         # Steps: three 2 MiB file outputs, with 5 MiB of kept files allowed; then one of 6 MiB.
         for n in range(3):
             status, _ = await api.call(
-                "POST", "/predictions", json={"id": f"k{n}", "input": {"size_kb": 2048}}
+                "POST",
+                "/predictions",
+                json={"id": f"k{n}", "input": model_input(tmp_path, f"k{n}", size_kb=2048)},
             )
             assert status == 200
         await wait_until(lambda: len(kept_files(api.manager)) == 2, "two files kept")
         statuses = [(await api.call("GET", f"/predictions/k{n}"))[0] for n in range(3)]
         status, raw, _ = await read_streamed(
-            api, "POST", "/predictions", json={"id": "big", "input": {"size_kb": 6144}}
+            api,
+            "POST",
+            "/predictions",
+            json={"id": "big", "input": model_input(tmp_path, "big", size_kb=6144)},
         )
         assert status == 200 and decoded(json.loads(raw)["output"]) == content(6144, 0)
         _, big = await api.call("GET", "/predictions/big")
