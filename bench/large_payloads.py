@@ -13,7 +13,9 @@ Scenarios:
    bodies over 100 MiB, so 72 MiB: 96 MiB of base64).
    For each: end-to-end time of a sync ``POST /predictions`` (median of ``--repeats``), the
    peak RSS of the HTTP process and of its workers (sampled every 10 ms while the requests
-   run), and ``/health-check`` latency (p50/p99/max) polled every 10 ms meanwhile.
+   run), and ``/health-check`` latency (p50/p99/max) polled every 10 ms meanwhile. The
+   client reads a large response a chunk at a time (``--client-read whole``: ``resp.read()``,
+   whose one join on the client's loop used to show up as /health-check latency).
 2. **Soak**: ``--soak`` null predictions (default 20,000) from 4 keep-alive clients against
    one runner; RSS and open fds of the HTTP process and of the runner after a warm-up and at
    the end.
