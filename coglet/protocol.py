@@ -162,7 +162,8 @@ PATH_MARKER = "__cog_path__"
 # A file *object* a model returns is copied by the runner into a fresh directory named with
 # this prefix, inside the runner's private temporary root (config.json "temp_dir", made by the
 # pool for this runner alone); the pool removes that directory once the file is encoded or
-# uploaded. The pool removes nothing outside that root: Paths the model returns are its own
+# uploaded (a large one is first moved out, into the prediction's own kept files). The pool
+# removes nothing outside that root: Paths the model returns are its own
 # files and are left alone, whatever their directory is called.
 SPILL_DIR_PREFIX = "cog-output-"
 # A delta whose JSON text is larger than this is not written into the working directory (a
