@@ -13,7 +13,9 @@ Scenarios:
    bodies over 100 MiB, so 72 MiB: 96 MiB of base64).
    For each: end-to-end time of a sync ``POST /predictions`` (median of ``--repeats``), the
    peak RSS of the HTTP process and of its workers (sampled every 10 ms while the requests
-   run), and ``/health-check`` latency (p50/p99/max) polled every 10 ms meanwhile.
+   run), and ``/health-check`` latency (p50/p99/max) polled every 10 ms meanwhile. The
+   client reads a large response a chunk at a time (``--client-read whole``: ``resp.read()``,
+   whose one join on the client's loop used to show up as /health-check latency).
 2. **Soak**: ``--soak`` null predictions (default 20,000) from 4 keep-alive clients against
    one runner; RSS and open fds of the HTTP process and of the runner after a warm-up and at
    the end.
@@ -124,8 +126,37 @@ def _spec(runtime: str, model_dir: Path, cog_venv: Path) -> ServerSpec:
     return ServerSpec(spec.name, spec.argv, env, spec.cwd, spec.port, spec.runners)
 
 
+CLIENT_READS = ("streamed", "whole")
+
+
+async def _read_body(resp: aiohttp.ClientResponse, how: str) -> tuple[int, bytes]:
+    """The body's size, and its first and last 4 KiB.
+
+    ``streamed`` reads it a chunk at a time and keeps only those ends: the client's own loop
+    (which also polls /health-check) never stalls. ``whole`` is ``resp.read()``, as every run before
+    the bigout2 branch: the client joins the whole body in one call on that same loop (~0.1 s for
+    133 MiB on this machine), and that stall landed in the /health-check figures."""
+    if how == "whole":
+        raw = await resp.read()
+        return len(raw), raw[:4096] + raw[-4096:]
+    size = 0
+    head = b""
+    tail = b""
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if len(head) < 4096:
+            head += chunk[: 4096 - len(head)]
+        tail = (tail + chunk)[-4096:]
+    return size, head + tail
+
+
 async def run_payload(
-    runtime: str, scenario: str, body: dict[str, Any], repeats: int, cog_venv: Path
+    runtime: str,
+    scenario: str,
+    body: dict[str, Any],
+    repeats: int,
+    cog_venv: Path,
+    client_read: str = "streamed",
 ) -> PayloadResult:
     model = MODELS[scenario]
     result = PayloadResult(runtime, scenario)
@@ -144,14 +175,13 @@ async def run_payload(
                     async with session.post(
                         f"{server.spec.base_url}/predictions", json=body
                     ) as resp:
-                        raw = await resp.read()
+                        size, ends = await _read_body(resp, client_read)
                     elapsed = time.perf_counter() - started
-                    ok = resp.status == 200 and b'"succeeded"' in raw[:4096] + raw[-4096:]
+                    ok = resp.status == 200 and b'"succeeded"' in ends
                     result.failed += 0 if ok else 1
                     result.e2e_s.append(elapsed)
                     log("payload_request", runtime=runtime, scenario=scenario, n=i,
-                        status=resp.status, ok=ok, bytes=len(raw), s=f"{elapsed:.3f}")  # fmt: skip
-                    del raw
+                        status=resp.status, ok=ok, bytes=size, s=f"{elapsed:.3f}")  # fmt: skip
         finally:
             stop.set()
             await asyncio.gather(*watchers)
@@ -276,7 +306,9 @@ async def main_async(args: argparse.Namespace) -> None:
             body = bodies[scenario]
             for runtime in runtimes:
                 results.append(
-                    await run_payload(runtime, scenario, body, args.repeats, cog_venv)
+                    await run_payload(
+                        runtime, scenario, body, args.repeats, cog_venv, args.client_read
+                    )
                 )
         print(render_payloads(results, sizes))
         print()
@@ -295,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--soak", type=int, default=20_000, help="0: no soak")
     parser.add_argument("--skip-payloads", action="store_true")
+    parser.add_argument(
+        "--client-read",
+        choices=CLIENT_READS,
+        default="streamed",
+        help="how the client reads a large response (whole: resp.read(), the old way)",
+    )
     parser.add_argument("--cog-venv", default=os.environ.get("BENCH_COG_VENV", "/work/cog-venv"))
     asyncio.run(main_async(parser.parse_args(argv)))
     return 0

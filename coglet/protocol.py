@@ -17,7 +17,7 @@ import json
 import os
 import re
 import signal
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 __all__ = [
     "CANCEL_PREFIX",
@@ -162,7 +162,8 @@ PATH_MARKER = "__cog_path__"
 # A file *object* a model returns is copied by the runner into a fresh directory named with
 # this prefix, inside the runner's private temporary root (config.json "temp_dir", made by the
 # pool for this runner alone); the pool removes that directory once the file is encoded or
-# uploaded. The pool removes nothing outside that root: Paths the model returns are its own
+# uploaded (a large one is first moved out, into the prediction's own kept files). The pool
+# removes nothing outside that root: Paths the model returns are its own
 # files and are left alone, whatever their directory is called.
 SPILL_DIR_PREFIX = "cog-output-"
 # A delta whose JSON text is larger than this is not written into the working directory (a
@@ -346,39 +347,55 @@ def read_json_file(path: str) -> Any:
     return _loads_once(data)
 
 
-def read_delta_file(path: str) -> Any:
-    """Read a spilled delta (either form: JSON, or JSON head + raw string output); at most
-    twice the file's size alive at once; no single C call over the whole output."""
+def read_delta_file(path: str, *, text: Callable[[List[str]], Any] = "".join) -> Any:
+    """Read a spilled delta (either form: JSON, or JSON head + raw string output).
+
+    The JSON form holds at most twice the file's size at once. The raw form is read and
+    decoded a slice at a time: the output's slices, plus one slice, are all it holds; no
+    single C call runs over the whole output. ``text(slices)`` makes the output's value from
+    its decoded slices (the default joins them: one more whole copy, for a moment)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = _read_rest(fd, b"")
+        chunks: List[bytes] = []
+        while True:
+            chunk = os.read(fd, _DECODE_SLICE)
+            if not chunk:  # no newline: the whole file is one JSON text
+                data = b"".join(chunks)
+                chunks.clear()
+                json_text = data.decode("utf-8", "surrogatepass")
+                del data  # gone before the parse: at most two copies at once
+                return _loads(json_text)
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                chunks.append(chunk)
+                continue
+            chunks.append(chunk[:newline])
+            head = _loads(b"".join(chunks).decode("utf-8"))
+            if not isinstance(head, dict) or head.pop(RAW_OUTPUT_KEY, None) is not True:
+                raise ValueError(
+                    f"{os.path.basename(path)}: a raw output without {RAW_OUTPUT_KEY!r}"
+                )
+            head["output"] = text(_decode_rest(fd, chunk[newline + 1 :]))
+            return head
     finally:
         os.close(fd)
-    newline = data.find(b"\n")
-    if newline < 0:
-        return _loads_once(data)
-    head = _loads(bytes(data[:newline]).decode("utf-8"))
-    if not isinstance(head, dict) or head.pop(RAW_OUTPUT_KEY, None) is not True:
-        raise ValueError(f"{os.path.basename(path)}: a raw output without {RAW_OUTPUT_KEY!r}")
-    head["output"] = _decode_in_slices(data, newline + 1)
-    return head
 
 
 _DECODE_SLICE = 1 << 20
 
 
-def _decode_in_slices(data: bytearray, start: int) -> str:
-    """UTF-8 ``data[start:]`` as one str, decoded a slice at a time (the GIL is free between
-    slices); ``data`` is emptied before the pieces are joined (one memcpy)."""
+def _decode_rest(fd: int, first: bytes) -> List[str]:
+    """``first`` and the rest of the file as UTF-8 text, read and decoded a slice at a time
+    (the GIL is free between slices)."""
     decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
-    pieces = []
-    view = memoryview(data)
-    for i in range(start, len(data), _DECODE_SLICE):
-        pieces.append(decoder.decode(view[i : i + _DECODE_SLICE]))
-    pieces.append(decoder.decode(b"", final=True))
-    view.release()
-    data.clear()
-    return "".join(pieces)
+    slices = [decoder.decode(first)]
+    while True:
+        chunk = os.read(fd, _DECODE_SLICE)
+        if not chunk:
+            break
+        slices.append(decoder.decode(chunk))
+    slices.append(decoder.decode(b"", final=True))
+    return [piece for piece in slices if piece]
 
 
 def _read_rest(fd: int, head: bytes) -> bytearray:

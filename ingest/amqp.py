@@ -48,7 +48,15 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrecon
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.core import BrokerLost, ConsumerStats, Delivery, DeliveryCore, Job, StoreUnavailable
+from ingest.core import (
+    BrokerLost,
+    ConsumerStats,
+    Delivery,
+    DeliveryCore,
+    Job,
+    ResultValue,
+    StoreUnavailable,
+)
 from ingest.messages import Poison
 from ingest.port import Manager
 from ingest.prefetch import PrefetchTuner
@@ -459,11 +467,16 @@ class AmqpConsumer:
     async def check_reply_to(self, delivery: Delivery, request: PredictionRequest) -> None:
         return None  # a reply_to naming no queue is told by the broker's return (mandatory)
 
-    async def recorded(self, prediction_id: str) -> str | None:
+    async def recorded(self, prediction_id: str) -> ResultValue | None:
         return await self.store.get(prediction_id)
 
     async def publish(
-        self, delivery: Delivery, request: PredictionRequest, value: str, *, republish: bool
+        self,
+        delivery: Delivery,
+        request: PredictionRequest,
+        value: ResultValue,
+        *,
+        republish: bool,
     ) -> None:
         assert request.id is not None
         published_at = time.monotonic()
@@ -484,7 +497,7 @@ class AmqpConsumer:
             delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
             headers={"prediction-id": request.id},
         )
-        body = value.encode()
+        body = value if isinstance(value, bytes) else value.encode()
         routed = False
         try:
             if message.reply_to:

@@ -37,6 +37,7 @@ from ingest.backoff import retry_forever
 from ingest.messages import RETRY_LATER, Poison, after_runner_died, over_delivered, parse_request
 from ingest.port import End, Manager, PredictionView, end_of
 from pool.errors import InvalidRequest
+from pool.jsonstream import LargeValue, dumps_bytes, is_large
 from pool.prediction import PredictionRequest
 
 __all__ = [
@@ -46,7 +47,10 @@ __all__ = [
     "DeliveryCore",
     "Driver",
     "Job",
+    "ResultValue",
     "StoreUnavailable",
+    "result_json",
+    "result_value",
 ]
 
 T = TypeVar("T")
@@ -127,9 +131,14 @@ class Driver(Protocol):
         """Raise Poison when the message's reply_to may not or cannot be answered."""
         ...
 
-    async def recorded(self, prediction_id: str) -> str | None: ...
+    async def recorded(self, prediction_id: str) -> ResultValue | None: ...
     async def publish(
-        self, delivery: Delivery, request: PredictionRequest, value: str, *, republish: bool
+        self,
+        delivery: Delivery,
+        request: PredictionRequest,
+        value: ResultValue,
+        *,
+        republish: bool,
     ) -> None:
         """Publish the terminal result at most once per id, record it, ack the delivery.
         Poison when the reply target refuses it (nothing published then)."""
@@ -142,8 +151,33 @@ class Driver(Protocol):
         ...
 
 
+ResultValue = str | bytes
+"""A recorded or published result: the terminal prediction's JSON text (UTF-8 bytes when it
+was built off the loop)."""
+
+_COMPACT = (",", ":")
+OFF_LOOP_RESULT_CHARS = 1 << 20
+"""A result whose strings add up to more than this is built in a worker thread."""
+
+
+def _default(value: Any) -> Any:
+    return value.text() if isinstance(value, LargeValue) else str(value)
+
+
 def result_json(prediction: PredictionView) -> str:
-    return json.dumps(prediction.to_dict(), separators=(",", ":"), default=str)
+    """The prediction's JSON text, at once (a small one)."""
+    return json.dumps(prediction.to_dict(), separators=_COMPACT, default=_default)
+
+
+async def result_value(prediction: PredictionView) -> ResultValue:
+    """The prediction's JSON text; a large one (a 100 MB output, a file output kept on disk)
+    is built once, as UTF-8 bytes, in a worker thread, a slice at a time
+    (:func:`pool.jsonstream.dumps_bytes`): the broker takes one whole body, but the loop
+    never runs one C call over it, and no str copy of it is made beside the bytes."""
+    body = prediction.to_dict()
+    if not is_large(body, OFF_LOOP_RESULT_CHARS):
+        return json.dumps(body, separators=_COMPACT, default=_default)
+    return await asyncio.to_thread(dumps_bytes, body, separators=_COMPACT)
 
 
 class DeliveryCore:
@@ -261,8 +295,12 @@ class DeliveryCore:
         prediction = await self._submit(job, request)
         if prediction is None:
             return
-        await prediction.wait()
-        await self._settle(job, request, prediction)
+        prediction.hold_output()  # its kept output files stay until its result is published
+        try:
+            await prediction.wait()
+            await self._settle(job, request, prediction)
+        finally:
+            prediction.release_output()
 
     async def _submit(self, job: Job, request: PredictionRequest) -> PredictionView | None:
         """Hand the request to the manager once a slot is free; None when handed back."""
@@ -345,7 +383,7 @@ class DeliveryCore:
             )
             await self.driver.give_back(d)
             return
-        value = result_json(prediction)
+        value = await result_value(prediction)
         await self._store(job, lambda: self.driver.publish(d, request, value, republish=False))
         self.stats.completed += 1
         self.log.debug(

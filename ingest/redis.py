@@ -38,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import names
 from ingest.backoff import retry_forever, watch_task
-from ingest.core import ConsumerStats, Delivery, DeliveryCore, Job, result_json
+from ingest.core import ConsumerStats, Delivery, DeliveryCore, Job, ResultValue, result_value
 from ingest.messages import Poison
 from ingest.port import Manager
 from pool.config import RedisConfig
@@ -418,7 +418,12 @@ class RedisConsumer:
         return str(value) if value is not None else None
 
     async def publish(
-        self, delivery: Delivery, request: PredictionRequest, value: str, *, republish: bool
+        self,
+        delivery: Delivery,
+        request: PredictionRequest,
+        value: ResultValue,
+        *,
+        republish: bool,
     ) -> None:
         """Publish the terminal result, record it, ack the entry: all or nothing, one trip.
 
@@ -487,10 +492,12 @@ class RedisConsumer:
     async def _publish_progress(self, job: Job, event: str) -> None:
         """Publish the latest state, then at most every PROGRESS_THROTTLE_S (latest wins)."""
         prediction, request = job.prediction, job.request
+        if prediction is None or request is None or prediction.done:
+            self._progress.pop(job.delivery.key, None)
+            return
+        prediction.hold_output()  # a file output it shows is read while this builds
         try:
-            if prediction is None or request is None or prediction.done:
-                return
-            value = result_json(prediction)
+            value = await result_value(prediction)
             for stream in self._reply_streams(request):
                 await self.redis.xadd(
                     stream,
@@ -508,6 +515,7 @@ class RedisConsumer:
         except ResponseError as e:  # e.g. reply_to turned into another type meanwhile
             self.stats.last_error = str(e)
         finally:
+            prediction.release_output()
             self._progress.pop(job.delivery.key, None)
 
     # --- keeping claims, watching the backlog --------------------------------------------------

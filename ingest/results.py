@@ -19,7 +19,7 @@ from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import names
-from ingest.core import StoreUnavailable
+from ingest.core import ResultValue, StoreUnavailable
 
 __all__ = ["MemoryResultStore", "RedisResultStore", "ResultStore"]
 
@@ -34,11 +34,11 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class ResultStore(Protocol):
-    async def get(self, prediction_id: str) -> str | None:
+    async def get(self, prediction_id: str) -> ResultValue | None:
         """The recorded terminal prediction JSON of this id, or None."""
         ...
 
-    async def put(self, prediction_id: str, result: str) -> None:
+    async def put(self, prediction_id: str, result: ResultValue) -> None:
         """Record the terminal prediction JSON of this id (kept for the store's TTL)."""
         ...
 
@@ -67,7 +67,7 @@ class MemoryResultStore:
         self._max_bytes = max_bytes
         self.bytes = 0  # the recorded results' JSON, in bytes (the bound counts this)
         # id -> (expires at, result JSON, publish confirmed)
-        self._results: OrderedDict[str, tuple[float, str, bool]] = OrderedDict()
+        self._results: OrderedDict[str, tuple[float, ResultValue, bool]] = OrderedDict()
         self._deliveries: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -89,12 +89,12 @@ class MemoryResultStore:
         ):
             deliveries.popitem(last=False)
 
-    async def get(self, prediction_id: str) -> str | None:
+    async def get(self, prediction_id: str) -> ResultValue | None:
         self._expire()
         entry = self._results.get(prediction_id)
         return entry[1] if entry else None
 
-    async def put(self, prediction_id: str, result: str) -> None:
+    async def put(self, prediction_id: str, result: ResultValue) -> None:
         old = self._results.pop(prediction_id, None)
         if old is not None:
             self.bytes -= len(old[1])
@@ -141,13 +141,13 @@ class RedisResultStore:
         except STORE_ERRORS as e:
             raise StoreUnavailable(f"result store: {type(e).__name__}: {e}") from e
 
-    async def get(self, prediction_id: str) -> str | None:
+    async def get(self, prediction_id: str) -> ResultValue | None:
         raw = await self._call(
             lambda: self._redis.get(names.result_key(self._prefix, prediction_id))
         )
         return str(raw) if raw is not None else None
 
-    async def put(self, prediction_id: str, result: str) -> None:
+    async def put(self, prediction_id: str, result: ResultValue) -> None:
         key = names.result_key(self._prefix, prediction_id)
         await self._call(lambda: self._redis.set(key, result, px=self._ttl_ms))
 

@@ -30,7 +30,7 @@ from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
 from pool import sse
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NoTrainer, NotReady, PoolBusy, PoolFull, ShuttingDown
-from pool.jsonstream import is_large, json_pieces
+from pool.jsonstream import dumps, is_large, json_chunks, json_pieces
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
 from pool.prediction import (
@@ -283,37 +283,40 @@ def _bad_json(message: str) -> web.HTTPBadRequest:
 
 
 async def _prediction_response(
-    request: web.Request, prediction: Prediction, *, status: int = 200
+    request: web.Request,
+    prediction: Prediction,
+    *,
+    status: int = 200,
+    body: dict[str, Any] | None = None,
 ) -> web.StreamResponse:
-    """The prediction as JSON; a large finished one is streamed out a piece at a time.
+    """The prediction (or ``body``, its view) as JSON; a large one is streamed out a piece at
+    a time.
 
-    ``json.dumps`` of a 100 MB output (a data: URI, a long text) was one C call holding the
-    GIL for hundreds of milliseconds (the loop and ``/health-check`` stalled even from a
-    worker thread), and the text plus its bytes were two more whole copies of the output.
-    :func:`pool.jsonstream.json_pieces` writes the same JSON text a slice at a time, and
-    each ``write`` waits for the drain, so at most about one slice is held beyond the output.
+    ``json.dumps`` of a 100 MB output (a long text) was one C call holding the GIL for
+    hundreds of milliseconds (the loop and ``/health-check`` stalled even from a worker
+    thread), and the text plus its bytes were two more whole copies of the output.
+    :func:`pool.jsonstream.json_pieces` writes the same JSON text a slice at a time, a file
+    output kept on disk (``pool.files.FileOutput``) as base64 of the file read a slice at a
+    time, and each ``write`` waits for the drain, so at most about one slice is held beyond
+    the output. A live record may change between slices: each list or dict is listed in one
+    step, so the text is always one valid state of it.
     """
-    body = prediction.to_dict()
-    # Only a finished prediction is left alone by the loop while it is written out.
-    if not prediction.done or not is_large(body, STREAM_RESPONSE_MIN_CHARS):
-        return web.json_response(body, status=status)
-    response = web.StreamResponse(status=status)
-    response.content_type = "application/json"
-    # No length: aiohttp sends it chunked (HTTP/1.1), or to the connection close (HTTP/1.0).
-    await response.prepare(request)
-    pending: list[str] = []
-    pending_chars = 0
-    for piece in json_pieces(body):
-        pending.append(piece)
-        pending_chars += len(piece)
-        if pending_chars >= _WRITE_CHUNK_CHARS:
-            await response.write("".join(pending).encode())  # waits for the drain, if any
-            pending, pending_chars = [], 0
-            await asyncio.sleep(0)  # a fast reader never makes write wait: yield regardless
-    if pending:
-        await response.write("".join(pending).encode())
-    await response.write_eof()
-    return response
+    if body is None:
+        body = prediction.to_dict()
+    if not is_large(body, STREAM_RESPONSE_MIN_CHARS):
+        return web.json_response(body, status=status, dumps=dumps)
+    prediction.hold_output()  # its kept files stay until the last slice is written
+    try:
+        response = web.StreamResponse(status=status)
+        response.content_type = "application/json"
+        # No length: aiohttp sends it chunked (HTTP/1.1), or to the connection close (HTTP/1.0).
+        await response.prepare(request)
+        async for chunk in json_chunks(body, chunk_chars=_WRITE_CHUNK_CHARS, pieces=json_pieces):
+            await response.write(chunk)  # waits for the drain, if any
+        await response.write_eof()
+        return response
+    finally:
+        prediction.release_output()
 
 
 STREAM_RESPONSE_MIN_CHARS = 1 << 20
@@ -445,7 +448,7 @@ async def get_prediction(request: web.Request) -> web.StreamResponse:
     return await _prediction_response(request, prediction)
 
 
-async def cancel_prediction(request: web.Request) -> web.Response:
+async def cancel_prediction(request: web.Request) -> web.StreamResponse:
     """200 with the prediction's state for as long as it is known (as Cog: a repeat, or a
     cancel after the end, is still 200); 404 for an id never seen or long forgotten."""
     manager = request.app[MANAGER_KEY]
@@ -453,11 +456,13 @@ async def cancel_prediction(request: web.Request) -> web.Response:
     if not await manager.cancel(prediction_id):
         known = manager.get(prediction_id)
         if known is not None:
-            return web.json_response(known.to_dict())
+            return await _prediction_response(request, known)
         return _error(404, "prediction not found")
     log.info("http_cancel prediction=%s", prediction_id)
     prediction = manager.get(prediction_id)
-    return web.json_response(prediction.to_dict() if prediction is not None else {})
+    if prediction is None:
+        return web.json_response({})
+    return await _prediction_response(request, prediction)
 
 
 async def create_prediction(request: web.Request) -> web.StreamResponse:
@@ -495,7 +500,7 @@ async def get_training(request: web.Request) -> web.StreamResponse:
     return await _prediction_response(request, training)
 
 
-async def cancel_training(request: web.Request) -> web.Response:
+async def cancel_training(request: web.Request) -> web.StreamResponse:
     """As a prediction's cancel: 200 while the training is known, 404 otherwise."""
     training = _training(request)
     if training is None:
@@ -503,7 +508,7 @@ async def cancel_training(request: web.Request) -> web.Response:
     if await request.app[MANAGER_KEY].cancel(training.id):
         log.info("http_cancel training=%s", training.id)
     known = request.app[MANAGER_KEY].get(training.id)
-    return web.json_response((known or training).to_dict())
+    return await _prediction_response(request, known or training)
 
 
 # Cog 0.23.1's answer to an SSE request on a training route.
@@ -536,6 +541,22 @@ async def _create(
     except Exception as e:
         return _translate(request, e)
     existing = existing if prediction is existing else None
+    # From now until its answer is written, this request may read the record's output files.
+    prediction.hold_output()
+    try:
+        return await _answer(request, manager, prediction, existing, want_sse, respond_async)
+    finally:
+        prediction.release_output()
+
+
+async def _answer(
+    request: web.Request,
+    manager: ManagerAPI,
+    prediction: Prediction,
+    existing: Prediction | None,
+    want_sse: bool,
+    respond_async: bool,
+) -> web.StreamResponse:
     log.debug(  # prediction_finished is the INFO line; this one is per request, on the hot path
         "http_prediction prediction=%s mode=%s known=%s",
         prediction.id,
@@ -556,7 +577,7 @@ async def _create(
             # Cog's async create answers "starting": the answer is the acceptance; progress
             # (processing, then the end) follows by webhook and GET.
             body["status"] = STATUS_STARTING
-        return web.json_response(body, status=202)
+        return await _prediction_response(request, prediction, status=202, body=body)
     await _wait(request, manager, prediction, owned=existing is None)
     return await _prediction_response(request, prediction)
 

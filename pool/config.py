@@ -131,6 +131,8 @@ class PredictionsConfig:
     recent_max: int = 10_000  # ... at most this many of them
     recent_max_bytes: int = 64 * 1024 * 1024  # ... taking at most this many bytes in all
     recent_value_max_bytes: int = 256 * 1024  # a kept input value/output/logs larger: omitted
+    # output files the kept copies hold on disk (pool.files.FileOutput), in all
+    recent_files_max_bytes: int = 1024 * 1024 * 1024
     logs_max_bytes: int = 1024 * 1024  # one prediction's logs: head + marker + tail past this
     # What an iterator model streams into one prediction's output (its items as JSON, summed):
     # past it the prediction fails and is canceled on its runner. None: no cap.
@@ -459,6 +461,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("predictions.recent_max", lambda v: v >= 0, ">= 0"),
     ("predictions.recent_max_bytes", lambda v: v >= 0, ">= 0"),
     ("predictions.recent_value_max_bytes", lambda v: v >= 0, ">= 0"),
+    ("predictions.recent_files_max_bytes", lambda v: v >= 0, ">= 0"),
     ("predictions.logs_max_bytes", lambda v: v >= 1024, ">= 1024"),
     ("predictions.streamed_output_max_bytes", lambda v: v >= 1, ">= 1 (null: no cap)"),
     ("predictions.waiting_max_bytes", lambda v: v >= 0, ">= 0"),

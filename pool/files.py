@@ -12,7 +12,13 @@ raises :class:`pool.errors.InvalidInput` (HTTP 422).
 
 Outputs: ``{PATH_MARKER: path}`` anywhere in the output becomes ``data:<mime>;base64,...``, or,
 with ``files.upload_url``, is PUT to ``<upload_url>/<file name>`` and replaced by the response's
-``Location`` header, else by the PUT URL without its query string.
+``Location`` header, else by the PUT URL without its query string. A file over
+``INLINE_FILE_MAX_BYTES`` (about 192 KiB) is not encoded at all: the prediction record takes it
+into a directory of its own (:class:`OutputFiles`; a file the runner spilled is moved there, a
+file of the model's is copied, since the model may write the same path again) and the output
+holds a :class:`FileOutput` (path, mime type, size), whose ``data:`` URI each writer makes from
+the file a slice at a time. The directory lives while anything may still serve it (see
+:class:`OutputFiles`).
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import json
 import logging
 import mimetypes
 import os
 import re
+import shutil
 import tempfile
 import urllib.parse
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from tenacity import (
@@ -43,6 +51,7 @@ from tenacity import (
 from coglet import protocol
 from pool.config import FilesConfig, NetworkConfig
 from pool.errors import InvalidInput, PoolError
+from pool.jsonstream import LargeValue
 from pool.network import (
     NetworkPolicy,
     NetworkRefused,
@@ -53,8 +62,11 @@ from pool.network import (
 )
 
 __all__ = [
+    "INLINE_FILE_MAX_BYTES",
     "FileFetchError",
+    "FileOutput",
     "FileUploadError",
+    "OutputFiles",
     "data_uri_for_file",
     "decode_data_uri",
     "encode_outputs",
@@ -385,10 +397,127 @@ def _too_large(field: str, url: str, config: FilesConfig, status: int | None) ->
 
 
 # --- outputs ---------------------------------------------------------------------------------
+INLINE_FILE_MAX_BYTES = 192 * 1024 - 256
+"""Output files up to this size become ``data:`` URIs at once (under 256 KiB of text, so the
+recent store keeps such a value whole by default); larger ones are kept on disk as
+:class:`FileOutput`."""
+
+
+class FileOutput(LargeValue):
+    """An output file kept on disk by its prediction record; its JSON value is the ``data:``
+    URI, made from the file a slice at a time by whoever writes it out."""
+
+    __slots__ = ("mime_type", "path", "size")
+
+    def __init__(self, path: str, mime_type: str, size: int) -> None:
+        self.path = path
+        self.mime_type = mime_type
+        self.size = size
+
+    @property
+    def prefix(self) -> str:
+        return f"data:{self.mime_type};base64,"
+
+    @property
+    def json_chars(self) -> int:
+        return len(self.prefix) + 4 * ((self.size + 2) // 3) + 2
+
+    @property
+    def memory_bytes(self) -> int:
+        return len(self.path) + len(self.mime_type) + 64
+
+    def pieces(self, slice_chars: int) -> Iterator[str]:
+        # The file is opened before the first piece: a reader holds it from then on, even if
+        # its record lets it go meanwhile (an unlinked file stays readable through its fd).
+        f = self._open()
+        with f:
+            yield json.dumps(self.prefix)[:-1]  # the opening quote and the prefix
+            block = max(3, slice_chars // 4 * 3)  # whole base64 quanta: slices concatenate
+            while data := f.read(block):
+                yield base64.b64encode(data).decode("ascii")
+            yield '"'
+
+    def text(self) -> str:
+        return data_uri_for_file(self.path, self.mime_type)
+
+    def _open(self) -> BinaryIO:
+        try:
+            return open(self.path, "rb")  # closed by pieces()
+        except OSError as e:
+            raise FileUploadError(f"output file {self.path} cannot be read: {e}") from None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileOutput):
+            return NotImplemented
+        return (self.path, self.mime_type, self.size) == (other.path, other.mime_type, other.size)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"FileOutput({self.path!r}, {self.mime_type!r}, size={self.size})"
+
+
+class OutputFiles:
+    """The output files one prediction record keeps on disk, and who still needs them.
+
+    Each holder counts once: the live record until the router has recorded its end, the recent
+    store while it keeps the record's slim copy, and each reader (a sync HTTP response, a
+    ``GET``, a webhook sender, a queue publisher) from before it may read until it is done.
+    When the last one lets go, ``remove`` is handed the directories (the manager removes them
+    in a worker thread). A reader that already opened a file keeps reading it after that.
+    """
+
+    def __init__(self, root: str, name: str, remove: Callable[[list[str]], None]) -> None:
+        self._root = root
+        self._name = name
+        self._remove = remove
+        self.dirs: list[str] = []
+        self.bytes = 0  # on disk, in all
+        self.holds = 0
+        self.closed = False  # its last holder let go: its directories are (being) removed
+        self.sealed = False  # its record ended: a file kept after that is in no output
+        self._made = 0
+
+    def new_dir(self) -> str:
+        """A fresh directory path for one file (:func:`adopt_file` makes it; :meth:`settled`
+        makes it this set's)."""
+        self._made += 1
+        return os.path.join(self._root, f"{self._name}-{self._made - 1}")
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        if self.holds <= 0:
+            self.closed = True
+            dirs, self.dirs = self.dirs, []
+            if dirs:
+                self._remove(dirs)
+
+    def settled(self, path: str, kept: FileOutput | None, *, failed: bool = False) -> None:
+        """The worker thread that filled ``path`` is done (``kept``: the file it kept). The
+        directory becomes this set's; if the record ended or every holder let go meanwhile,
+        or the thread failed half-way, it is removed at once."""
+        if kept is not None and not (self.closed or self.sealed):
+            self.dirs.append(path)
+            self.bytes += kept.size
+        elif kept is not None or failed:
+            self._remove([path])
+
+
 async def encode_outputs(
-    output: Any, config: FilesConfig, *, session: aiohttp.ClientSession | None = None
+    output: Any,
+    config: FilesConfig,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    keep: Callable[[], OutputFiles | None] | None = None,
+    movable: Callable[[str], bool] = lambda path: False,
 ) -> Any:
-    """Replace every ``{PATH_MARKER: path}`` in ``output`` by a data: URI or an uploaded URL."""
+    """Replace every ``{PATH_MARKER: path}`` in ``output`` by a data: URI, an uploaded URL, or
+    (a file over ``INLINE_FILE_MAX_BYTES``, when ``keep`` gives the record's files) a
+    :class:`FileOutput` the record keeps. ``movable(path)``: the runner's own copy (moved,
+    not copied)."""
     if not has_path(output):
         return output
     own_session = session is None and config.upload_url is not None
@@ -396,7 +525,7 @@ async def encode_outputs(
     if own_session:
         client = aiohttp.ClientSession()
     try:
-        return await _encode(output, config, client)
+        return await _encode(output, config, client, keep, movable)
     finally:
         if own_session and client is not None:
             await client.close()
@@ -424,30 +553,77 @@ def has_path(value: Any) -> bool:
     return False
 
 
-async def _encode(value: Any, config: FilesConfig, session: aiohttp.ClientSession | None) -> Any:
+async def _encode(
+    value: Any,
+    config: FilesConfig,
+    session: aiohttp.ClientSession | None,
+    keep: Callable[[], OutputFiles | None] | None,
+    movable: Callable[[str], bool],
+) -> Any:
     if _is_path_marker(value):
         path = value[protocol.PATH_MARKER]
         if config.upload_url is not None and session is not None:
-            encoded = await upload_file(session, path, config.upload_url)
-        else:
-            encoded = await asyncio.to_thread(data_uri_for_file, path)
-        # The runner's own copies (file objects it spilled) are removed by the runner handle,
-        # which knows the runner's private temporary root; nothing else is ever deleted here.
-        return encoded
+            return await upload_file(session, path, config.upload_url)
+        files = keep() if keep is not None else None
+        if files is None:
+            return await asyncio.to_thread(data_uri_for_file, path)
+        # The runner's own copies left behind (file objects it spilled) are removed by the
+        # runner handle.
+        dest_dir = files.new_dir()
+        job = asyncio.ensure_future(
+            asyncio.to_thread(adopt_file, path, dest_dir, move=movable(path))
+        )
+        # Whatever happens to the record meanwhile, what the thread made is the set's (or is
+        # removed) when the thread is really done: the wait below is shielded, so a cancel
+        # (the record ended) stops the wait, not the thread.
+        job.add_done_callback(lambda j: _settled(j, files, dest_dir))
+        return await asyncio.shield(job)
     if isinstance(value, list):
-        return [await _encode(v, config, session) for v in value]
+        return [await _encode(v, config, session, keep, movable) for v in value]
     if isinstance(value, dict):
-        return {k: await _encode(v, config, session) for k, v in value.items()}
+        return {k: await _encode(v, config, session, keep, movable) for k, v in value.items()}
     return value
+
+
+def _settled(job: asyncio.Future[Any], files: OutputFiles, dest_dir: str) -> None:
+    if job.cancelled() or job.exception() is not None:  # (retrieved: the await reports it)
+        files.settled(dest_dir, None, failed=True)
+        return
+    result = job.result()
+    files.settled(dest_dir, result if isinstance(result, FileOutput) else None)
+
+
+def adopt_file(path: str, dest_dir: str, *, move: bool) -> str | FileOutput:
+    """A small file's ``data:`` URI; a larger one moved (``move``) or copied into ``dest_dir``
+    (created here, 0700) as a :class:`FileOutput`. Runs in a worker thread (the copy is the
+    kernel's ``sendfile``: no Python memory, no GIL)."""
+    try:
+        size = os.stat(path).st_size
+        if size <= INLINE_FILE_MAX_BYTES:
+            return data_uri_for_file(path)
+        os.mkdir(dest_dir, 0o700)
+        dest = os.path.join(dest_dir, safe_file_name(os.path.basename(path)))
+        if move:
+            try:
+                os.rename(path, dest)
+            except OSError:  # another filesystem (EXDEV): copy; the runner removes its own
+                shutil.copyfile(path, dest)
+        else:
+            shutil.copyfile(path, dest)
+        size = os.stat(dest).st_size
+    except OSError as e:
+        raise FileUploadError(f"output file {path} cannot be read: {e}") from None
+    return FileOutput(dest, _mime_type(path), size)
 
 
 def _mime_type(path: str) -> str:
     return mimetypes.guess_type(path)[0] or "application/octet-stream"
 
 
-def data_uri_for_file(path: str) -> str:
-    """``data:<mime>;base64,<content>`` of one output file, encoded a slice at a time."""
-    parts = [f"data:{_mime_type(path)};base64,"]
+def data_uri_for_file(path: str, mime_type: str | None = None) -> str:
+    """``data:<mime>;base64,<content>`` of one output file, encoded a slice at a time (the
+    mime type guessed from the name unless given)."""
+    parts = [f"data:{mime_type or _mime_type(path)};base64,"]
     block = CODEC_CHUNK // 4 * 3  # whole base64 quanta: the slices concatenate exactly
     try:
         with open(path, "rb") as f:

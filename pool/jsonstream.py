@@ -8,25 +8,136 @@ points at a time (``json.dumps`` of a slice, quotes stripped, is valid JSON stri
 a ``str`` slice never splits a surrogate pair); lists and dicts are written around their items
 with ``json.dumps``'s own default separators. The caller writes each piece and yields to the
 loop between them, so no step holds the GIL long and no copy of the whole output is built.
+
+Values too large to hold (or to encode) as one Python string are :class:`LargeValue` objects
+in an output: a file output kept on disk (``pool.files.FileOutput``: its ``data:`` URI is made
+from the file a slice at a time, when it is written out) and a long string kept as the slices
+it was read in (:class:`TextSlices`). Every writer of a prediction goes through this module:
+:func:`json_pieces` / :func:`json_chunks` stream them, :func:`dumps` writes a small value whole
+(a large value inside becomes its whole string), :func:`dumps_bytes` builds one UTF-8 text a
+slice at a time (for a worker thread: a queue result).
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
+import io
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
+
+__all__ = [
+    "SLICE_CHARS",
+    "LargeValue",
+    "TextSlices",
+    "dumps",
+    "dumps_bytes",
+    "is_large",
+    "json_chunks",
+    "json_pieces",
+    "large_text",
+]
 
 SLICE_CHARS = 1 << 20
 """Code points of a large string encoded per ``json.dumps`` call."""
 
+_COMPACT = (",", ":")
+_DEFAULT = (", ", ": ")
 
-def json_pieces(value: Any, *, slice_chars: int = SLICE_CHARS) -> Iterator[str]:
-    """Pieces whose concatenation equals ``json.dumps(value)`` (default arguments)."""
+
+class LargeValue(abc.ABC):
+    """A JSON string too large to hold or encode as one piece; written a slice at a time."""
+
+    __slots__ = ()
+
+    @property
+    @abc.abstractmethod
+    def json_chars(self) -> int:
+        """Length of its JSON text, quotes included (about: for bounds and decisions)."""
+
+    @property
+    @abc.abstractmethod
+    def memory_bytes(self) -> int:
+        """About how much memory it holds (a file kept on disk: only its name)."""
+
+    @abc.abstractmethod
+    def pieces(self, slice_chars: int) -> Iterator[str]:
+        """Its JSON text (quotes included), at most about ``slice_chars`` of content a piece."""
+
+    @abc.abstractmethod
+    def text(self) -> str:
+        """The whole string, at once (small values and fallbacks only)."""
+
+
+class TextSlices(LargeValue):
+    """A long string kept as the slices it was decoded in: never joined into one ``str`` (the
+    join is one C call over the whole string, and a second copy of it for a moment).
+
+    Equal to the string it holds, and to another ``TextSlices`` of the same text.
+    """
+
+    __slots__ = ("_length", "slices", "surrogate")
+
+    def __init__(self, slices: Iterable[str]) -> None:
+        self.slices: tuple[str, ...] = tuple(s for s in slices if s)
+        self._length = sum(len(s) for s in self.slices)
+        # Looked for here, where the slices are made (a worker thread): a lone surrogate cannot
+        # be written as UTF-8 JSON, and the record refuses such an output.
+        self.surrogate = any(not s.isascii() and _SURROGATE.search(s) for s in self.slices)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def json_chars(self) -> int:
+        return self._length + 2
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._length
+
+    def pieces(self, slice_chars: int) -> Iterator[str]:
+        yield '"'
+        for s in self.slices:
+            for start in range(0, len(s), slice_chars):
+                yield json.dumps(s[start : start + slice_chars])[1:-1]
+        yield '"'
+
+    def text(self) -> str:
+        return "".join(self.slices)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TextSlices):
+            return self._length == other._length and self.text() == other.text()
+        if isinstance(other, str):
+            return self._length == len(other) and self.text() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TextSlices(<{self._length} characters in {len(self.slices)} slices>)"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_pieces(
+    value: Any, *, slice_chars: int = SLICE_CHARS, separators: tuple[str, str] | None = None
+) -> Iterator[str]:
+    """Pieces whose concatenation equals ``json.dumps(value, separators=separators)``, with
+    each :class:`LargeValue` written as its string."""
+    item_sep, key_sep = separators or _DEFAULT
+    dump = _dumper(separators)
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, _Raw):
             yield item.text
+        elif isinstance(item, LargeValue):
+            yield from item.pieces(slice_chars)
         elif isinstance(item, str):
             if len(item) <= slice_chars:
                 yield json.dumps(item)
@@ -36,7 +147,7 @@ def json_pieces(value: Any, *, slice_chars: int = SLICE_CHARS) -> Iterator[str]:
                 yield json.dumps(item[start : start + slice_chars])[1:-1]
             yield '"'
         elif not _large(item, slice_chars):
-            yield json.dumps(item)
+            yield dump(item)
         elif isinstance(item, list):
             todo: list[Any] = [_Raw("[")]
             run: list[Any] = []  # consecutive scalars: one json.dumps per _RUN of them
@@ -47,25 +158,81 @@ def json_pieces(value: Any, *, slice_chars: int = SLICE_CHARS) -> Iterator[str]:
                     run.append(element)
                     if len(run) < _RUN:
                         continue
-                    element = _Raw(json.dumps(run)[1:-1])
+                    element = _Raw(dump(run)[1:-1])
                     run = []
                 elif run:
-                    todo.extend((_Raw(", " if len(todo) > 1 else ""), _Raw(json.dumps(run)[1:-1])))
+                    todo.extend((_Raw(item_sep if len(todo) > 1 else ""), _Raw(dump(run)[1:-1])))
                     run = []
-                todo.extend((_Raw(", " if len(todo) > 1 else ""), element))
+                todo.extend((_Raw(item_sep if len(todo) > 1 else ""), element))
             if run:
-                todo.extend((_Raw(", " if len(todo) > 1 else ""), _Raw(json.dumps(run)[1:-1])))
+                todo.extend((_Raw(item_sep if len(todo) > 1 else ""), _Raw(dump(run)[1:-1])))
             todo.append(_Raw("]"))
             stack.extend(reversed(todo))
         elif isinstance(item, dict):
             todo = [_Raw("{")]
             for index, (key, element) in enumerate(item.items()):
-                todo.append(_Raw((", " if index else "") + _key(key) + ": "))
+                todo.append(_Raw((item_sep if index else "") + _key(key) + key_sep))
                 todo.append(element)
             todo.append(_Raw("}"))
             stack.extend(reversed(todo))
         else:  # a tuple or another type json.dumps handles (or refuses) itself
-            yield json.dumps(item)
+            yield dump(item)
+
+
+def _dumper(separators: tuple[str, str] | None) -> Callable[[Any], str]:
+    if separators is None:
+        return _dumps_default
+    return json.JSONEncoder(separators=separators, default=large_text).encode
+
+
+def large_text(value: Any) -> str:
+    """A ``default=`` hook for ``json``: a :class:`LargeValue` as its whole string."""
+    if isinstance(value, LargeValue):
+        return value.text()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_dumps_default = json.JSONEncoder(default=large_text).encode
+
+
+def dumps(value: Any, *, separators: tuple[str, str] | None = None) -> str:
+    """``json.dumps(value)``; a :class:`LargeValue` inside is written as its whole string
+    (for small values: a large one goes through :func:`json_pieces`)."""
+    return _dumper(separators)(value)
+
+
+def dumps_bytes(
+    value: Any, *, separators: tuple[str, str] | None = None, slice_chars: int = SLICE_CHARS
+) -> bytes:
+    """The UTF-8 JSON text of ``value``, built a slice at a time into one buffer (no second
+    whole copy: ``BytesIO.getvalue`` hands its buffer over). For a worker thread: the GIL is
+    free between slices."""
+    out = io.BytesIO()
+    for piece in json_pieces(value, slice_chars=slice_chars, separators=separators):
+        out.write(piece.encode("utf-8"))
+    return out.getvalue()
+
+
+async def json_chunks(
+    value: Any,
+    *,
+    chunk_chars: int = SLICE_CHARS,
+    pieces: Callable[[Any], Iterable[str]] = json_pieces,
+) -> AsyncIterator[bytes]:
+    """``value``'s JSON text as UTF-8 chunks of about ``chunk_chars``, yielding to the loop
+    after each: a fast reader never makes a write wait, so without the yield a 100 MB body
+    would be produced in one loop turn."""
+    pending: list[str] = []
+    pending_chars = 0
+    for piece in pieces(value):
+        pending.append(piece)
+        pending_chars += len(piece)
+        if pending_chars >= chunk_chars:
+            yield "".join(pending).encode()
+            pending, pending_chars = [], 0
+            await asyncio.sleep(0)
+    if pending:
+        yield "".join(pending).encode()
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -110,4 +277,8 @@ def _large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
         elif isinstance(item, list):
             total += len(item)
             stack.extend(item)
+        elif isinstance(item, LargeValue):
+            total += item.json_chars
+            if total > limit:
+                return True
     return bool(stack)

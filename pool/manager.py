@@ -9,6 +9,7 @@ the runners in steps, leave no child behind.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -71,6 +72,9 @@ class PoolManager:
         self._dir_locks: list[statedir.StateDirLock] = []
         # Runners' private temporary roots, on disk: spilled outputs must not fill a tmpfs.
         self._files_dir = statedir.files_dir_path()
+        # Output files the prediction records keep (pool.files.OutputFiles), one dir each.
+        self._outputs_dir = os.path.join(self._files_dir, "outputs")
+        self._output_seq = itertools.count()
         # Input files stay on disk (they may be large); protocol files go to the state dir.
         self._own_inputs_dir = config.state_dir is None
         self.inputs_dir = (
@@ -120,6 +124,7 @@ class PoolManager:
         await asyncio.to_thread(statedir.sweep_dead_pools)
         self._state_lock.acquire()  # StateDirBusy when another live pool uses this dir
         os.makedirs(self._files_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self._outputs_dir, mode=0o700, exist_ok=True)
         # This pool's own dirs are locked too: a pool that cannot see this one's pid (another
         # pid namespace sharing the directory) must not sweep them as a dead pool's.
         for own in (self._files_dir, self.inputs_dir if self._own_inputs_dir else None):
@@ -541,8 +546,40 @@ class PoolManager:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _encode_output(self, output: Any) -> Any:
-        return await files.encode_outputs(output, self.config.files, session=self._upload_http)
+    async def _encode_output(self, output: Any, prediction: Prediction) -> Any:
+        return await files.encode_outputs(
+            output,
+            self.config.files,
+            session=self._upload_http,
+            keep=lambda: prediction.output_files(self._new_output_files),
+            movable=self._runner_owns,
+        )
+
+    def _new_output_files(self, prediction_id: str) -> files.OutputFiles:
+        name = f"{prediction_id}-{next(self._output_seq)}"  # an id may be run again
+        return files.OutputFiles(self._outputs_dir, name, self._remove_output_dirs)
+
+    def _runner_owns(self, path: str) -> bool:
+        """A path in a runner's private temporary root (a file object it spilled): the
+        record may move it instead of copying it."""
+        return any(runner.owns(path) for runner in self._supervisor.runners)
+
+    def _remove_output_dirs(self, dirs: list[str]) -> None:
+        """Nothing may serve these output files any more: remove them, in a worker thread
+        (a 100 MB file's blocks are freed by the unlink). Owned here, awaited at shutdown."""
+
+        def remove() -> None:
+            for path in dirs:
+                shutil.rmtree(path, ignore_errors=True)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a record used outside one)
+            remove()
+            return
+        task = loop.create_task(asyncio.to_thread(remove))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def _on_tick(self) -> None:
         if not self._ready_once and self.status in (READY, BUSY):

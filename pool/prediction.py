@@ -28,7 +28,8 @@ from typing import Any
 
 from coglet import protocol
 from pool.errors import InvalidInput, InvalidRequest
-from pool.files import has_path
+from pool.files import OutputFiles, has_path
+from pool.jsonstream import LargeValue, TextSlices
 
 __all__ = [
     "DEFAULT_LOGS_MAX_BYTES",
@@ -236,6 +237,9 @@ def find_unencodable(value: Any, root: str = "output", first_index: int = 0) -> 
         elif isinstance(item, str):
             if not item.isascii() and _SURROGATE.search(item):
                 what = "a lone surrogate"
+        elif isinstance(item, TextSlices):
+            if item.surrogate:  # looked for where it was read, off the loop
+                what = "a lone surrogate"
         elif isinstance(item, dict):
             for k, v in item.items():
                 if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
@@ -254,13 +258,16 @@ def _path_text(root: str, path: _Path) -> str:
 
 
 def approx_bytes(value: Any) -> int:
-    """About how many bytes ``value`` takes as JSON text (strings by length: cheap, close)."""
+    """About how many bytes ``value`` takes as JSON text (strings by length: cheap, close),
+    in memory: a file output kept on disk counts as its reference only."""
     total = 0
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             total += len(item) + 2
+        elif isinstance(item, LargeValue):
+            total += item.memory_bytes
         elif isinstance(item, dict):
             total += 2
             for k, v in item.items():
@@ -575,8 +582,9 @@ Listener = Callable[["Prediction", str], None]
 """Called synchronously with (prediction, event) after each change; must not block."""
 
 DeadlineHandler = Callable[["Prediction"], None]
-OutputEncoder = Callable[[Any], Awaitable[Any]]
-"""Turns ``{PATH_MARKER: path}`` values of an output into data: URIs or uploaded URLs."""
+OutputEncoder = Callable[[Any, "Prediction"], Awaitable[Any]]
+"""Turns ``{PATH_MARKER: path}`` values of a record's output into data: URIs, uploaded URLs
+or files the record keeps (:meth:`Prediction.output_files`)."""
 
 _ENCODE_REQUEST = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -642,6 +650,11 @@ class Prediction:
         self.queued_at: float | None = None  # monotonic
         self.dispatched_at: float | None = None  # monotonic
         self.omitted: dict[str, int] = {}  # slim copies: what was not kept, and its size
+        # Output files kept on disk (pool.files.OutputFiles), shared with its slim copy; the
+        # live record holds them until the router recorded its end (release_live).
+        self.files: OutputFiles | None = None
+        self._readers = 0  # hold_output() calls not yet released
+        self._live_hold = True
         self._encoder = encoder
         self._backlog: collections.deque[Mapping[str, Any]] = collections.deque()
         self._encoding: asyncio.Task[None] | None = None  # owned: finish() cancels it
@@ -704,6 +717,38 @@ class Prediction:
     def _emit(self, event: str) -> None:
         for listener in list(self._listeners):
             listener(self, event)
+
+    # --- output files ----------------------------------------------------------------------------
+    def output_files(self, make: Callable[[str], OutputFiles]) -> OutputFiles | None:
+        """The record's kept output files (made by ``make(id)`` on first use); None once it
+        ended (nothing more is kept for it)."""
+        if self.done or not self._live_hold:
+            return None
+        if self.files is None:
+            files = make(self.id)
+            files.holds = 1 + self._readers  # the live record, and each reader so far
+            self.files = files
+        return self.files
+
+    def hold_output(self) -> None:
+        """A reader will write this record's output out: its kept files stay until
+        :meth:`release_output` (files kept later count this hold too)."""
+        self._readers += 1
+        if self.files is not None:
+            self.files.hold()
+
+    def release_output(self) -> None:
+        self._readers -= 1
+        if self.files is not None:
+            self.files.release()
+
+    def release_live(self) -> None:
+        """The router recorded its end (its slim copy holds what it keeps): the live record's
+        own hold on its files ends. Once only."""
+        if self._live_hold:
+            self._live_hold = False
+            if self.files is not None:
+                self.files.release()
 
     def encode_request(self, runner_input: Mapping[str, Any]) -> bytes:
         """The runner's request file, encoded now, before any slot is taken (ValueError or
@@ -777,7 +822,7 @@ class Prediction:
                 try:
                     for key in ("output", "output_append"):
                         if key in delta:
-                            delta[key] = await self._encoder(delta[key])
+                            delta[key] = await self._encoder(delta[key], self)
                 except Exception as e:  # an upload failed: the prediction fails, with why
                     log.warning("output_encode_failed prediction=%s error=%s", self.id, e)
                     delta = {
@@ -876,6 +921,8 @@ class Prediction:
                 "predict_time", (self.completed_at - self.started_at).total_seconds()
             )
         self.disarm()
+        if self.files is not None:
+            self.files.sealed = True  # a file an encoder still makes is in no output: removed
         # What still works for it stops: a download, an encode or upload (not the caller).
         current = _current_task()
         for task in (self.preparation, self._encoding):
@@ -917,11 +964,16 @@ class Prediction:
             body["omitted"] = dict(self.omitted)
         return body
 
-    def slim(self, value_max_bytes: int) -> tuple[Prediction, int]:
+    def slim(
+        self, value_max_bytes: int, files_max_bytes: int | None = None
+    ) -> tuple[Prediction, int]:
         """A finished copy to keep for ``GET``/idempotent ``PUT``, and about how many bytes it
-        holds: an input value, the output or the logs larger than ``value_max_bytes`` are not
-        kept (``None``; the logs keep their tail) and ``omitted`` names each with its size.
-        Secrets stay masked; nothing of the copy refers to the live record."""
+        holds in memory: an input value, the output or the logs larger than ``value_max_bytes``
+        are not kept (``None``; the logs keep their tail) and ``omitted`` names each with its
+        size. Output files kept on disk count as their references here; the copy shares them
+        (``files``) unless they take more than ``files_max_bytes`` (then the output is
+        omitted with their size). Secrets stay masked; nothing else of the copy refers to the
+        live record."""
         omitted: dict[str, int] = {}
         slim_input: dict[str, Any] = {}
         for name, value in self._public_input.items():
@@ -932,9 +984,13 @@ class Prediction:
             slim_input[name] = value
         output = self.output
         output_size = approx_bytes(output)
-        if output_size > value_max_bytes:
+        files = self.files
+        if files is not None and files_max_bytes is not None and files.bytes > files_max_bytes:
+            omitted["output"] = files.bytes
+            output, output_size, files = None, 0, None
+        elif output_size > value_max_bytes:
             omitted["output"] = output_size
-            output = None
+            output, files = None, None
         logs = self.logs
         logs_size = _utf8_len(logs)
         if logs_size > value_max_bytes:
@@ -961,6 +1017,8 @@ class Prediction:
         copy.cancel_requested, copy.cancel_reason = self.cancel_requested, self.cancel_reason
         copy.queued_at, copy.dispatched_at = self.queued_at, self.dispatched_at
         copy.omitted = omitted
+        copy.files = files
+        copy._live_hold = False  # a copy holds its files only while kept, and for readers
         copy._done.set()
         size = (
             512

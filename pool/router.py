@@ -4,8 +4,9 @@ Admission comes from the pool's own accounting (each runner's slots in flight ag
 capacity, less the predictions already waiting or still preparing their inputs), never from
 the runners' READY/BUSY signals, which lag. A prediction is admitted once, before its inputs
 are fetched, and holds its place from then on. The router also remembers recently finished
-predictions (slim copies, bounded by count, bytes and age), for ``GET /predictions/{id}`` and
-idempotent ``PUT``.
+predictions (slim copies, bounded by count, bytes in memory, bytes of kept output files on
+disk, and age), for ``GET /predictions/{id}`` and idempotent ``PUT``; a kept copy holds its
+output files (``pool.files.OutputFiles``) until it is let go.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ class Router:
         self._live: dict[str, Prediction] = {}  # admitted, not yet terminal (any phase)
         self._preparing = 0  # admitted records still fetching their inputs
         self.waiting_bytes = 0  # input bytes of the records preparing or queued
-        # id -> (finished at, slim copy, its bytes), oldest first
-        self._recent: collections.OrderedDict[str, tuple[float, Prediction, int]] = (
+        # id -> (finished at, slim copy, its bytes in memory, its files' bytes), oldest first
+        self._recent: collections.OrderedDict[str, tuple[float, Prediction, int, int]] = (
             collections.OrderedDict()
         )
         self.recent_bytes = 0
+        self.recent_file_bytes = 0  # output files the kept copies hold on disk
         self._waiters: list[asyncio.Future[None]] = []
 
     # --- views ---------------------------------------------------------------------------------
@@ -242,29 +244,43 @@ class Router:
                 self._remove_queued(prediction)
         limits = self._limits
         if limits.recent_max > 0 and limits.recent_ttl_s > 0:
-            slim, size = prediction.slim(limits.recent_value_max_bytes)
+            slim, size = prediction.slim(
+                limits.recent_value_max_bytes, limits.recent_files_max_bytes
+            )
             old = self._recent.pop(prediction.id, None)
             if old is not None:
-                self.recent_bytes -= old[2]
+                self._forget(*old[1:])
             if size <= limits.recent_max_bytes:
-                self._recent[prediction.id] = (time.monotonic(), slim, size)
+                file_bytes = 0
+                if slim.files is not None:
+                    slim.files.hold()  # the store's hold, until the copy is let go
+                    file_bytes = slim.files.bytes
+                self._recent[prediction.id] = (time.monotonic(), slim, size, file_bytes)
                 self.recent_bytes += size
+                self.recent_file_bytes += file_bytes
+        prediction.release_live()  # after the store's hold: kept files stay
         self._prune_recent()
         self.notify()
+
+    def _forget(self, slim: Prediction, size: int, file_bytes: int) -> None:
+        self.recent_bytes -= size
+        self.recent_file_bytes -= file_bytes
+        if slim.files is not None:
+            slim.files.release()  # removed now, unless a reader still holds them
 
     def _prune_recent(self) -> None:
         limits = self._limits
         cutoff = time.monotonic() - limits.recent_ttl_s
         while self._recent:
-            prediction_id, (finished_at, _, size) = next(iter(self._recent.items()))
+            prediction_id, (finished_at, *_) = next(iter(self._recent.items()))
             if (
                 finished_at >= cutoff
                 and len(self._recent) <= limits.recent_max
                 and self.recent_bytes <= limits.recent_max_bytes
+                and self.recent_file_bytes <= limits.recent_files_max_bytes
             ):
                 break
-            del self._recent[prediction_id]
-            self.recent_bytes -= size
+            self._forget(*self._recent.pop(prediction_id)[1:])
 
     # --- waiting for room ----------------------------------------------------------------------
     def notify(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from coglet import protocol
 from pool.config import PoolConfig, project_root
 from pool.files import has_path
+from pool.jsonstream import TextSlices
 from pool.prediction import EVENT_COMPLETED, Prediction, utc_now
 
 __all__ = [
@@ -853,9 +854,11 @@ class RunnerHandle:
 
 
 def _load_delta_file(path: str) -> dict[str, Any]:
-    """Read and remove one spilled delta (runs in a worker thread: it may be large)."""
+    """Read and remove one spilled delta (runs in a worker thread: it may be large). A raw
+    string output stays the slices it was decoded in (:class:`pool.jsonstream.TextSlices`):
+    joining them would be one more whole copy, in one C call that holds the GIL."""
     try:
-        delta = protocol.read_delta_file(path)
+        delta = protocol.read_delta_file(path, text=TextSlices)
     except FileNotFoundError:
         raise ValueError(f"spilled response {path} is missing") from None
     finally:

@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from coglet import protocol
+from pool.jsonstream import large_text
 from pool.prediction import Prediction
 
 __all__ = [
@@ -58,7 +59,10 @@ REPLAY_TRUNCATED = "SSE stream replay truncated; events were dropped"
 CONTENT_TYPE = "text/event-stream"
 DISCONNECT_CHECK_S = 1.0  # how soon a silent stream notices that its client went away
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# A large value (a kept output file, a long string) in the final prediction is written whole.
+_dumps = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=large_text
+).encode
 
 
 def wants_sse(request: web.Request) -> bool:

@@ -8,6 +8,10 @@ once and retried with backoff on network errors, 429 and 5xx.
 Sending never holds a runner slot: the prediction's listener only records what changed and
 wakes a per-prediction task that this sender owns (cancelled and awaited in :meth:`close`).
 One task per prediction also keeps that prediction's webhooks in order.
+
+A large payload (a 100 MB output, a file output kept on disk) is never one ``json.dumps``: it
+is sent as a streamed body, a slice at a time (:func:`pool.jsonstream.json_chunks`), made
+afresh for each attempt; the sender holds the record's output files until its last webhook.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tenacity import (
 
 from coglet import protocol
 from pool.config import NetworkConfig, WebhooksConfig
+from pool.jsonstream import dumps, is_large, json_chunks
 from pool.metrics import Metrics
 from pool.network import (
     NetworkPolicy,
@@ -51,6 +56,9 @@ __all__ = ["WebhookSender"]
 log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_JSON = {"Content-Type": "application/json"}
+STREAM_BODY_MIN_CHARS = 1 << 20
+"""A payload whose strings add up to more than this is sent as a streamed body."""
 _PROGRESS_EVENTS = frozenset({EVENT_OUTPUT, EVENT_LOGS})
 
 
@@ -133,6 +141,7 @@ class WebhookSender:
             watch.changed.set()
         else:
             prediction.add_listener(watch.on_event)
+        prediction.hold_output()  # released when its task ends
         task = asyncio.get_running_loop().create_task(
             self._run(watch), name=f"webhook-{prediction.id}"
         )
@@ -173,6 +182,7 @@ class WebhookSender:
                 self.metrics.webhook_failed()
         finally:
             watch.prediction.remove_listener(watch.on_event)
+            watch.prediction.release_output()
 
     async def _send_start(self, watch: _Watch) -> None:
         if watch.start_payload is None:
@@ -224,8 +234,13 @@ class WebhookSender:
 
     async def _post(self, url: str, payload: dict[str, Any]) -> int:
         """POST once; raises NetworkRefused (never retried) when the policy refuses ``url``."""
+        body: Any
+        if is_large(payload, STREAM_BODY_MIN_CHARS):
+            body = json_chunks(payload)  # a fresh stream for each attempt
+        else:
+            body = dumps(payload).encode()
         try:
-            async with self._client().post(url, json=payload) as resp:
+            async with self._client().post(url, data=body, headers=_JSON) as resp:
                 await resp.read()
                 if resp.status in _RETRY_STATUSES:
                     raise _RetryableResponse(resp.status)

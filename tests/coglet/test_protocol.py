@@ -208,6 +208,35 @@ def test_reading_a_raw_string_delta_holds_at_most_twice_its_size(tmp_path: Path)
     assert peak <= 2.1 * size, f"peak {peak / size:.2f}x the delta's size"
 
 
+def test_a_raw_string_kept_as_slices_is_held_once(tmp_path: Path) -> None:
+    path = tmp_path / "delta-p1-0.json"
+    size = 20 << 20
+    path.write_bytes(b'{"status":"succeeded","output_raw":true}\n' + b"r" * size)
+    # Steps: read it, keeping the output as the slices it was decoded in (the pool's way).
+    tracemalloc.start()
+    try:
+        delta = protocol.read_delta_file(str(path), text=list)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Result: the file was never whole in memory: the slices, plus the few being read and
+    # decoded (before: the file's bytes, then the slices, then their join: 2x).
+    assert "".join(delta["output"]) == "r" * size
+    assert max(len(s) for s in delta["output"]) <= 1 << 20
+    assert peak <= size + (5 << 20), f"peak {peak / size:.2f}x the delta's size"
+
+
+def test_a_raw_delta_whose_head_is_over_a_slice_is_read_whole(tmp_path: Path) -> None:
+    # The head carries 1.5 MiB of logs: its newline lies in the reader's second slice.
+    logs = "l" * (3 << 19)
+    text = "é" * (1 << 20) + "end"
+    head = json.dumps({"status": "succeeded", "logs_append": logs, "output_raw": True})
+    path = tmp_path / "delta-p1-0.json"
+    path.write_bytes(head.encode() + b"\n" + text.encode())
+    delta = protocol.read_delta_file(str(path))
+    assert delta == {"status": "succeeded", "logs_append": logs, "output": text}
+
+
 def test_a_raw_string_without_its_marker_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "delta-p1-0.json"
     path.write_bytes(b'{"status":"succeeded"}\nnot announced')

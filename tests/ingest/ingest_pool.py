@@ -24,6 +24,8 @@ from pool.manager import PoolManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ECHO_MODEL = os.path.join(ROOT, "tests", "models", "ingest", "echo")
+# Returns a file of seeded random bytes (size_kb, seed): large file outputs through the queues.
+BIGFILE_MODEL = os.path.join(ROOT, "tests", "models", "api", "bigfile")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import signal
 
 import aio_pika
 import pytest
 from ingest_helpers import wait_until
 from ingest_pool import (
+    BIGFILE_MODEL,
     REDIS_URL,
     AmqpClient,
     amqp_overrides,
@@ -55,6 +58,21 @@ async def test_200_predictions_two_runners_one_reply_each(broker, tmp_path):
         assert result["status"] == "succeeded" and result["output"] == f"echo {n}"
         assert by_correlation[str(n)]["id"] == f"p-{n}"
     assert await queue_depth(broker.queue) == 0
+
+
+async def test_a_large_file_output_is_replied_whole(broker, tmp_path):
+    overrides = amqp_overrides(broker.queue, **{"model.path": BIGFILE_MODEL})
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    # Steps: a message whose prediction returns a 3 MiB file (kept on disk by its record).
+    async with running_pool(config):
+        inputs = {"size_kb": 3072, "seed": 8, "path": str(tmp_path / "out.bin")}
+        await broker.publish({"id": "f", "input": inputs}, correlation_id="f")
+        results = await broker.until_results(1)
+    # Result: the reply carries the whole file as its data: URI, byte for byte.
+    (result,) = results["f"]
+    assert result["status"] == "succeeded", result["error"]
+    data = random.Random(8).randbytes(3072 << 10)
+    assert base64.b64decode(result["output"].partition(",")[2]) == data
 
 
 async def test_poison_and_a_dying_model_are_dead_lettered(broker, tmp_path):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import signal
 
 import pytest
 import redis.asyncio as aioredis
 from ingest_helpers import redis_up, wait_until
 from ingest_pool import (
+    BIGFILE_MODEL,
     REDIS_URL,
     ROOT,
     count_runs,
@@ -45,6 +48,11 @@ def stream(redis_client):
     name = unique("redis")
     created.append(name)
     return name
+
+
+def bigfile_content(size_kb: int, seed: int) -> bytes:
+    """What tests/models/api/bigfile returns."""
+    return random.Random(seed).randbytes(size_kb << 10)
 
 
 async def push(client, stream: str, body: dict | str) -> str:
@@ -91,6 +99,24 @@ async def test_200_predictions_two_runners_one_result_each(redis_client, stream,
         assert result["input"]["n"] == int(pid[2:])
     group = (await client.xinfo_groups(stream))[0]
     assert group["pending"] == 0 and group["lag"] == 0
+
+
+async def test_a_large_file_output_is_published_whole(redis_client, stream, tmp_path):
+    client, _ = redis_client
+    overrides = redis_overrides(stream, **{"model.path": BIGFILE_MODEL})
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    # Steps: a message whose prediction returns a 3 MiB file (kept on disk by its record).
+    async with running_pool(config):
+        inputs = {"size_kb": 3072, "seed": 7, "path": str(tmp_path / "out.bin")}
+        await push(client, stream, {"id": "f", "input": inputs})
+        results = await until_results(client, stream, 1)
+    # Result: the published result carries the whole file as its data: URI, byte for byte
+    # (built off the loop, a slice at a time), and the stored result is the same text.
+    (result,) = results["f"]
+    assert result["status"] == "succeeded", result["error"]
+    assert base64.b64decode(result["output"].partition(",")[2]) == bigfile_content(3072, 7)
+    stored = await client.get(names.result_key(stream, "f"))
+    assert json.loads(stored) == result
 
 
 async def test_poison_and_a_dying_model_go_to_dead_letters(redis_client, stream, tmp_path):

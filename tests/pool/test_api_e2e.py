@@ -117,7 +117,7 @@ class Receiver:
         self.files: dict[str, bytes] = {}
         self.uploads: dict[str, bytes] = {}
         self.port = 0
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # webhooks of large outputs
         app.router.add_post("/hook/{name}", self.hook)
         app.router.add_get("/files/{name}", self.file)
         app.router.add_put("/upload/{name}", self.upload)

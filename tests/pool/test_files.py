@@ -18,8 +18,12 @@ from coglet import protocol
 from pool.config import FilesConfig, NetworkConfig
 from pool.errors import InvalidInput
 from pool.files import (
+    INLINE_FILE_MAX_BYTES,
     FileFetchError,
+    FileOutput,
     FileUploadError,
+    OutputFiles,
+    adopt_file,
     encode_outputs,
     file_input_fields,
     prepare_inputs,
@@ -272,3 +276,91 @@ async def test_large_data_uris_are_decoded_off_the_event_loop(
     loop_thread = threading.get_ident()
     assert threads[0] != loop_thread  # the big one, in a worker thread
     assert threads[1] == loop_thread  # a small one is not worth a thread hop
+
+
+# --- output files the record keeps ---------------------------------------------------------------
+def _removals() -> tuple[list[str], OutputFiles]:
+    removed: list[str] = []
+    return removed, OutputFiles("/unused", "p1-0", removed.extend)
+
+
+def test_a_small_file_becomes_a_data_uri_and_a_large_one_is_kept(tmp_path: Path) -> None:
+    small = tmp_path / "small.png"
+    small.write_bytes(b"x" * INLINE_FILE_MAX_BYTES)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"y" * (INLINE_FILE_MAX_BYTES + 1))
+    assert adopt_file(str(small), str(tmp_path / "d1"), move=False) == (
+        "data:image/png;base64," + base64.b64encode(small.read_bytes()).decode()
+    )
+    assert not (tmp_path / "d1").exists()  # nothing kept for an inline file
+    kept = adopt_file(str(big), str(tmp_path / "d2"), move=False)
+    # Result: the model's own file is copied (it stays, the model may write it again).
+    assert kept == FileOutput(str(tmp_path / "d2" / "big.png"), "image/png", len(big.read_bytes()))
+    assert big.exists() and (tmp_path / "d2" / "big.png").read_bytes() == big.read_bytes()
+    assert (tmp_path / "d2").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_runners_own_file_is_moved(tmp_path: Path) -> None:
+    spilled = tmp_path / "cog-output-x" / "blob.bin"
+    spilled.parent.mkdir()
+    spilled.write_bytes(os.urandom(INLINE_FILE_MAX_BYTES + 3))
+    data = spilled.read_bytes()
+    kept = adopt_file(str(spilled), str(tmp_path / "d"), move=True)
+    assert isinstance(kept, FileOutput) and kept.mime_type == "application/octet-stream"
+    assert not spilled.exists() and Path(kept.path).read_bytes() == data
+
+
+def test_an_unreadable_output_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileUploadError, match="cannot be read"):
+        adopt_file(str(tmp_path / "missing.bin"), str(tmp_path / "d"), move=False)
+
+
+async def test_encode_outputs_keeps_large_files_in_the_records_set(tmp_path: Path) -> None:
+    big = tmp_path / "out.bin"
+    big.write_bytes(os.urandom(300_000))
+    small = tmp_path / "out.txt"
+    small.write_bytes(b"hi")
+    root = tmp_path / "outputs"
+    root.mkdir()
+    removed: list[str] = []
+    files = OutputFiles(str(root), "p1-0", removed.extend)
+    files.holds = 1
+    output = [{protocol.PATH_MARKER: str(big)}, {protocol.PATH_MARKER: str(small)}]
+    encoded = await encode_outputs(output, FilesConfig(), keep=lambda: files)
+    # Result: the large one is a FileOutput in the set's own dir; the small one inline.
+    kept, inline = encoded
+    assert isinstance(kept, FileOutput) and kept.size == 300_000
+    assert [os.path.dirname(kept.path)] == files.dirs == [str(root / "p1-0-0")]
+    assert inline == "data:text/plain;base64," + base64.b64encode(b"hi").decode()
+    assert files.bytes == 300_000
+    files.release()
+    assert removed == [str(root / "p1-0-0")]
+
+
+def test_output_files_go_when_the_last_holder_lets_go() -> None:
+    removed, files = _removals()
+    files.holds = 1  # the live record
+    a = files.new_dir()
+    files.settled(a, FileOutput(a + "/f", "image/png", 5))
+    files.settled(files.new_dir(), None)  # an inline file: nothing was made
+    files.hold()  # a reader
+    files.release()  # the record ended
+    assert removed == [] and not files.closed and files.bytes == 5
+    files.release()  # the reader is done
+    assert removed == [a] and files.closed
+    # A file a worker thread finished after that is removed when the thread is done, and so
+    # is whatever a thread that failed half-way made.
+    late = files.new_dir()
+    files.settled(late, FileOutput(late + "/f", "image/png", 5))
+    files.settled("/failed", None, failed=True)
+    assert removed == [a, late, "/failed"]
+
+
+def test_a_file_kept_after_its_record_ended_is_removed_at_once() -> None:
+    removed, files = _removals()
+    files.holds = 2  # the live record and a reader
+    files.sealed = True  # the record ended (a deadline) while a thread still copied a file
+    path = files.new_dir()
+    files.settled(path, FileOutput(path + "/f", "image/png", 5))
+    # Result: the file is in no output: removed as soon as the thread is done, not counted.
+    assert removed == [path] and files.dirs == [] and files.bytes == 0

@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pool.config import HttpConfig, PredictionsConfig
 from pool.errors import InvalidInput, InvalidRequest
+from pool.files import FileOutput, OutputFiles
+from pool.jsonstream import TextSlices
 from pool.manager import _validate
 from pool.prediction import (
     MAX_REPORTED,
@@ -25,6 +28,7 @@ from pool.prediction import (
     find_unencodable,
     secret_fields,
 )
+from pool.router import Router
 
 
 def test_logs_accumulate_in_order_across_reads() -> None:
@@ -345,3 +349,97 @@ def test_the_input_check_refuses_with_a_named_error_or_passes_encodable(
     body = record.encode_request(value)
     assert json.loads(body)["input"] == json.loads(json.dumps(value))
     json.dumps(record.to_dict(), allow_nan=False).encode("utf-8")
+
+
+# --- output files kept on disk: who holds them, and when they go --------------------------------
+class _Files:
+    """A record's output files, with the removals recorded instead of done."""
+
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+        self.made: list[OutputFiles] = []
+
+    def make(self, prediction_id: str) -> OutputFiles:
+        files = OutputFiles("/outputs", prediction_id, self.removed.extend)
+        self.made.append(files)
+        return files
+
+
+def _finished_with_a_file(store: _Files, prediction_id: str, size: int) -> Prediction:
+    prediction = Prediction(PredictionRequest(id=prediction_id, input={}))
+    prediction.mark_started(0)
+    files = prediction.output_files(store.make)
+    assert files is not None
+    path = files.new_dir()
+    kept = FileOutput(path + "/out.bin", "application/octet-stream", size)
+    files.settled(path, kept)
+    prediction.apply_delta({"status": "succeeded", "output": kept})
+    return prediction
+
+
+def test_the_recent_store_holds_a_kept_file_until_it_lets_the_copy_go() -> None:
+    store = _Files()
+    router = Router(HttpConfig(), [], PredictionsConfig(recent_max=1))
+    # Steps: a finished record with a 5 MB file; a reader holds it; the router records it.
+    first = _finished_with_a_file(store, "p1", 5_000_000)
+    first.hold_output()
+    router.record_finished(first)
+    kept = router.get("p1")
+    assert kept is not None and kept is not first and kept.files is first.files
+    assert isinstance(kept.output, FileOutput) and "omitted" not in kept.to_dict()
+    assert router.recent_file_bytes == 5_000_000 and router.recent_bytes < 2_000
+    first.release_output()
+    # Result: the reader let go, the store still holds it.
+    assert store.removed == []
+    # Steps: a GET reads the kept copy; a second record pushes the first out of the store.
+    kept.hold_output()
+    router.record_finished(_finished_with_a_file(store, "p2", 10))
+    assert router.get("p1") is None and store.removed == []
+    kept.release_output()
+    # Result: once the reader is done too, the first record's directory goes.
+    assert store.removed == ["/outputs/p1-0"]
+    assert router.recent_file_bytes == 10
+
+
+def test_a_reader_from_before_the_file_existed_holds_it_too() -> None:
+    store = _Files()
+    router = Router(HttpConfig(), [], PredictionsConfig(recent_max=0))  # no store at all
+    prediction = Prediction(PredictionRequest(id="p1", input={}))
+    prediction.hold_output()  # e.g. the sync HTTP request, right after submit
+    prediction.mark_started(0)
+    files = prediction.output_files(store.make)
+    assert files is not None
+    path = files.new_dir()
+    files.settled(path, FileOutput(path + "/f", "image/png", 300_000))
+    prediction.apply_delta({"status": "succeeded", "output": "x"})
+    router.record_finished(prediction)
+    # Result: nothing keeps the record, but its reader still holds the file; then it goes.
+    assert store.removed == []
+    prediction.release_output()
+    assert store.removed == [path]
+    # A finished record keeps nothing more.
+    assert prediction.output_files(store.make) is None
+
+
+def test_kept_files_over_their_bound_are_not_kept() -> None:
+    store = _Files()
+    limits = PredictionsConfig(recent_files_max_bytes=1_000_000)
+    router = Router(HttpConfig(), [], limits)
+    router.record_finished(_finished_with_a_file(store, "big", 2_000_000))
+    kept = router.get("big")
+    # Result: the copy is kept, without its output; the file went with the live record.
+    assert kept is not None and kept.output is None and kept.files is None
+    assert kept.to_dict()["omitted"] == {"output": 2_000_000}
+    assert store.removed == ["/outputs/big-0"] and router.recent_file_bytes == 0
+    # Two of 600 KB: the older goes, with its file.
+    router.record_finished(_finished_with_a_file(store, "a", 600_000))
+    router.record_finished(_finished_with_a_file(store, "b", 600_000))
+    assert router.get("a") is None and router.get("b") is not None
+    assert store.removed[-1] == "/outputs/a-0" and router.recent_file_bytes == 600_000
+
+
+def test_a_long_string_held_as_slices_with_a_lone_surrogate_fails_the_record() -> None:
+    prediction = Prediction(PredictionRequest(id="p1", input={}))
+    prediction.mark_started(0)
+    prediction.apply_delta({"status": "succeeded", "output": TextSlices(["ok", "a\ud800"])})
+    assert prediction.status == "failed" and "output (a lone surrogate)" in (prediction.error or "")

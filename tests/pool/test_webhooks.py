@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from pool.config import NetworkConfig, WebhooksConfig
+from pool.files import FileOutput
+from pool.jsonstream import TextSlices
 from pool.metrics import Metrics
 from pool.prediction import Prediction, PredictionRequest
 from pool.webhooks import WebhookSender
@@ -277,3 +282,41 @@ async def test_webhook_urls_are_logged_without_credentials_or_query(
     assert "webhook_failed prediction=r1" in ours and "webhook_failed prediction=r2" in ours
     assert receiver.url("/hook") in ours
     assert "TOPSECRET" not in ours and "PASSWORD" not in ours
+
+
+async def test_a_large_terminal_webhook_is_streamed_and_retried_whole(tmp_path: Path) -> None:
+    seen: list[tuple[str, bytes]] = []
+    statuses = [503, 200]
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("Transfer-Encoding", ""), await request.read()))
+        return web.Response(status=statuses.pop(0))
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/big", handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        # Steps: a prediction ends with a 3 MiB string (as slices) and a 2 MiB file kept on
+        # disk; the receiver answers 503 once.
+        data = bytes(range(256)) * (2 << 12)
+        path = tmp_path / "out.bin"
+        path.write_bytes(data)
+        text = "t" * (3 << 20)
+        output = {"text": TextSlices([text[: 1 << 20], text[1 << 20 :]]), "file": None}
+        output["file"] = FileOutput(str(path), "application/octet-stream", len(data))
+        sender, _ = make_sender()
+        p = prediction_for(str(server.make_url("/big")), ("completed",))
+        sender.watch(p)
+        p.mark_started(0)
+        p.apply_delta({"status": "succeeded", "output": output})
+        await sender.close(DEADLINE_S)
+    finally:
+        await server.close()
+    # Result: two attempts, each a chunked stream of the whole JSON.
+    assert [encoding for encoding, _ in seen] == ["chunked", "chunked"]
+    for _, body in seen:
+        sent = json.loads(body)
+        assert sent["output"]["text"] == text
+        uri = "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+        assert sent["output"]["file"] == uri
