@@ -82,6 +82,17 @@ async def until_results(client, stream: str, n: int, timeout_s: float = 60.0):
     return await wait_until(enough, timeout_s=timeout_s, what=f"{n} results on {stream}")
 
 
+async def until_dead(client, stream: str, n: int, timeout_s: float = 60.0):
+    """The stream's dead letters once there are at least ``n``."""
+    dead_stream = names.dead_stream_name(stream)
+
+    async def enough():
+        entries = await client.xrange(dead_stream)
+        return entries if len(entries) >= n else None
+
+    return await wait_until(enough, timeout_s=timeout_s, what=f"{n} dead letters")
+
+
 async def test_200_predictions_two_runners_one_result_each(redis_client, stream, tmp_path):
     client, _ = redis_client
     config = pool_config(str(tmp_path / "state"), redis_overrides(stream))
@@ -145,13 +156,7 @@ async def test_poison_and_a_dying_model_go_to_dead_letters(redis_client, stream,
             ),
         }
         await push(client, stream, {"id": "fine", "input": {"n": 5}})
-        dead_stream = names.dead_stream_name(stream)
-
-        async def all_dead():
-            entries = await client.xrange(dead_stream)
-            return entries if len(entries) >= len(sent) else None
-
-        dead = await wait_until(all_dead, timeout_s=60, what="dead letters")
+        dead = await until_dead(client, stream, len(sent))
         results = await until_results(client, stream, 1)
     by_origin = {fields[names.FIELD_ORIGINAL_ID]: fields for _, fields in dead}
     assert set(by_origin) == set(sent)
@@ -355,13 +360,7 @@ async def test_a_webhook_the_network_policy_refuses_is_dead_lettered_with_why(
             ),
         }  # fmt: skip
         await push(client, stream, {"id": "fine", "input": {"n": 3}})
-        dead_stream = names.dead_stream_name(stream)
-
-        async def all_dead():
-            entries = await client.xrange(dead_stream)
-            return entries if len(entries) >= len(sent) else None
-
-        dead = await wait_until(all_dead, timeout_s=60, what="dead letters")
+        dead = await until_dead(client, stream, len(sent))
         results = await until_results(client, stream, 1)
     # Result: each is dead-lettered once, as invalid input is, with the field, URL and why;
     # nothing ran for them; the plain message got its result; nothing is pending.
