@@ -195,6 +195,7 @@ class SoakResult:
     failed: int
     elapsed_s: float
     start: dict[str, int]
+    mid: dict[str, int]  # after the first half: the recent-prediction store is full by then
     end: dict[str, int]
 
 
@@ -231,11 +232,15 @@ async def run_soak(runtime: str, total: int, cog_venv: Path, clients: int = 4) -
             await asyncio.gather(*(client(session, 50) for _ in range(clients)))  # warm-up
             start = _footprint(server._proc.pid)
             started = time.perf_counter()
-            await asyncio.gather(*(client(session, total // clients) for _ in range(clients)))
+            half = total // clients // 2
+            await asyncio.gather(*(client(session, half) for _ in range(clients)))
+            mid = _footprint(server._proc.pid)
+            rest = total // clients - half
+            await asyncio.gather(*(client(session, rest) for _ in range(clients)))
             elapsed = time.perf_counter() - started
             end = _footprint(server._proc.pid)
     log("soak_done", runtime=runtime, predictions=done, failed=failed, s=f"{elapsed:.1f}")
-    return SoakResult(runtime, total, failed, elapsed, start, end)
+    return SoakResult(runtime, total, failed, elapsed, start, mid, end)
 
 
 def _mib(kib: int) -> str:
@@ -272,18 +277,20 @@ def render_payloads(results: list[PayloadResult], sizes_mb: dict[str, int]) -> s
 
 def render_soak(results: list[SoakResult]) -> str:
     lines = [
-        "| runtime | predictions | failed | elapsed s | HTTP process RSS MiB start → end | "
-        "fds start → end | worker RSS MiB start → end | worker fds start → end |",
+        "| runtime | predictions | failed | elapsed s | HTTP process RSS MiB start → half → end | "
+        "fds start → half → end | worker RSS MiB start → half → end | "
+        "worker fds start → half → end |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        s, e = r.start, r.end
+        points = (r.start, r.mid, r.end)
+        rss = " → ".join(_mib(p["front_rss_kib"]) for p in points)
+        fds = " → ".join(str(p["front_fds"]) for p in points)
+        worker_rss = " → ".join(_mib(p["workers_rss_kib"]) for p in points)
+        worker_fds = " → ".join(str(p["workers_fds"]) for p in points)
         lines.append(
             f"| {r.runtime} | {r.predictions} | {r.failed} | {r.elapsed_s:.1f} | "
-            f"{_mib(s['front_rss_kib'])} → {_mib(e['front_rss_kib'])} | "
-            f"{s['front_fds']} → {e['front_fds']} | "
-            f"{_mib(s['workers_rss_kib'])} → {_mib(e['workers_rss_kib'])} | "
-            f"{s['workers_fds']} → {e['workers_fds']} |"
+            f"{rss} | {fds} | {worker_rss} | {worker_fds} |"
         )
     return "\n".join(lines)
 
