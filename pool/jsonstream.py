@@ -260,25 +260,43 @@ def is_large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
     return _large(value, limit, max_nodes)
 
 
+_SCALARS = (type(None), bool, int, float)
+
+
 def _large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
+    # On every response and queue result, most of them small: a container's scalar members
+    # are counted in place (only nested containers go on the stack), and the node budget is
+    # charged a container's length at once. Counted: string lengths (keys included),
+    # container lengths, a LargeValue's JSON length.
     total = 0
+    nodes = max_nodes
     stack = [value]
-    while stack and max_nodes > 0:
-        max_nodes -= 1
+    while stack:
         item = stack.pop()
         if isinstance(item, str):
             total += len(item)
-            if total > limit:
-                return True
         elif isinstance(item, dict):
+            nodes -= 2 * len(item)
             total += len(item)
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            for key, member in item.items():
+                if isinstance(key, str):
+                    total += len(key)
+                if isinstance(member, str):
+                    total += len(member)
+                elif not isinstance(member, _SCALARS):
+                    stack.append(member)
         elif isinstance(item, list):
+            nodes -= len(item)
             total += len(item)
-            stack.extend(item)
+            for member in item:
+                if isinstance(member, str):
+                    total += len(member)
+                elif not isinstance(member, _SCALARS):
+                    stack.append(member)
         elif isinstance(item, LargeValue):
             total += item.json_chars
-            if total > limit:
-                return True
-    return bool(stack)
+        if total > limit:
+            return True
+        if nodes < 0:
+            return True  # too many to look at: treat it as large
+    return False

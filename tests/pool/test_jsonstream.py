@@ -157,3 +157,37 @@ async def test_json_chunks_yield_to_the_loop_between_chunks() -> None:
     task.cancel()
     assert b"".join(c for _, c in seen) == json.dumps({"output": "a" * 10_000}).encode()
     assert len({t for t, _ in seen}) == len(seen) > 5  # the loop ran between every two
+
+
+def _large_reference(value: object, limit: int) -> bool:
+    """The plain definition is_large must agree with (below its node bound)."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            total += len(item)
+            stack.extend(item)
+        if total > limit:
+            return True
+    return False
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=6)
+    | st.dictionaries(st.text(max_size=8), children, max_size=6),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json_values, limit=st.integers(min_value=0, max_value=400))
+def test_is_large_agrees_with_its_plain_definition(value: object, limit: int) -> None:
+    assert is_large(value, limit) == _large_reference(value, limit)
