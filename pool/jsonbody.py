@@ -27,6 +27,7 @@ so every error and every message is exactly what it was.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -157,6 +158,7 @@ def _printable(raw: bytes | bytearray, start: int, end: int) -> bool:
     for at in range(start, end, _SCAN_SLICE):
         if raw[at : min(end, at + _SCAN_SLICE)].translate(None, _RAW_BYTES):
             return False
+        time.sleep(0)  # lets a waiting event loop take the GIL now, not after 5 ms
     return True
 
 
