@@ -15,7 +15,10 @@ Scenarios:
    peak RSS of the HTTP process and of its workers (sampled every 10 ms while the requests
    run), and ``/health-check`` latency (p50/p99/max) polled every 10 ms meanwhile. The
    client reads a large response a chunk at a time (``--client-read whole``: ``resp.read()``,
-   whose one join on the client's loop used to show up as /health-check latency).
+   whose one join on the client's loop used to show up as /health-check latency), and sends
+   the request body, encoded once before the timed requests, a 1 MiB slice at a time with its
+   Content-Length (``--client-send whole``: ``post(json=body)``, whose ``json.dumps`` and one
+   96 MiB write on the client's loop showed up the same way).
 2. **Soak**: ``--soak`` null predictions (default 20,000) from 4 keep-alive clients against
    one runner; RSS and open fds of the HTTP process and of the runner after a warm-up and at
    the end.
@@ -29,11 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +131,25 @@ def _spec(runtime: str, model_dir: Path, cog_venv: Path) -> ServerSpec:
 
 
 CLIENT_READS = ("streamed", "whole")
+CLIENT_SENDS = ("streamed", "whole")
+_SEND_SLICE = 1 << 20
+
+
+def _post_kwargs(body: dict[str, Any], encoded: bytes, how: str) -> dict[str, Any]:
+    """``session.post`` arguments for ``body``: ``json=body`` (``whole``), or its bytes
+    (``encoded``) sent a slice at a time with their Content-Length (``streamed``), so the
+    client's loop, which also polls /health-check, is never held by the send."""
+    if how == "whole":
+        return {"json": body}
+
+    async def slices() -> AsyncIterator[bytes]:
+        view = memoryview(encoded)
+        for start in range(0, len(view), _SEND_SLICE):
+            yield bytes(view[start : start + _SEND_SLICE])
+            await asyncio.sleep(0)
+
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(encoded))}
+    return {"data": slices(), "headers": headers}
 
 
 async def _read_body(resp: aiohttp.ClientResponse, how: str) -> tuple[int, bytes]:
@@ -157,9 +180,11 @@ async def run_payload(
     repeats: int,
     cog_venv: Path,
     client_read: str = "streamed",
+    client_send: str = "streamed",
 ) -> PayloadResult:
     model = MODELS[scenario]
     result = PayloadResult(runtime, scenario)
+    encoded = json.dumps(body).encode() if client_send == "streamed" else b""
     async with Server(_spec(runtime, model, cog_venv)) as server:
         await server.wait_ready(120)
         assert server._proc is not None
@@ -173,7 +198,8 @@ async def run_payload(
                 for i in range(repeats):
                     started = time.perf_counter()
                     async with session.post(
-                        f"{server.spec.base_url}/predictions", json=body
+                        f"{server.spec.base_url}/predictions",
+                        **_post_kwargs(body, encoded, client_send),
                     ) as resp:
                         size, ends = await _read_body(resp, client_read)
                     elapsed = time.perf_counter() - started
@@ -314,7 +340,13 @@ async def main_async(args: argparse.Namespace) -> None:
             for runtime in runtimes:
                 results.append(
                     await run_payload(
-                        runtime, scenario, body, args.repeats, cog_venv, args.client_read
+                        runtime,
+                        scenario,
+                        body,
+                        args.repeats,
+                        cog_venv,
+                        args.client_read,
+                        args.client_send,
                     )
                 )
         print(render_payloads(results, sizes))
@@ -339,6 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=CLIENT_READS,
         default="streamed",
         help="how the client reads a large response (whole: resp.read(), the old way)",
+    )
+    parser.add_argument(
+        "--client-send",
+        choices=CLIENT_SENDS,
+        default="streamed",
+        help="how the client sends a large body (whole: post(json=body), the old way)",
     )
     parser.add_argument("--cog-venv", default=os.environ.get("BENCH_COG_VENV", "/work/cog-venv"))
     asyncio.run(main_async(parser.parse_args(argv)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -156,6 +157,8 @@ ResultValue = str | bytes
 was built off the loop)."""
 
 _COMPACT = (",", ":")
+OFF_LOOP_PARSE_BYTES = 256 * 1024
+"""A message body larger than this is parsed in a worker thread."""
 OFF_LOOP_RESULT_CHARS = 1 << 20
 """A result whose strings add up to more than this is built in a worker thread."""
 
@@ -263,9 +266,12 @@ class DeliveryCore:
 
     async def _handle(self, job: Job) -> None:
         d, driver = job.delivery, self.driver
-        request = parse_request(
-            d.body, max_bytes=driver.max_message_bytes, fallback_id=d.fallback_id
+        parse = functools.partial(
+            parse_request, d.body, max_bytes=driver.max_message_bytes, fallback_id=d.fallback_id
         )
+        # A large message is parsed in a worker thread (pool.jsonbody keeps each C call short).
+        big = d.body is not None and len(d.body) > OFF_LOOP_PARSE_BYTES
+        request = await asyncio.to_thread(parse) if big else parse()
         job.request = request
         prediction_id = request.id
         assert prediction_id is not None  # parse_request always sets one

@@ -13,6 +13,7 @@ from typing import Any
 
 from ingest import names
 from pool.errors import InvalidRequest, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.jsonbody import loads_large
 from pool.prediction import (
     MAX_JSON_DEPTH,
     PredictionRequest,
@@ -55,6 +56,9 @@ def parse_request(
     if size > max_bytes:
         raise Poison(f"{names.REASON_TOO_LARGE}: {size} bytes > max_message_bytes={max_bytes}")
     too_deep = f"{names.REASON_INVALID_JSON}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    split, body = loads_large(raw, json.loads) if isinstance(raw, bytes) else (False, None)
+    if split:  # a long string input (a data: URI) stays a slice of the message, as over HTTP
+        return _request(body, fallback_id)
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")  # strictly: json.loads would guess UTF-16/32 from bytes
@@ -63,13 +67,18 @@ def parse_request(
     try:
         # NaN and ±Infinity parse here so that check_wire_safe below names the field holding
         # them (the dead letter says "input.x: number nan is not finite").
-        body: Any = json.loads(raw)
+        body = json.loads(raw)
     except RecursionError:
         # Hostile nesting exhausts the decoder's recursion: poison, not a crash that would
         # leave the message to be redelivered and crash the consumer again forever.
         raise Poison(too_deep) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Poison(f"{names.REASON_INVALID_JSON}: {e}") from None
+    return _request(body, fallback_id)
+
+
+def _request(body: Any, fallback_id: str) -> PredictionRequest:
+    too_deep = f"{names.REASON_INVALID_JSON}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
     if nests_deeper_than(body, MAX_JSON_DEPTH):
         # The HTTP API's limit: the result's encoder and the runner's decoder recurse too.
         raise Poison(too_deep)
@@ -99,9 +108,7 @@ def over_delivered(deliveries: int, max_deliveries: int) -> str | None:
     return None
 
 
-def after_runner_died(
-    prediction: Any, *, deliveries: int, max_deliveries: int
-) -> str | None:
+def after_runner_died(prediction: Any, *, deliveries: int, max_deliveries: int) -> str | None:
     """After its runner died: the dead-letter reason when this was the
     message's last allowed delivery, else None (hand it back for another delivery)."""
     if deliveries >= max_deliveries:

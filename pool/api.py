@@ -30,6 +30,7 @@ from coglet.protocol import STATUS_STARTING, TERMINAL_STATUSES
 from pool import sse
 from pool.config import PoolConfig
 from pool.errors import InvalidRequest, NoTrainer, NotReady, PoolBusy, PoolFull, ShuttingDown
+from pool.jsonbody import loads_large
 from pool.jsonstream import dumps, is_large, json_chunks, json_pieces
 from pool.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pool.metrics import Metrics
@@ -264,11 +265,19 @@ async def _read_json(request: web.Request) -> Any:
     return _parse_json(raw)
 
 
-def _parse_json(raw: bytes) -> Any:
-    if not raw.strip():
+def _strict_loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _parse_json(raw: bytes | bytearray) -> Any:
+    """The body's JSON value; its long string inputs (a ``data:`` URI) are kept as slices of
+    ``raw`` (:func:`pool.jsonbody.loads_large`), everything else is parsed as it always was."""
+    if not raw or (raw[:1].isspace() and not raw.strip()):
         return {}
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        split, body = loads_large(raw, _strict_loads)
+        if not split:
+            body = _strict_loads(raw.decode("utf-8"))
     except RecursionError:
         raise _bad_json(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

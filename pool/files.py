@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from tenacity import (
 from coglet import protocol
 from pool.config import FilesConfig, NetworkConfig
 from pool.errors import InvalidInput, PoolError
-from pool.jsonstream import LargeValue
+from pool.jsonstream import LargeValue, RawText
 from pool.network import (
     NetworkPolicy,
     NetworkRefused,
@@ -176,7 +177,7 @@ async def prepare_inputs(
     if not jobs:
         return values
     # Every data: URI is decoded before any download starts, so a bad one fails first.
-    jobs = [await _decoded(job) for job in jobs]
+    jobs = [await _decoded(job, dest_dir, config) for job in jobs]
     os.makedirs(dest_dir, exist_ok=True)
     own_session = session is None
     client = session or client_session(network or NetworkConfig())
@@ -200,19 +201,33 @@ async def prepare_inputs(
 class _Job:
     field: str
     index: int | None  # position in a list input, None for a single file
-    url: str
+    url: str | RawText
     data: tuple[str, bytes] | None = None  # (mime type, bytes) of a data: URI, decoded
+    # A data: URI kept as a slice of the request body, decoded straight to this file, and
+    # whether it decoded to more than files.max_download_bytes (refused when fetched).
+    path: str | None = None
+    too_large: bool = False
 
 
 def _job(field: str, index: int | None, value: Any) -> _Job:
     """Check one value (its data: URI is decoded by :func:`_decoded`)."""
     _check_file_value(field, value)
+    if isinstance(value, RawText) and not value.startswith("data:"):
+        value = value.text()  # a URL over 1 MiB: downloaded as any other
     return _Job(field, index, value)
 
 
-async def _decoded(job: _Job) -> _Job:
+async def _decoded(job: _Job, dest_dir: str, config: FilesConfig) -> _Job:
     if not job.url.startswith("data:"):
         return job
+    if isinstance(job.url, RawText):
+        path, too_large = await asyncio.to_thread(
+            _decode_raw_to_file, job.field, job.url, dest_dir, config.max_download_bytes
+        )
+        if path is not None:
+            return dataclasses.replace(job, path=path, too_large=too_large)
+        job = dataclasses.replace(job, url=job.url.text())  # not plain base64 (rare): whole
+    assert isinstance(job.url, str)
     if len(job.url) <= DECODE_INLINE_MAX_CHARS:
         data = decode_data_uri(job.field, job.url)
     else:
@@ -221,8 +236,10 @@ async def _decoded(job: _Job) -> _Job:
 
 
 def _check_file_value(field: str, value: Any) -> None:
-    if isinstance(value, str) and value.startswith(("http://", "https://", "data:")):
+    if isinstance(value, str | RawText) and value.startswith(("http://", "https://", "data:")):
         return
+    if isinstance(value, RawText):
+        value = value.head(81)  # its message shows the first 80 characters, as a str's
     shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
     raise InvalidInput(
         [
@@ -252,6 +269,11 @@ async def _fetch_one(
     session: aiohttp.ClientSession, job: _Job, dest_dir: str, config: FilesConfig
 ) -> str:
     # A fresh directory per file keeps the (sanitised) original name without collisions.
+    if job.path is not None:
+        if job.too_large:
+            raise _too_large(job.field, _shown_url(job.url), config, None)
+        return job.path
+    assert isinstance(job.url, str)
     directory = tempfile.mkdtemp(prefix="input-", dir=dest_dir)
     if job.data is None:
         return await _download(session, job.field, job.url, directory, config)
@@ -288,6 +310,55 @@ def decode_data_uri(field: str, uri: str) -> tuple[str, bytes]:
         raise _bad_data_uri(field, f"invalid base64: {e}") from None
 
 
+def _shown_url(url: str | RawText) -> str:
+    """What an error shows of a data: URI (``redact_url`` keeps its first 32 characters)."""
+    return url.head(64) if isinstance(url, RawText) else url
+
+
+_DATA_URI_HEADER_MAX = 64 * 1024  # a data: URI whose ',' comes later is decoded as a str
+
+
+def _decode_raw_to_file(
+    field: str, uri: RawText, dest_dir: str, max_bytes: int
+) -> tuple[str | None, bool]:
+    """Decode a base64 ``data:`` URI kept as a slice of the request body into a file of its
+    own under ``dest_dir``, a ``CODEC_CHUNK`` slice at a time (no whole copy of the URI or
+    the file in memory); ``(path, decoded more than max_bytes)``, or ``(None, False)`` when
+    it is not plain base64 (the caller decodes it as a ``str``, with the usual messages).
+
+    Past ``max_bytes`` nothing more is written but the rest is still decoded, so a bad
+    payload is refused as invalid (422) before a size (a failed prediction), as it is when
+    the URI is decoded whole. For a worker thread: the GIL is free between slices.
+    """
+    comma = uri.find(",", 0, _DATA_URI_HEADER_MAX)
+    if comma == -1 or uri.find("%", comma) != -1:
+        return None, False
+    params = [p.strip() for p in uri.head(comma)[len("data:") :].split(";")]
+    if "base64" not in (p.lower() for p in params[1:]):
+        return None, False
+    mime_type = params[0] or "text/plain"
+    os.makedirs(dest_dir, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix="input-", dir=dest_dir)
+    path = os.path.join(directory, safe_file_name("", mime_type=mime_type))
+    size = 0
+    try:
+        with open(path, "wb") as f:
+            for piece in _b64decode_slices(uri.byte_slices(CODEC_CHUNK, comma + 1)):
+                size += len(piece)
+                if size <= max_bytes:
+                    f.write(piece)
+                # The event loop, if it waits for the GIL, takes it now (a waiting thread
+                # otherwise gets it only after the 5 ms switch interval).
+                time.sleep(0)
+    except (binascii.Error, ValueError) as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise _bad_data_uri(field, f"invalid base64: {e}") from None
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return path, size > max_bytes
+
+
 CODEC_CHUNK = 1 << 20
 _B64_WHITESPACE = b" \t\n\r\x0b\x0c"
 
@@ -308,22 +379,26 @@ def _b64decode_chunked(chunks: Iterable[bytes]) -> bytes:
     From the first ``=`` on, the rest is decoded in one call, so padding is judged exactly as
     ``base64.b64decode(..., validate=True)`` judges it (only a hostile payload has a long rest).
     """
-    out: list[bytes] = []
+    return b"".join(_b64decode_slices(chunks))
+
+
+def _b64decode_slices(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """:func:`_b64decode_chunked`'s bytes, a slice per chunk (nothing is valid until the
+    iterator ends without raising)."""
     pending = b""
     rest = iter(chunks)
     for chunk in rest:
         data = pending + chunk.translate(None, _B64_WHITESPACE)
         if b"=" in data:
             tail = data + b"".join(c.translate(None, _B64_WHITESPACE) for c in rest)
-            out.append(base64.b64decode(tail, validate=True))
-            return b"".join(out)
+            yield base64.b64decode(tail, validate=True)
+            return
         # The last whole quantum waits: excess '=' after it is judged together with it.
         cut = max(0, len(data) - len(data) % 4 - 4)
-        out.append(base64.b64decode(data[:cut], validate=True))
+        yield base64.b64decode(data[:cut], validate=True)
         pending = data[cut:]
     if pending:
-        out.append(base64.b64decode(pending, validate=True))  # raises on an incomplete quantum
-    return b"".join(out)
+        yield base64.b64decode(pending, validate=True)  # raises on an incomplete quantum
 
 
 def _bad_data_uri(field: str, why: str) -> InvalidInput:

@@ -12,8 +12,10 @@ loop between them, so no step holds the GIL long and no copy of the whole output
 Values too large to hold (or to encode) as one Python string are :class:`LargeValue` objects
 in an output: a file output kept on disk (``pool.files.FileOutput``: its ``data:`` URI is made
 from the file a slice at a time, when it is written out) and a long string kept as the slices
-it was read in (:class:`TextSlices`). Every writer of a prediction goes through this module:
-:func:`json_pieces` / :func:`json_chunks` stream them, :func:`dumps` writes a small value whole
+it was read in (:class:`TextSlices`), and a long string of a request body kept as a read-only
+slice of the body's bytes (:class:`RawText`, made by :mod:`pool.jsonbody`). Every writer of a
+prediction goes through this module: :func:`json_pieces` / :func:`json_chunks` stream them,
+:func:`dumps` writes a small value whole
 (a large value inside becomes its whole string), :func:`dumps_bytes` builds one UTF-8 text a
 slice at a time (for a worker thread: a queue result).
 """
@@ -31,6 +33,7 @@ from typing import Any
 __all__ = [
     "SLICE_CHARS",
     "LargeValue",
+    "RawText",
     "TextSlices",
     "dumps",
     "dumps_bytes",
@@ -119,6 +122,74 @@ class TextSlices(LargeValue):
 
     def __repr__(self) -> str:
         return f"TextSlices(<{self._length} characters in {len(self.slices)} slices>)"
+
+
+class RawText(LargeValue):
+    """A long string of a request body, kept as a read-only slice of the body's bytes (no
+    ``str`` of it is made): printable ASCII without ``"`` or ``\\``, so its bytes are its
+    characters and its JSON text is itself between quotes (:mod:`pool.jsonbody` makes these).
+
+    It keeps the whole body alive, so :attr:`memory_bytes` is the body's size. Equal to the
+    string it holds, and to another ``RawText`` of the same text.
+    """
+
+    __slots__ = ("_body", "_end", "_start", "view")
+
+    def __init__(self, body: bytes | bytearray, start: int, end: int) -> None:
+        self._body, self._start, self._end = body, start, end
+        self.view = memoryview(body).toreadonly()[start:end]
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @property
+    def json_chars(self) -> int:
+        return len(self) + 2
+
+    @property
+    def memory_bytes(self) -> int:
+        return len(self._body)
+
+    def pieces(self, slice_chars: int) -> Iterator[str]:
+        yield '"'
+        for start in range(0, len(self), slice_chars):
+            yield str(self.view[start : start + slice_chars], "ascii")
+        yield '"'
+
+    def byte_slices(self, slice_bytes: int, start: int = 0) -> Iterator[bytes]:
+        """Its bytes from ``start`` on, ``slice_bytes`` at a time (one copy of each slice)."""
+        for at in range(start, len(self), slice_bytes):
+            yield self.view[at : at + slice_bytes].tobytes()
+
+    def head(self, chars: int) -> str:
+        return str(self.view[:chars], "ascii")
+
+    def startswith(self, prefix: str | tuple[str, ...]) -> bool:
+        prefixes = (prefix,) if isinstance(prefix, str) else prefix
+        return any(
+            self._body.startswith(p.encode("ascii"), self._start, self._end) for p in prefixes
+        )
+
+    def find(self, sub: str, start: int = 0, end: int | None = None) -> int:
+        """``str.find`` over its text (``bytes.find`` over its part of the body: no copy)."""
+        stop = self._end if end is None else min(self._start + end, self._end)
+        at = self._body.find(sub.encode("ascii"), self._start + start, stop)
+        return -1 if at == -1 else at - self._start
+
+    def text(self) -> str:
+        return str(self.view, "ascii")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RawText):
+            return self.view == other.view
+        if isinstance(other, str):
+            return len(self) == len(other) and other.isascii() and self.view == other.encode()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RawText(<{len(self)} characters of a request body>)"
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

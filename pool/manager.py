@@ -9,6 +9,7 @@ the runners in steps, leave no child behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ from coglet.validation import InputValidationError, validate_input
 from pool import files, network, statedir
 from pool.config import PoolConfig
 from pool.errors import InvalidInput, InvalidRequest, NoTrainer, NotReady, ShuttingDown
+from pool.jsonstream import RawText
 from pool.metrics import GAUGE_IN_FLIGHT, GAUGE_QUEUE_DEPTH, GAUGE_RUNNERS, Metrics, Sample
 from pool.prediction import (
     EVENT_COMPLETED,
@@ -323,7 +325,11 @@ class PoolManager:
         schema = self._require_ready()
         if request.is_training:
             schema = self._training_schema(schema)
-        _validate(schema, request.input)
+        if _has_raw_text(request.input):
+            request, checked = await asyncio.to_thread(_raw_text_inputs, schema, request)
+            _validate(schema, checked)
+        else:
+            _validate(schema, request.input)
         prediction = Prediction(
             request,
             source=source,
@@ -601,6 +607,79 @@ class PoolManager:
             yield Sample(GAUGE_RUNNERS, n, {"state": state})
         yield Sample(GAUGE_IN_FLIGHT, self._router.in_flight)
         yield Sample(GAUGE_QUEUE_DEPTH, self._router.queued)
+
+
+# --- long string inputs kept as slices of the request body (pool.jsonbody) ------------------
+# Schema keys that say nothing about a string's content: any string passes such a property.
+_NO_CONSTRAINT_KEYS = frozenset({"type", "format", "title", "description", "x-order", "default"})
+
+
+def _any_string(prop: Any) -> bool:
+    """Whether every ``str`` passes ``prop`` (a plain ``str``, ``Path`` or ``File`` input)."""
+    return (
+        isinstance(prop, dict)
+        and prop.get("type") == "string"
+        and prop.get("format") in (None, "uri")
+        and _NO_CONSTRAINT_KEYS.issuperset(prop)
+    )
+
+
+def _any_strings(prop: Any) -> bool:
+    """Whether every list of ``str`` passes ``prop`` (``list[Path]``, ``list[str]``)."""
+    return (
+        isinstance(prop, dict)
+        and prop.get("type") == "array"
+        and _NO_CONSTRAINT_KEYS.union({"items"}).issuperset(prop)
+        and _any_string(prop.get("items"))
+    )
+
+
+def _has_raw_text(values: dict[str, Any]) -> bool:
+    """Whether an input (or an item of a list input) is a :class:`RawText` (the parser keeps
+    them only there)."""
+    for value in values.values():
+        if isinstance(value, RawText):
+            return True
+        if isinstance(value, list) and any(isinstance(item, RawText) for item in value):
+            return True
+    return False
+
+
+def _raw_text_inputs(
+    schema: dict[str, Any], request: PredictionRequest
+) -> tuple[PredictionRequest, dict[str, Any]]:
+    """The request, and the input to validate, for a request whose long strings are slices of
+    its body (:class:`RawText`).
+
+    Where the schema takes any string (a ``Path``, ``File`` or unconstrained ``str`` input,
+    or a list of them) the slice stays, and validation sees a short stand-in string, which
+    passes exactly as the real one would. Anywhere else (a pattern, choices, a length limit,
+    a union, a ``Secret``, a field the schema does not know) the slice becomes the ``str``
+    it is, so validation and its messages are exactly those of the whole string. For a
+    worker thread: a made ``str`` is one copy of its slice.
+    """
+    props = schema.get("components", {}).get("schemas", {}).get("Input", {}).get("properties")
+    props = props if isinstance(props, dict) else {}
+    values = dict(request.input)
+    checked = dict(values)
+    for name, value in values.items():
+        prop = props.get(name)
+        if isinstance(value, RawText):
+            if _any_string(prop):
+                checked[name] = _STAND_IN
+            else:
+                values[name] = checked[name] = value.text()
+        elif isinstance(value, list) and any(isinstance(item, RawText) for item in value):
+            if _any_strings(prop):
+                checked[name] = [_STAND_IN if isinstance(v, RawText) else v for v in value]
+            else:
+                values[name] = checked[name] = [
+                    v.text() if isinstance(v, RawText) else v for v in value
+                ]
+    return dataclasses.replace(request, input=values), checked
+
+
+_STAND_IN = "data:,"  # any string: it stands in only where every string passes
 
 
 def _validate(schema: dict[str, Any], raw: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from coglet import protocol
 from pool.errors import InvalidInput, InvalidRequest
 from pool.files import OutputFiles, has_path
-from pool.jsonstream import LargeValue, TextSlices
+from pool.jsonstream import LargeValue, TextSlices, dumps_bytes
 
 __all__ = [
     "DEFAULT_LOGS_MAX_BYTES",
@@ -586,6 +586,13 @@ OutputEncoder = Callable[[Any, "Prediction"], Awaitable[Any]]
 """Turns ``{PATH_MARKER: path}`` values of a record's output into data: URIs, uploaded URLs
 or files the record keeps (:meth:`Prediction.output_files`)."""
 
+
+def _holds_large(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(isinstance(item, LargeValue) for item in value)
+    return isinstance(value, LargeValue)
+
+
 _ENCODE_REQUEST = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
@@ -758,7 +765,12 @@ class Prediction:
             request["context"] = self.request.context
         if self.request.is_training:
             request["kind"] = protocol.KIND_TRAINING
-        self.runner_request = _ENCODE_REQUEST(request).encode("utf-8")
+        if any(_holds_large(value) for value in runner_input.values()):
+            # A long string input kept as a slice of the request body (pool.jsonbody) is
+            # written a slice at a time: no whole str of it, no one C call over it.
+            self.runner_request = dumps_bytes(request, separators=(",", ":"))
+        else:
+            self.runner_request = _ENCODE_REQUEST(request).encode("utf-8")
         return self.runner_request
 
     # --- deadline and cancel -------------------------------------------------------------------

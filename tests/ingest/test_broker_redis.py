@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -130,6 +131,28 @@ async def test_a_large_file_output_is_published_whole(redis_client, stream, tmp_
     assert json.loads(stored) == result
 
 
+async def test_a_large_data_uri_input_is_decoded_and_echoed_whole(redis_client, stream, tmp_path):
+    client, _ = redis_client
+    digest_model = os.path.join(ROOT, "tests", "models", "api", "digest")
+    overrides = redis_overrides(
+        stream, **{"model.path": digest_model, "queues.redis.max_message_bytes": 8 << 20}
+    )
+    config = pool_config(str(tmp_path / "state"), overrides, runners=1)
+    content = os.urandom(3 << 20)
+    uri = "data:application/octet-stream;base64," + base64.b64encode(content).decode()
+    # Steps: a message whose input is a 3 MiB file as a data: URI (4 MiB of base64): parsed
+    # with the URI kept as a slice of the message (pool.jsonbody), decoded to its file.
+    async with running_pool(config):
+        await push(client, stream, {"id": "d", "input": {"data": uri}})
+        results = await until_results(client, stream, 1)
+    # Result: the model read the very bytes; the published result echoes the URI whole.
+    (result,) = results["d"]
+    assert result["status"] == "succeeded", result["error"]
+    seen = json.loads(result["output"])
+    assert seen["data"] == [len(content), hashlib.sha256(content).hexdigest()]
+    assert result["input"] == {"data": uri}
+
+
 async def test_poison_and_a_dying_model_go_to_dead_letters(redis_client, stream, tmp_path):
     client, _ = redis_client
     overrides = redis_overrides(
@@ -183,9 +206,7 @@ async def test_cancel_broadcast_reaches_the_pool_running_it(redis_client, stream
     assert results["long"][0]["status"] == "canceled"
 
 
-async def test_graceful_shutdown_acks_finished_and_leaves_the_rest(
-    redis_client, stream, tmp_path
-):
+async def test_graceful_shutdown_acks_finished_and_leaves_the_rest(redis_client, stream, tmp_path):
     client, _ = redis_client
     overrides = redis_overrides(stream, **{"queues.redis.claim_idle_s": 1.0})
     config = pool_config(str(tmp_path / "a"), overrides)

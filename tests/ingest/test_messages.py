@@ -166,3 +166,35 @@ def test_the_in_memory_store_takes_its_bounds_from_the_config():
     store = ingest._result_store(PoolConfig(queues=QueuesConfig(amqp=amqp)))
     assert isinstance(store, MemoryResultStore)
     assert (store._max, store._max_bytes) == (7, 1234)
+
+
+HOSTILE_LARGE = [
+    b'{"input": {"data": "data:,' + b"a" * (2 << 20),  # truncated
+    b'{"input": {"data": "data:,' + b"a" * (2 << 20) + b'\\ud800"}}',  # a lone surrogate
+    b'{"input": {"data": "data:,' + b"a" * (2 << 20) + b'\xff"}}',  # not UTF-8
+    b'{"input": {"data": "data:,' + b"a" * (2 << 20) + b'", "x": NaN}}',
+    b'{"input": {"data": "' + b"a" * (2 << 20) + b'"}, "n": ' + b"[" * 100 + b"]" * 100 + b"}",
+    b'{"id": "../x", "input": {"data": "data:,' + b"a" * (2 << 20) + b'"}}',
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_LARGE, ids=range(len(HOSTILE_LARGE)))
+def test_a_large_message_is_refused_as_a_whole_parse_refuses_it(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(Poison) as split:
+        parse(raw, max_bytes=8 << 20)
+    monkeypatch.setattr("ingest.messages.loads_large", lambda raw, loads: (False, None))
+    with pytest.raises(Poison) as whole:
+        parse(raw, max_bytes=8 << 20)
+    assert split.value.reason == whole.value.reason
+
+
+def test_a_large_data_uri_in_a_message_stays_a_slice_of_it() -> None:
+    from pool.jsonstream import RawText
+
+    uri = "data:application/octet-stream;base64," + "QUJD" * (1 << 19)
+    raw = json.dumps({"id": "big", "input": {"data": uri}, "reply_to": "r"}).encode()
+    request = parse(raw, max_bytes=8 << 20)
+    assert isinstance(request.input["data"], RawText) and request.input["data"] == uri
+    assert request.id == "big" and request.extra == {"reply_to": "r"}

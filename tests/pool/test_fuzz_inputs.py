@@ -263,3 +263,109 @@ def test_padding_is_judged_as_one_call_decoding_judges_it(payload: str, chunk: i
     finally:
         pool.files.CODEC_CHUNK = original
     assert got == _reference_decode(payload)
+
+
+# --- request bodies with long strings (pool.jsonbody) ---------------------------------------------
+# A small threshold stands for the 1 MiB one: the scan, the placeholders and the put-back are
+# the same code at any size. Strings just under, at and over it, raw-able or not.
+_MIN = 16
+_PRINTABLE = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters='"\\'),
+    min_size=_MIN - 2,
+    max_size=_MIN + 3,
+)
+_LONG = _PRINTABLE | st.text(min_size=_MIN - 1, max_size=_MIN + 2)  # any unicode: escapes
+_LEAVES = JSON_VALUES | _LONG | st.floats(allow_nan=True, allow_infinity=True)
+_BODY_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(TEXT | _LONG | st.sampled_from(["input", "context"]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_DUMPS = st.sampled_from(
+    [
+        lambda v: json.dumps(v),
+        lambda v: json.dumps(v, ensure_ascii=False),
+        lambda v: json.dumps(v, separators=(",", ":")),
+        lambda v: json.dumps(v, indent=1),
+    ]
+)
+
+
+def _plain(value: Any, raw_texts: list[Any]) -> Any:
+    """``value`` with each RawText as its str (and collected)."""
+    from pool.jsonstream import RawText
+
+    if isinstance(value, RawText):
+        raw_texts.append(value)
+        return value.text()
+    if isinstance(value, list):
+        return [_plain(v, raw_texts) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v, raw_texts) for k, v in value.items()}
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, NaN equal to NaN."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@SETTINGS
+@given(_BODY_VALUES, _DUMPS, st.booleans(), st.data())
+def test_the_large_string_parse_is_json_loads(
+    value: Any, dumps: Any, keep_all: bool, data: st.DataObject
+) -> None:
+    from pool.jsonbody import at_input_value, loads_large
+
+    try:
+        text = dumps(value)
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate with ensure_ascii=False: escape it instead
+        text = json.dumps(value)
+        raw = text.encode("utf-8")
+    if data.draw(st.booleans()):  # sometimes a damaged body: cut, or a byte changed
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        raw = raw[:at] if data.draw(st.booleans()) else raw[:at] + b"\xff" + raw[at + 1 :]
+    try:
+        expected: Any = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        expected = ValueError
+    split, got = loads_large(
+        raw,
+        json.loads,
+        keep_at=(lambda path: True) if keep_all else at_input_value,
+        min_bytes=_MIN,
+    )
+    if not split:
+        return  # the caller parses it whole: the same answer by construction
+    assert expected is not ValueError, raw
+    raw_texts: list[Any] = []
+    assert _same(_plain(got, raw_texts), expected)
+    for kept in raw_texts:  # only long, plain ASCII literals are kept, as slices of the body
+        assert len(kept) >= _MIN and kept.text().isprintable() and kept.text().isascii()
+        assert kept.view.obj is raw
+
+
+@SETTINGS
+@given(st.integers(_MIN - 2, _MIN + 2), st.sampled_from(["a", "é", "\\", '"', "\n", "\x7f"]))
+def test_a_string_near_the_threshold_is_kept_only_when_long_and_plain(
+    length: int, odd: str
+) -> None:
+    from pool.jsonbody import loads_large
+    from pool.jsonstream import RawText
+
+    text = "x" * (length - 1) + odd
+    raw = json.dumps({"input": {"s": text, "t": ["y" * length]}}).encode()
+    split, got = loads_large(raw, json.loads, min_bytes=_MIN)
+    expected = json.loads(raw)
+    if not split:
+        assert length < _MIN
+        return
+    assert _same(_plain(got, []), expected)
+    content_bytes = len(json.dumps(text)) - 2
+    kept_s = isinstance(got["input"]["s"], RawText)
+    assert kept_s == (odd == "a" and content_bytes >= _MIN)
+    assert isinstance(got["input"]["t"][0], RawText) == (length >= _MIN)

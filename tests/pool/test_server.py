@@ -105,6 +105,44 @@ async def test_a_body_shorter_than_its_content_length_gets_408_and_is_closed() -
         assert await s.health() == 200
 
 
+async def test_a_large_body_shorter_than_its_content_length_gets_408_too() -> None:
+    # Over 1 MiB the body is read by server._read_into (kept as one bytearray): same deadline.
+    async with served(body_timeout_s=0.5, header_timeout_s=600, keepalive_timeout_s=600) as s:
+        reader, writer = await s.connect()
+        writer.write(
+            b"POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4194304\r\n\r\n" + b'{"input": {"text": "' + b"a" * (2 << 20)
+        )
+        await writer.drain()
+        status, _headers, body = parse(await read_until_closed(reader))
+        assert status == 408 and "http.body_timeout_s=0.5" in body["detail"]
+        writer.close()
+        assert await s.health() == 200
+
+
+async def test_a_large_body_is_read_into_one_kept_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pool.api
+
+    seen: list[Any] = []
+    parse_json = pool.api._parse_json
+
+    def recording(raw: Any) -> Any:
+        seen.append(raw)
+        return parse_json(raw)
+
+    monkeypatch.setattr(pool.api, "_parse_json", recording)
+    raw = json.dumps({"input": {"text": "b" * (3 << 20)}}).encode()
+    async with served(max_body_bytes=8 << 20) as s, aiohttp.ClientSession() as session:
+        async with session.post(
+            f"http://127.0.0.1:{s.port}/predictions",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            await resp.read()
+    # The body arrived whole, in the buffer the parser keeps slices of (not a bytes copy).
+    assert len(seen) == 1 and isinstance(seen[0], bytearray) and seen[0] == raw
+
+
 async def test_a_kept_alive_connection_is_closed_after_the_keepalive_timeout() -> None:
     async with served(keepalive_timeout_s=0.3, header_timeout_s=600) as s:
         reader, writer = await s.connect()
