@@ -331,7 +331,7 @@ def is_large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
     return _large(value, limit, max_nodes)
 
 
-_SCALARS = (type(None), bool, int, float)
+_NUMBERS_AND_NONE = (type(None), bool, int, float)
 
 
 def _large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
@@ -354,7 +354,7 @@ def _large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
                     total += len(key)
                 if isinstance(member, str):
                     total += len(member)
-                elif not isinstance(member, _SCALARS):
+                elif not isinstance(member, _NUMBERS_AND_NONE):
                     stack.append(member)
         elif isinstance(item, list):
             nodes -= len(item)
@@ -362,7 +362,7 @@ def _large(value: Any, limit: int, max_nodes: int = 10_000) -> bool:
             for member in item:
                 if isinstance(member, str):
                     total += len(member)
-                elif not isinstance(member, _SCALARS):
+                elif not isinstance(member, _NUMBERS_AND_NONE):
                     stack.append(member)
         elif isinstance(item, LargeValue):
             total += item.json_chars
