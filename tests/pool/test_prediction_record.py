@@ -453,3 +453,33 @@ async def test_input_dirs_are_removed_off_the_event_loop(
         await wait_until(lambda: threads, what="input dir removed")
     assert p.output == "body"
     assert threads and loop_thread not in threads
+
+
+# --- the recent store's memory estimate ------------------------------------------------------
+async def test_a_kept_copy_takes_no_more_memory_than_the_store_counts_for_it() -> None:
+    # Steps: 500 finished predictions with a small input, output and logs; keep their slim
+    # copies (as the router's recent store does). Result: the memory the copies take, measured,
+    # is at most what slim() reports for them, so predictions.recent_max_bytes bounds real
+    # memory (it once counted 512 bytes for a copy that took ~4.7 KB).
+    import gc
+    import tracemalloc
+
+    live = []
+    for n in range(500):
+        p = Prediction(PredictionRequest.from_body({"input": {"text": f"t{n}"}}))
+        p.mark_started(0)
+        p.apply_delta({"status": "succeeded", "output": f"out {n}", "logs_append": "a line\n"})
+        live.append(p)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        kept = [p.slim(1 << 20) for p in live]
+        gc.collect()
+        taken, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    counted = sum(size for _, size in kept)
+    assert taken <= counted, f"copies take {taken / 500:.0f} B each, counted {counted / 500:.0f}"
+    copy = kept[0][0]
+    await copy.wait(1)  # a kept copy is done: waiting on it returns at once
+    assert copy.logs == "a line\n" and copy.output == "out 0" and copy.status == "succeeded"
