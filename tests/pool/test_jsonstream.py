@@ -159,24 +159,17 @@ async def test_json_chunks_yield_to_the_loop_between_chunks() -> None:
     assert len({t for t, _ in seen}) == len(seen) > 5  # the loop ran between every two
 
 
-def _large_reference(value: object, limit: int) -> bool:
-    """The plain definition is_large must agree with (below its node bound)."""
-    total = 0
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            total += len(item)
-        elif isinstance(item, dict):
-            total += len(item)
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            total += len(item)
-            stack.extend(item)
-        if total > limit:
-            return True
-    return False
+def _json_chars(value: object) -> int:
+    """The count is_large compares with its limit, by recursion: string lengths (keys too)
+    and container lengths."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        keys = sum(len(k) for k in value if isinstance(k, str))
+        return len(value) + keys + sum(_json_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return len(value) + sum(_json_chars(v) for v in value)
+    return 0
 
 
 _json_values = st.recursive(
@@ -190,4 +183,4 @@ _json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(value=_json_values, limit=st.integers(min_value=0, max_value=400))
 def test_is_large_agrees_with_its_plain_definition(value: object, limit: int) -> None:
-    assert is_large(value, limit) == _large_reference(value, limit)
+    assert is_large(value, limit) == (_json_chars(value) > limit)
