@@ -126,10 +126,19 @@ def write_request(
         write_atomic(path, data)
         return
     spilled = os.path.join(spill_dir, request_name(prediction_id))
-    write_atomic(spilled, data)
     pointer = {"id": prediction_id, REQUEST_FILE_KEY: spilled}
+    write_spilled(path, spilled, data, _encode_compact(pointer).encode())
+
+
+def write_spilled(
+    path: str, spilled: str, data: Union[bytes, Sequence[bytes]], pointer: bytes
+) -> None:
+    """Write a large ``data`` to ``spilled`` and the small ``pointer`` to it at ``path`` (both
+    atomically); the spilled file is removed again when the pointer cannot be written, so
+    nothing is left that no reader will ever find."""
+    write_atomic(spilled, data)
     try:
-        write_atomic(path, _encode_compact(pointer).encode())
+        write_atomic(path, pointer)
     except BaseException:
         try:
             os.unlink(spilled)

@@ -246,16 +246,8 @@ class Responder:
         path = f"{self._prefix}{self._epoch}.json"
         if self._spill_prefix is not None and (size > self._spill_bytes or raw is not None):
             spilled = f"{self._spill_prefix}{self._epoch}.json"
-            protocol.write_atomic(spilled, data)
             pointer = {"status": status, protocol.DELTA_FILE_KEY: spilled}
-            try:
-                protocol.write_atomic(path, _encode_fields(pointer).encode())
-            except BaseException:
-                try:
-                    os.unlink(spilled)
-                except OSError:
-                    pass
-                raise
+            protocol.write_spilled(path, spilled, data, _encode_fields(pointer).encode())
         else:
             protocol.write_atomic(path, data)
         # Only a written delta uses up its epoch and its pending text: after a failed write

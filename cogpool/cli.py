@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pool.aio import wait_first
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
 from pool.manager import PoolManager
@@ -36,6 +37,14 @@ EXIT_CONFIG = 2
 EXIT_STATE_DIR_BUSY = 3  # another live pool holds the state dir's lock
 EXIT_SUPERVISOR_FAILED = 4  # the supervisor's pass kept failing: let an orchestrator restart us
 
+
+
+_DELEGATED_COMMANDS = {
+    "status": "show a running pool's runners and queue consumers",
+    "reload": "replace a running pool's runners one at a time (new code and weights)",
+    "scale": "add (+1) or drain away (-1) one runner of a running pool",
+    "submit": "push one prediction to a Redis stream or AMQP queue and print its result",
+}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cog-pool", description=__doc__.split("\n")[0])
@@ -63,22 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", help="state_dir: runner working directories")
         p.add_argument("--log-level", help="log_level: debug, info, warning, error")
     # Listed for --help; their own parsers (pool/status.py, ingest/submit.py) read the arguments.
-    sub.add_parser(
-        "status", help="show a running pool's runners and queue consumers", add_help=False
-    )
-    sub.add_parser(
-        "reload",
-        help="replace a running pool's runners one at a time (new code and weights)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "scale", help="add (+1) or drain away (-1) one runner of a running pool", add_help=False
-    )
-    sub.add_parser(
-        "submit",
-        help="push one prediction to a Redis stream or AMQP queue and print its result",
-        add_help=False,
-    )
+    for name, what in _DELEGATED_COMMANDS.items():
+        sub.add_parser(name, help=what, add_help=False)
     return parser
 
 
@@ -172,7 +167,7 @@ async def serve(
             log.info("http_listening host=%s port=%s", addr[0], addr[1])
         consumers = await _start_consumers(config, manager)
         failed = manager.supervisor_failed
-        await _first(stop.wait(), app[SHUTDOWN_KEY].wait(), failed.wait())
+        await wait_first(stop.wait(), app[SHUTDOWN_KEY].wait(), failed.wait())
         reason = "supervisor_failed" if failed.is_set() else "signal" if stop.is_set() else "http"
         log.info("serve_stopping reason=%s", reason)
         app[SHUTDOWN_KEY].set()  # the HTTP API answers 503 from now on
@@ -197,11 +192,3 @@ async def _start_consumers(config: PoolConfig, manager: PoolManager) -> Any:
     return await start_consumers(config, manager)
 
 
-async def _first(*aws: Any) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

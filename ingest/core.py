@@ -37,6 +37,7 @@ from ingest import names
 from ingest.backoff import retry_forever
 from ingest.messages import RETRY_LATER, Poison, after_runner_died, over_delivered, parse_request
 from ingest.port import End, Manager, PredictionView, end_of
+from pool.aio import wait_first
 from pool.errors import InvalidRequest
 from pool.jsonstream import LargeValue, dumps_bytes, is_large
 from pool.prediction import PredictionRequest
@@ -224,19 +225,14 @@ class DeliveryCore:
 
     async def wait_slot_or_stop(self) -> None:
         """Return when a slot may be free, or the consumer stops, or the pool drains."""
-        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._stop_event.wait())]
+        waits: list[Awaitable[Any]] = [self._stop_event.wait()]
         if self.manager.free_slots() <= 0:
-            waits.append(asyncio.ensure_future(self.manager.wait_for_free_slot()))
+            waits.append(self.manager.wait_for_free_slot())
         else:  # free in the manager but being taken by submits in progress
             self._admitted_changed.clear()
-            waits.append(asyncio.ensure_future(self._admitted_changed.wait()))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            # ShuttingDown from the manager: draining() says so now; nothing else to do.
-            await asyncio.gather(*waits, return_exceptions=True)
+            waits.append(self._admitted_changed.wait())
+        # ShuttingDown from the manager: draining() says so now; nothing else to do.
+        await wait_first(*waits)
 
     # --- one message ---------------------------------------------------------------------------
     async def _run(self, job: Job) -> None:
