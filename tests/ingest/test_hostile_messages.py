@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ingest_helpers import wait_until, wait_until_sync
 from ingest_pool import (
     AMQP_URL,
     REDIS_URL,
@@ -106,11 +106,11 @@ def pool(tmp_path_factory) -> Iterator[dict[str, str]]:
     proc = spawn_pool_process(overrides, log)
     r = redis.Redis.from_url(REDIS_URL)
     try:
-        deadline = time.monotonic() + 60
-        while not r.exists(stream) or not _amqp_declared(queue):
+        def consuming() -> bool:
             assert proc.poll() is None, open(log).read()[-3000:]
-            assert time.monotonic() < deadline, "the pool never started consuming"
-            time.sleep(0.1)
+            return bool(r.exists(stream)) and _amqp_declared(queue)
+
+        wait_until_sync(consuming, timeout_s=60, what="the pool to start consuming")
         yield {"stream": stream, "queue": queue, "log": log}
     finally:
         stop_process(proc)
@@ -169,10 +169,12 @@ def test_every_redis_message_ends_as_one_result_or_one_dead_letter(redis_side, m
     side = redis_side
     entry_id = side.r.xadd(side.stream, {"value": message}).decode()
     side.sent += 1
-    deadline = time.monotonic() + SETTLE_S
-    while side.settled() < side.sent:  # intake goes on: this one settles, within a deadline
-        assert time.monotonic() < deadline, f"entry {entry_id} never settled: {message!r}"
-        time.sleep(0.005)
+    # Intake goes on: this one settles, within a deadline.
+    wait_until_sync(
+        lambda: side.settled() >= side.sent,
+        timeout_s=SETTLE_S,
+        what=f"entry {entry_id} to settle: {message!r}",
+    )
     assert side.settled() == side.sent  # one settle, not two
     dead = side.r.xrevrange(names.dead_stream_name(side.stream), count=1)
     if dead and dead[0][1][b"original_id"].decode() == entry_id:
@@ -223,10 +225,11 @@ class AmqpSide:
             aio_pika.Message(body, reply_to=f"{self.queue}.replies"), routing_key=self.queue
         )
         self.sent += 1
-        deadline = time.monotonic() + SETTLE_S
-        while self.settled() < self.sent:
-            assert time.monotonic() < deadline, f"message never settled: {body!r}"
-            await asyncio.sleep(0.005)
+        await wait_until(
+            lambda: self.settled() >= self.sent,
+            timeout_s=SETTLE_S,
+            what=f"the message to settle: {body!r}",
+        )
 
     def close(self) -> None:
         self.loop.run_until_complete(self.connection.close())

@@ -10,12 +10,11 @@ import asyncio
 import base64
 import dataclasses
 import json
-import time
 
 import pytest
 import redis.asyncio as aioredis
 from ingest_fakes import BlockingSubmitManager, FakeManager
-from ingest_helpers import wait_until
+from ingest_helpers import holds_for, repeat_until, wait_until
 from ingest_pool import REDIS_URL, unique
 
 from ingest import names
@@ -180,12 +179,10 @@ async def test_autoclaim_walks_past_live_entries_to_reach_a_dead_consumers(
     await client.xreadgroup(config.group, "dead-pool", {config.stream: ">"}, count=5)
     stop = asyncio.Event()
 
-    async def live_pool_keeps_its_claims() -> None:  # what a live pool's keepalive does
-        while not stop.is_set():
-            await client.xclaim(config.stream, config.group, "live-pool", 0, live, justid=True)
-            await asyncio.sleep(0.05)
+    async def keep_claims() -> None:  # what a live pool's keepalive does
+        await client.xclaim(config.stream, config.group, "live-pool", 0, live, justid=True)
 
-    keeper = asyncio.create_task(live_pool_keeps_its_claims())
+    keeper = asyncio.create_task(repeat_until(stop, keep_claims))
     try:
         await running.start(config, FakeManager(slots=2))
         results = await wait_until(
@@ -208,13 +205,13 @@ async def test_an_entry_stays_claimed_while_its_submit_waits(client, config, run
     await asyncio.wait_for(manager.entered.wait(), 20)
     # Another pool tries to take the entry over for 4 x claim_idle_s while submit() waits
     # (as for an input download): it must never get it.
-    deadline = time.monotonic() + 4 * config.claim_idle_s
-    while time.monotonic() < deadline:
+    async def never_taken() -> None:
         _, taken, _ = await client.xautoclaim(
             config.stream, config.group, "other-pool", int(config.claim_idle_s * 1000), "0-0"
         )
         assert taken == [], "another pool claimed an entry this pool holds"
-        await asyncio.sleep(0.1)
+
+    await holds_for(never_taken, 4 * config.claim_idle_s, every_s=0.1)
     manager.release.set()
     results = await wait_until(
         lambda: _has(results_by_id(client, config.results_stream), "slow-download"),

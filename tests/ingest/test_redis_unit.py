@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 
 import fakeredis
 import pytest
 from ingest_fakes import BlockingSubmitManager, FakeManager
-from ingest_helpers import wait_until
+from ingest_helpers import holds_for, wait_until
 
 from ingest import names
 from ingest.redis import RedisConsumer
@@ -138,13 +137,13 @@ async def test_running_entries_stay_claimed_and_shutdown_leaves_them_pending(set
     await wait_until(lambda: "long" in manager.predictions, what="submitted")
     # For several claim_idle_s periods another pool tries to take over idle entries: a live
     # consumer keeps its running entry claimed, so the thief never gets it.
-    deadline = time.monotonic() + 4 * config.claim_idle_s
-    while time.monotonic() < deadline:
+    async def never_stolen() -> None:
         _, stolen, *_ = await client.xautoclaim(
             config.stream, config.group, "thief", int(config.claim_idle_s * 1000), "0-0"
         )
         assert stolen == []
-        await asyncio.sleep(0.05)
+
+    await holds_for(never_stolen, 4 * config.claim_idle_s)
     await consumer.stop(grace_s=0.1)
     info = await client.xpending_range(config.stream, config.group, "-", "+", 10)
     assert [i["consumer"] for i in info] == ["c1"]  # not acked: another pool will claim it
