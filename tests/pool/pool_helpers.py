@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,24 @@ def make_config(tmp_path: Path, model: str = "worker", **overrides: Any) -> Pool
 async def wait_until(
     cond: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition"
 ) -> Any:
-    """Poll ``cond`` until it is truthy; fail after ``timeout_s`` (a deadline, not a sleep)."""
+    """Poll ``cond`` (sync, or returning an awaitable) until it is truthy, and return that;
+    fail after ``timeout_s`` (a deadline, not a sleep). ``cond`` may assert, to fail early."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def wait_until_sync(
+    cond: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    """``wait_until`` for code outside an event loop."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = cond()
@@ -49,7 +66,7 @@ async def wait_until(
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
+        time.sleep(0.05)
 
 
 def pid_alive(pid: int) -> bool:

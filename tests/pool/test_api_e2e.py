@@ -16,13 +16,13 @@ import re
 import signal
 import socket
 import sys
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pool_helpers
 import pytest
 from aiohttp import web
 
@@ -52,12 +52,7 @@ FAST = {
 
 async def wait_until(check: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
     """Poll ``check`` until truthy; fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
+    return await pool_helpers.wait_until(check, timeout_s=timeout_s, what=what)
 
 
 class Api:
@@ -481,13 +476,11 @@ async def _drain_and_wait(proc: asyncio.subprocess.Process) -> int:
 
 
 async def wait_until_ready(api: Api) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
+    async def ready() -> bool:
         status, body = await api.call("GET", "/health-check")
-        if status == 200 and body.get("status") == "READY":
-            return
-        assert time.monotonic() < deadline, f"not READY in time: {body}"
-        await asyncio.sleep(0.05)
+        return status == 200 and body.get("status") == "READY"
+
+    await wait_until(ready, "READY")
 
 
 async def test_large_outputs_stream_out_as_the_exact_json(tmp_path: Path) -> None:

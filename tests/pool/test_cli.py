@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,14 +89,13 @@ async def start_serving(
 
 
 async def health_when_ready(session: aiohttp.ClientSession, s: Served) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while True:
+    async def ready() -> dict[str, Any] | None:
         async with session.get(s.url("/health-check")) as r:
             body: dict[str, Any] = await r.json()
-        if all(x["status"] == "READY" for x in body["runners"]):
-            return body
-        assert time.monotonic() < deadline, f"not ready: {body}"
-        await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+        return body if all(x["status"] == "READY" for x in body["runners"]) else None
+
+    body: dict[str, Any] = await wait_until(ready, timeout_s=60, what="every runner READY")
+    return body
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
@@ -210,19 +207,20 @@ async def test_serve_scales_and_reloads_when_asked_by_the_command_line(
                 body: dict[str, Any] = await r.json()
                 return body
 
-        deadline = time.monotonic() + 60
-        while len((await health())["runners"]) != 2:
-            assert time.monotonic() < deadline, s.text()
-            await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+        async def runners(n: int) -> bool:
+            return len((await health())["runners"]) == n
+
+        await wait_until(lambda: runners(2), timeout_s=60, what=f"2 runners: {s.text()}")
         body = await health_when_ready(session, s)
         # Steps: new code, then `cog-pool reload`. Result: both runners replaced; new answers.
         text = (model / "predict.py").read_text().replace('VERSION = "v1"', 'VERSION = "v2"')
         (model / "predict.py").write_text(text)
         done = run_cli("reload", "--pid", pid)
         assert done.returncode == 0, done.stderr
-        while (await health())["reload"]["state"] != "succeeded":
-            assert time.monotonic() < deadline + 60, s.text()
-            await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+        async def reloaded() -> bool:
+            return bool((await health())["reload"]["state"] == "succeeded")
+
+        await wait_until(reloaded, timeout_s=120, what="the reload")
         body = await health()
         assert len(body["runners"]) == 2 and body["reload"]["replaced"] == 2
         async with session.post(s.url("/predictions"), json={"input": {}}) as r:

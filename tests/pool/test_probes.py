@@ -35,10 +35,7 @@ async def eventually(
         seen.append(await get(session, url))
         return seen[-1][0] == status
 
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{url}: last answer {seen[-1]}"
-        await asyncio.sleep(0.05)  # poll interval inside a deadline loop
+    await wait_until(check, timeout_s=timeout_s, what=f"{url} to answer {status}")
     return seen[-1][1]
 
 

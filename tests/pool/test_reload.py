@@ -182,7 +182,8 @@ class Watch:
             self.min_serving = n if self.min_serving is None else min(self.min_serving, n)
             async with self.session.get(self.base + "/health/ready") as r:
                 self.ready_answers.append(r.status)
-            await asyncio.sleep(0.01)  # the sampling period
+            with contextlib.suppress(TimeoutError):  # the sampling period, or the stop
+                await asyncio.wait_for(self._stop.wait(), 0.01)
 
     async def finish(self) -> None:
         self._stop.set()

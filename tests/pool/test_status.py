@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from pool_helpers import MODELS, PROJECT
+from pool_helpers import MODELS, PROJECT, wait_until_sync
 from test_cli import cli_env
 
 from pool.metrics import Metrics
@@ -28,11 +27,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.05)  # poll interval inside a deadline loop
-    return value
+    return wait_until_sync(check, timeout_s=timeout_s, what=what)
 
 
 def call(url: str, *, body: dict[str, Any] | None = None) -> tuple[int, Any]:
