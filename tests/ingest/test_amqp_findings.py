@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 
+import aio_pika
 import pytest
 import redis.asyncio as aioredis
 from ingest_fakes import FakeManager
@@ -156,6 +158,39 @@ async def test_non_finite_numbers_and_lone_surrogates_are_dead_lettered(client, 
     assert sum("surrogate" in r for r in reasons) == 1
     assert sum("not UTF-8" in r for r in reasons) == 1
     assert manager.submitted == ["fine"]
+
+
+async def test_hostile_message_properties_settle_once_each(client, start):
+    # The driver reads deliveries from aiormq's frames itself (ingest.amqp._Incoming): a
+    # message id that looks like a path, a delivery count that is not a number or is huge,
+    # odd header values. Each settles exactly once; no prediction id leaves the id alphabet.
+    manager = FakeManager(slots=2)
+    consumer = await start(client.queue, manager)
+    assert client.channel is not None
+
+    async def send(body: dict, **properties: object) -> None:
+        assert client.channel is not None
+        await client.channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps(body).encode(), reply_to=f"{client.queue}.replies", **properties
+            ),
+            routing_key=client.queue,
+        )
+
+    await send({"input": {"n": 1}}, message_id="../../etc/passwd")
+    await send({"input": {"n": 2}}, correlation_id="/dev/shm/x\x00y")
+    await send({"id": "count-text", "input": {}}, headers={"x-delivery-count": "7"})
+    await send({"id": "count-huge", "input": {}}, headers={"x-delivery-count": 2**62})
+    await send({"id": "odd-headers", "input": {}}, headers={"a": {"b": [1, 2.5, None]}})
+    await wait_until(
+        lambda: len(client.results()) + len(client.dead) == 5, what="all five settled"
+    )
+    assert all(len(v) == 1 for v in client.results().values())
+    assert all(names.safe_id(pid) == pid and "/" not in pid for pid in manager.submitted)
+    assert "etc_passwd" in manager.submitted
+    # A delivery count the broker never sends (2**62) is taken at its word: too many.
+    assert any(names.REASON_MAX_DELIVERIES in r for r in client.dead_reasons())
+    assert consumer.state == "connected" and await queue_depth(client.queue) == 0
 
 
 # --- throughput: the default prefetch follows the settle times --------------------------------
