@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 import pool_helpers
-import pytest
 from aiohttp import web
 
 from pool.api import create_app
@@ -148,16 +147,19 @@ class Receiver:
         ]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@contextlib.asynccontextmanager
+async def listening_receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on a free loopback port (the ``receiver`` fixture, conftest.py)."""
     rec = Receiver()
     await rec.runner.setup()
     site = web.TCPSite(rec.runner, "127.0.0.1", 0)
     await site.start()
     rec.port = rec.runner.addresses[0][1]
-    yield rec
-    rec.hold.set()
-    await rec.runner.cleanup()
+    try:
+        yield rec
+    finally:
+        rec.hold.set()
+        await rec.runner.cleanup()
 
 
 def closed_port_url() -> str:

@@ -15,9 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_api_e2e import MODELS, PROJECT, Api, Receiver, receiver, serving, wait_until
-
-__all__ = ["receiver"]  # a fixture, imported for the tests below
+from test_api_e2e import MODELS, PROJECT, Api, Receiver, serving, wait_until
 
 
 async def still_serving(api: Api) -> None:

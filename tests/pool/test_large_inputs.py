@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_api_e2e import Api, Receiver, receiver, serving, wait_until
+from test_api_e2e import Api, Receiver, serving, wait_until
 
 import pool.api
 from pool import files
 from pool.jsonbody import LARGE_LITERAL_MIN_BYTES, loads_large
 from pool.jsonstream import RawText
-
-__all__ = ["receiver"]  # the fixture, used by name
 
 MIB = 1 << 20
 

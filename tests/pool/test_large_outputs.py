@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pool_helpers import path_exists
-from test_api_e2e import MODELS, Api, Receiver, receiver, serving, wait_until
+from test_api_e2e import MODELS, Api, Receiver, serving, wait_until
 
 from pool.files import INLINE_FILE_MAX_BYTES
 from pool.manager import PoolManager
-
-__all__ = ["receiver"]  # the fixture, used by name
 
 _spec = importlib.util.spec_from_file_location("bigfile_model", MODELS / "bigfile" / "predict.py")
 assert _spec is not None and _spec.loader is not None

@@ -10,24 +10,9 @@ without ``train:`` answers 404.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-from aiohttp import web
 from test_api_e2e import Receiver, serving, wait_until
-
-
-@pytest.fixture
-async def hooks() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    await rec.runner.setup()
-    site = web.TCPSite(rec.runner, "127.0.0.1", 0)
-    await site.start()
-    rec.port = rec.runner.addresses[0][1]
-    yield rec
-    rec.hold.set()
-    await rec.runner.cleanup()
 
 
 async def test_a_sync_training_runs_train_and_returns_its_weights(tmp_path: Path) -> None:
@@ -66,13 +51,13 @@ async def test_a_failing_training_names_the_exception(tmp_path: Path) -> None:
 
 
 async def test_put_is_idempotent_get_reads_and_cancel_stops_a_training(
-    tmp_path: Path, hooks: Receiver
+    tmp_path: Path, receiver: Receiver
 ) -> None:
     async with serving(tmp_path, "train") as api:
         status, body = await api.call(
             "PUT",
             "/trainings/t-1",
-            json={"input": {"hold_s": 300}, "webhook": hooks.url("/hook/t1")},
+            json={"input": {"hold_s": 300}, "webhook": receiver.url("/hook/t1")},
             headers={"Prefer": "respond-async"},
         )
         assert status == 202 and body["id"] == "t-1" and body["status"] == "starting", body
@@ -88,8 +73,8 @@ async def test_put_is_idempotent_get_reads_and_cancel_stops_a_training(
         assert status == 200 and got["status"] == "processing", got
         status, canceled = await api.call("POST", "/trainings/t-1/cancel")
         assert status == 200, canceled
-        await wait_until(lambda: hooks.terminal("t1"), "the terminal webhook")
-        assert hooks.terminal("t1")[-1]["status"] == "canceled"
+        await wait_until(lambda: receiver.terminal("t1"), "the terminal webhook")
+        assert receiver.terminal("t1")[-1]["status"] == "canceled"
         status, got = await api.call("GET", "/trainings/t-1")
         assert status == 200 and got["status"] == "canceled", got
         # A prediction's id is not a training's.
