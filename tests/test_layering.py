@@ -8,27 +8,18 @@ that importing all of ``pool`` loads neither ``ingest`` nor ``cogpool``.
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
+
+from test_zero_dependency import _imports
 
 ROOT = Path(__file__).resolve().parents[1]
 UPPER = {"ingest", "cogpool"}
 
 
 def _imported_packages(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
-            if node.args and isinstance(node.args[0], ast.Constant):
-                names.add(str(node.args[0].value).split(".")[0])
-    return names
+    return _imports(path, dunder_import=True)
 
 
 def test_no_module_of_pool_imports_ingest_or_cogpool():

@@ -42,8 +42,9 @@ runpy.run_module("coglet", run_name="__main__", alter_sys=True)
 """
 
 
-def _imports(path: Path) -> set[str]:
-    """Top-level names of the absolute imports in one file."""
+def _imports(path: Path, *, dunder_import: bool = False) -> set[str]:
+    """Top-level names of the absolute imports in one file (and of ``__import__("name")``
+    calls, with ``dunder_import``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -51,6 +52,10 @@ def _imports(path: Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
+        elif dunder_import and isinstance(node, ast.Call):
+            if getattr(node.func, "id", None) == "__import__" and node.args:
+                if isinstance(node.args[0], ast.Constant):
+                    names.add(str(node.args[0].value).split(".")[0])
     return names
 
 
