@@ -358,11 +358,7 @@ class AmqpConsumer:
         )
 
     def _capacity(self) -> int:
-        try:
-            capacity = int(self.manager.health().get("concurrency", {}).get("max") or 0)
-        except (AttributeError, TypeError, ValueError):
-            capacity = 0
-        return max(capacity, self.manager.free_slots(), 1)
+        return self.core.slot_capacity()
 
     async def _declare(self, connection: AbstractConnection) -> None:
         cfg = self.config
@@ -566,9 +562,7 @@ class AmqpConsumer:
         Straight to aiormq with ``wait=False``: the channel's lock is then held only while
         the frames are queued, not until the socket write drained, so results waiting for
         their confirms do not queue behind one another one loop turn each."""
-        underlay = cast(
-            aiormq.Channel, await self._channel_of(delivery).get_underlay_channel()
-        )
+        underlay = cast(aiormq.Channel, await self._channel_of(delivery).get_underlay_channel())
         return await underlay.basic_publish(
             body,
             exchange=exchange,

@@ -223,6 +223,28 @@ class DeliveryCore:
         job.task = asyncio.create_task(self._run(job), name=f"{self.driver.source}-{delivery.key}")
         return job
 
+    def slot_capacity(self) -> int:
+        """The pool's runner slots in all (its concurrency), at least 1."""
+        try:
+            capacity = int(self.manager.health().get("concurrency", {}).get("max") or 0)
+        except (AttributeError, TypeError, ValueError):
+            capacity = 0
+        return max(capacity, self.manager.free_slots(), 1)
+
+    def held_count(self) -> int:
+        """Messages delivered and not handed to the manager yet (read ahead, downloading
+        inputs, waiting for a slot)."""
+        return sum(1 for j in self.jobs.values() if j.held and not j.returned)
+
+    async def wait_room_or_stop(self) -> None:
+        """Return when a slot may have freed or a held message was admitted or settled, or the
+        consumer stops: the moments when a driver reading ahead may read again."""
+        self._admitted_changed.clear()
+        waits: list[Awaitable[Any]] = [self._stop_event.wait(), self._admitted_changed.wait()]
+        if self.manager.free_slots() <= 0:
+            waits.append(self.manager.wait_for_free_slot())
+        await wait_first(*waits)
+
     async def wait_slot_or_stop(self) -> None:
         """Return when a slot may be free, or the consumer stops, or the pool drains."""
         waits: list[Awaitable[Any]] = [self._stop_event.wait()]

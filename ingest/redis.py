@@ -260,36 +260,45 @@ class RedisConsumer:
     # --- consuming -----------------------------------------------------------------------------
     async def _consume_forever(self) -> None:
         while not self.core.draining():
-            if not await self._wait_free_slot():
+            room = await self._wait_room()
+            if room <= 0:
                 break
             try:
-                entries = await self._poll()
+                entries = await self._poll(room)
             except BROKER_ERRORS as e:
                 self._broker_error(e)
                 entries = await retry_forever(
-                    self._poll, errors=BROKER_ERRORS, on_error=self._broker_error
+                    lambda: self._poll(self._room()),
+                    errors=BROKER_ERRORS,
+                    on_error=self._broker_error,
                 )
             await self._connected()
-            batch = [self.core.deliver(d) for d in entries]
-            # Read again only once this batch holds its slots, or COUNT would over-read.
-            await asyncio.gather(*(job.admitted.wait() for job in batch))
+            for d in entries:
+                self.core.deliver(d)  # held from here on: counted against the room at once
             await self._refresh_backlog_now_and_then()
         log.info("redis_consuming_stopped stream=%s consumer=%s", self.config.stream, self.consumer)
 
-    async def _wait_free_slot(self) -> bool:
-        """Wait for a free runner slot; False when the pool is draining (take no more)."""
-        while self.core.free_slots() <= 0:
-            if self.core.draining():
-                return False
-            await self.core.wait_slot_or_stop()
-        return not self.core.draining()
+    def _room(self) -> int:
+        """Entries to read now: the free slots, plus ``read_ahead_per_slot`` per slot to wait
+        parsed and checked behind the busy ones, less the entries already held here."""
+        ahead = self.config.read_ahead_per_slot * self.core.slot_capacity()
+        return self.manager.free_slots() + ahead - self.core.held_count()
 
-    async def _poll(self) -> list[Delivery]:
-        """One read: stale entries of dead consumers first, then new ones, at most free slots."""
+    async def _wait_room(self) -> int:
+        """Wait until there is room to read; 0 when the pool is draining (take no more)."""
+        while not self.core.draining():
+            room = self._room()
+            if room > 0:
+                return room
+            await self.core.wait_room_or_stop()
+        return 0
+
+    async def _poll(self, count: int) -> list[Delivery]:
+        """One read: stale entries of dead consumers first, then new ones, at most ``count``."""
         if not self._group_ready:
             await self._ensure_group()
-        free = max(1, self.core.free_slots())
-        entries = await self._autoclaim(free)
+        count = max(1, count)
+        entries = await self._autoclaim(count)
         if entries:
             return entries
         try:
@@ -297,7 +306,7 @@ class RedisConsumer:
                 self.config.group,
                 self.consumer,
                 {self.config.stream: ">"},
-                count=free,
+                count=count,
                 block=self.config.block_ms,
             )
         except ResponseError as e:

@@ -172,6 +172,9 @@ class RedisConfig:
     dead_maxlen: int = 100_000
     # Acked request entries are deleted (XDEL): one consumer group per stream.
     delete_acked: bool = True
+    # Entries read ahead per runner slot: parsed and checked while the slots are busy, so a
+    # slot that frees starts its next prediction at once (0: read only what can run now).
+    read_ahead_per_slot: int = 1
 
 
 @dataclass(frozen=True)
@@ -470,8 +473,11 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("http.body_timeout_s", lambda v: v > 0, "> 0"),
     ("http.keepalive_timeout_s", lambda v: v > 0, "> 0"),
     ("http.error_log_interval_s", lambda v: v > 0, "> 0"),
-    ("http.auth_token", lambda v: v.strip() != "" and v == v.strip(), "a non-empty token "
-     "without surrounding whitespace"),
+    (
+        "http.auth_token",
+        lambda v: v.strip() != "" and v == v.strip(),
+        "a non-empty token without surrounding whitespace",
+    ),
     ("http.live_tick_age_s", lambda v: v > 0, "> 0"),
     ("http.stream_history_capacity", lambda v: v >= 0, ">= 0"),
     ("logging.format", lambda v: v in LOG_FORMATS, f"one of {', '.join(LOG_FORMATS)}"),
@@ -512,6 +518,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("queues.amqp.result_store_max_bytes", lambda v: v >= 1, ">= 1"),
     ("queues.amqp.prefetch", lambda v: 1 <= v <= 65535, "between 1 and 65535"),
     ("queues.amqp.prefetch_max_per_slot", lambda v: 2 <= v <= 64, "between 2 and 64"),
+    ("queues.redis.read_ahead_per_slot", lambda v: 0 <= v <= 16, "between 0 and 16"),
     ("queues.amqp.max_message_bytes", lambda v: v > 0, "> 0"),
     ("shutdown.grace_s", lambda v: v >= 0, ">= 0"),
     ("log_level", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
