@@ -61,7 +61,9 @@ class Consumers:
             except Exception as e:
                 log.warning(
                     "cancel_broadcast_failed queue=%s prediction=%s error=%r",
-                    name, prediction_id, str(e),
+                    name,
+                    prediction_id,
+                    str(e),
                 )
 
     def samples(self) -> Iterable[Any]:
@@ -72,17 +74,37 @@ class Consumers:
             h = consumer.health()
             labels = {"queue": name}
             yield Sample(
-                "cog_pool_queue_connected", 1.0 if h["state"] == "connected" else 0.0, labels,
+                "cog_pool_queue_connected",
+                1.0 if h["state"] == "connected" else 0.0,
+                labels,
                 "1 when the queue consumer is connected to its broker.",
             )
             for key in ("in_flight", "pending", "lag", "queue_depth", "held"):
                 if h.get(key) is not None:
-                    yield Sample(f"cog_pool_queue_{key}", float(h[key]), labels,
-                                 f"Queue consumer {key.replace('_', ' ')}.")
-            for key in ("received", "completed", "republished", "deduplicated", "dead_lettered",
-                        "redeliveries", "reconnects", "unroutable", "store_errors", "bugs"):
-                yield Sample(f"cog_pool_queue_{key}_total", float(h.get(key) or 0), labels,
-                             f"Queue messages {key.replace('_', ' ')} since start.")
+                    yield Sample(
+                        f"cog_pool_queue_{key}",
+                        float(h[key]),
+                        labels,
+                        f"Queue consumer {key.replace('_', ' ')}.",
+                    )
+            for key in (
+                "received",
+                "completed",
+                "republished",
+                "deduplicated",
+                "dead_lettered",
+                "redeliveries",
+                "reconnects",
+                "unroutable",
+                "store_errors",
+                "bugs",
+            ):
+                yield Sample(
+                    f"cog_pool_queue_{key}_total",
+                    float(h.get(key) or 0),
+                    labels,
+                    f"Queue messages {key.replace('_', ' ')} since start.",
+                )
 
 
 def _result_store(config: PoolConfig) -> ResultStore:

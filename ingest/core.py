@@ -26,6 +26,7 @@ The error taxonomy, each class with one handling:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import functools
 import json
@@ -103,6 +104,7 @@ class Job:
     """A delivery the core holds, from delivery to settle (or hand-back)."""
 
     delivery: Delivery
+    seq: int = 0  # delivery order within its core
     request: PredictionRequest | None = None
     prediction: PredictionView | None = None
     returned: bool = False  # handed back (shutdown): never publish, never ack
@@ -115,6 +117,10 @@ class Job:
     def held(self) -> bool:
         """Delivered, not (yet) a prediction in the manager."""
         return self.prediction is None
+
+
+def _by_seq(job: Job) -> int:
+    return job.seq
 
 
 class Driver(Protocol):
@@ -204,6 +210,10 @@ class DeliveryCore:
         self.stopping = False
         self._stop_event = asyncio.Event()
         self._admitting = 0  # submits in progress: slots about to be taken
+        # Held messages waiting for a slot, in delivery order: a slot that frees goes to the
+        # oldest (waiters would otherwise race for it, and a later message could overtake).
+        self._waiting: list[Job] = []
+        self._delivered = 0
         self._admitted_changed = asyncio.Event()
         self._store_retry_max_s = store_retry_max_s
 
@@ -217,7 +227,8 @@ class DeliveryCore:
 
     def deliver(self, delivery: Delivery) -> Job:
         """Take one message; it is settled by a task of its own."""
-        job = Job(delivery)
+        self._delivered += 1
+        job = Job(delivery, seq=self._delivered)
         self.jobs[delivery.key] = job
         self.stats.received += 1
         job.task = asyncio.create_task(self._run(job), name=f"{self.driver.source}-{delivery.key}")
@@ -225,11 +236,7 @@ class DeliveryCore:
 
     def slot_capacity(self) -> int:
         """The pool's runner slots in all (its concurrency), at least 1."""
-        try:
-            capacity = int(self.manager.health().get("concurrency", {}).get("max") or 0)
-        except (AttributeError, TypeError, ValueError):
-            capacity = 0
-        return max(capacity, self.manager.free_slots(), 1)
+        return max(self.manager.capacity(), self.manager.free_slots(), 1)
 
     def held_count(self) -> int:
         """Messages delivered and not handed to the manager yet (read ahead, downloading
@@ -336,29 +343,16 @@ class DeliveryCore:
             # the connection): re-attach, it publishes once the prediction ends.
             prediction: PredictionView = existing
         else:
-            while True:
-                if job.returned or not self.driver.valid(d):
-                    return None
-                if self.draining():
-                    await self._give_back(job)
-                    return None
-                if self.manager.free_slots() - self._admitting <= 0:
-                    await self.wait_slot_or_stop()
-                    continue
-                self._admitting += 1
-                try:
-                    prediction = await self.manager.submit(request, source=self.driver.source)
-                    break
-                except InvalidRequest as e:
-                    raise Poison(f"{names.REASON_INVALID_REQUEST}: {e}") from None
-                except RETRY_LATER as e:
-                    self.log.info(
-                        "%s_submit_deferred message=%s error=%r", self.driver.source, d.key, str(e)
-                    )
-                finally:
-                    self._admitting -= 1
-                    self._admitted_changed.set()
-                await self.wait_slot_or_stop()
+            bisect.insort(self._waiting, job, key=_by_seq)
+            try:
+                prediction_or_none = await self._submit_in_turn(job, request)
+            finally:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    self._admitted_changed.set()  # the next in line may go
+            if prediction_or_none is None:
+                return None
+            prediction = prediction_or_none
             if job.returned or not self.driver.valid(d):
                 # Handed back while submit() ran (e.g. an input download): another pool runs
                 # the message, so this copy must not run here with nobody to publish it.
@@ -381,6 +375,38 @@ class DeliveryCore:
             d.deliveries,
         )
         return prediction
+
+    async def _submit_in_turn(self, job: Job, request: PredictionRequest) -> PredictionView | None:
+        """Submit once a slot is free for this job: the oldest waiting job goes first."""
+        d = job.delivery
+        while True:
+            if job.returned or not self.driver.valid(d):
+                return None
+            if self.draining():
+                await self._give_back(job)
+                return None
+            room = self.manager.free_slots() - self._admitting
+            if room <= 0 or self._waiting.index(job) >= room:
+                await self.wait_slot_or_stop()
+                continue
+            self._waiting.remove(job)
+            self._admitting += 1
+            try:
+                prediction: PredictionView = await self.manager.submit(
+                    request, source=self.driver.source
+                )
+                return prediction
+            except InvalidRequest as e:
+                raise Poison(f"{names.REASON_INVALID_REQUEST}: {e}") from None
+            except RETRY_LATER as e:
+                self.log.info(
+                    "%s_submit_deferred message=%s error=%r", self.driver.source, d.key, str(e)
+                )
+            finally:
+                self._admitting -= 1
+                self._admitted_changed.set()
+            bisect.insort(self._waiting, job, key=_by_seq)  # deferred: in line again
+            await self.wait_slot_or_stop()
 
     async def _settle(
         self, job: Job, request: PredictionRequest, prediction: PredictionView

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import math
 import os
 import socket
 import time
@@ -41,6 +42,7 @@ from ingest.backoff import retry_forever, watch_task
 from ingest.core import ConsumerStats, Delivery, DeliveryCore, Job, ResultValue, result_value
 from ingest.messages import Poison
 from ingest.port import Manager
+from ingest.resp import LeanRedis, supports
 from pool.config import RedisConfig
 from pool.prediction import EVENT_COMPLETED, PredictionRequest
 
@@ -116,11 +118,18 @@ class RedisConsumer:
     ) -> None:
         self.config = config
         self.manager = manager
+        # The hot path (read, idempotency GET, publish script) goes over lean pipelined
+        # connections (ingest/resp.py): reads on their own, as XREADGROUP blocks.
+        self.lean: LeanRedis | None = None
+        self.lean_reads: LeanRedis | None = None
         if client is None:
             if not config.url:
                 raise ValueError("queues.redis.url is not set")
             client = aioredis.from_url(config.url, decode_responses=True, health_check_interval=10)
             raw = aioredis.from_url(config.url, decode_responses=False, health_check_interval=10)
+            if supports(config.url):
+                self.lean = LeanRedis(config.url)
+                self.lean_reads = LeanRedis(config.url)
         self.redis: Any = client
         # Entries are read undecoded: a field that is not UTF-8 is poison for its entry only.
         self.raw: Any = raw if raw is not None else client
@@ -139,6 +148,7 @@ class RedisConsumer:
         self._last_backlog = 0.0
         self._ttl_ms = max(1, int(config.result_ttl_s * 1000))
         self._publish_script = self.redis.register_script(_PUBLISH_AND_ACK)
+        self._publish_sha = self.lean.register_script(_PUBLISH_AND_ACK) if self.lean else ""
         self._progress: dict[str, asyncio.Task[None]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -192,6 +202,9 @@ class RedisConsumer:
         await self.redis.aclose()
         if self.raw is not self.redis:
             await self.raw.aclose()
+        for lean in (self.lean, self.lean_reads):
+            if lean is not None:
+                await lean.aclose()
         log.info(
             "redis_consumer_stopped stream=%s consumer=%s abandoned=%d",
             self.config.stream,
@@ -302,13 +315,7 @@ class RedisConsumer:
         if entries:
             return entries
         try:
-            reply = await self.raw.xreadgroup(
-                self.config.group,
-                self.consumer,
-                {self.config.stream: ">"},
-                count=count,
-                block=self.config.block_ms,
-            )
+            reply = await self._xreadgroup(count)
         except ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -318,6 +325,25 @@ class RedisConsumer:
             self._delivery(_text(eid), fields, 1)
             for _, batch in reply or []
             for eid, fields in batch
+        ]
+
+    async def _xreadgroup(self, count: int) -> Any:
+        cfg = self.config
+        if self.lean_reads is None:
+            return await self.raw.xreadgroup(
+                cfg.group, self.consumer, {cfg.stream: ">"}, count=count, block=cfg.block_ms
+            )
+        reply = await self.lean_reads.execute(
+            "XREADGROUP", "GROUP", cfg.group, self.consumer, "COUNT", count,
+            "BLOCK", cfg.block_ms, "STREAMS", cfg.stream, ">",
+            # BLOCK 0 waits for good; otherwise the server answers within block_ms.
+            timeout_s=math.inf if cfg.block_ms == 0 else cfg.block_ms / 1000 + 30.0,
+        )  # fmt: skip
+        # RESP2: [[stream, [[id, [field, value, ...]], ...]]]; redis-py's shape is the same
+        # with each entry's fields as a dict.
+        return [
+            (stream, [(eid, _pairs(flat)) for eid, flat in entries])
+            for stream, entries in reply or []
         ]
 
     def _delivery(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> Delivery:
@@ -423,8 +449,13 @@ class RedisConsumer:
         return names.result_key(self.config.stream, prediction_id)
 
     async def recorded(self, prediction_id: str) -> str | None:
-        value = await self._retry(lambda: self.redis.get(self._result_key(prediction_id)))
-        return str(value) if value is not None else None
+        key = self._result_key(prediction_id)
+        if self.lean is None:
+            value = await self._retry(lambda: self.redis.get(key))
+            return str(value) if value is not None else None
+        lean = self.lean
+        raw = await self._retry(lambda: lean.get(key))
+        return raw.decode("utf-8") if raw is not None else None
 
     async def publish(
         self,
@@ -457,7 +488,11 @@ class RedisConsumer:
             self.config.results_maxlen,
             1 if self.config.delete_acked else 0,
         ]
-        reply = await self._retry(lambda: self._publish_script(keys=keys, args=args))
+        if self.lean is None:
+            reply = await self._retry(lambda: self._publish_script(keys=keys, args=args))
+        else:
+            lean, sha = self.lean, self._publish_sha
+            reply = await self._retry(lambda: lean.evalsha(sha, keys, args))
         if reply and int(reply[0]) == -1:
             raise Poison(_not_a_stream(_text(reply[1]), _text(reply[2])))
 
@@ -590,6 +625,13 @@ class RedisConsumer:
                 prediction_id = message.get("data")
                 if isinstance(prediction_id, str):
                     await self.core.cancel_local(prediction_id)
+
+
+def _pairs(flat: list[Any] | None) -> dict[Any, Any]:
+    """An entry's flat field list as a dict (None: an entry deleted while pending)."""
+    if not flat:
+        return {}
+    return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 def _utf8_fields(raw: dict[Any, Any]) -> dict[str, str]:

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pools' queues.redis.reply_to_prefix (default: <stream>:reply:)",
     )
     p.add_argument(
-        "-i", "--input", action="append", default=[], metavar="KEY=VALUE",
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="an input; VALUE is parsed as JSON when it can be (5, true, [1]), else a string",
     )
     p.add_argument("--json", help="the whole request body (POST /predictions shape)")

@@ -246,7 +246,7 @@ class PoolManager:
             "setup": self._supervisor.setup_info(),
             "runners": self._supervisor.runners_info(),
             "concurrency": {
-                "max": sum(r.capacity for r in self._supervisor.runners),
+                "max": self.capacity(),
                 "current": self._router.in_flight,
             },
         }
@@ -267,6 +267,10 @@ class PoolManager:
     def get(self, prediction_id: str) -> Prediction | None:
         """A prediction in flight (or downloading its inputs) or recently finished (slim)."""
         return self._router.get(prediction_id)
+
+    def capacity(self) -> int:
+        """Prediction slots over all runners (their concurrency), starting ones included."""
+        return sum(r.capacity for r in self._supervisor.runners)
 
     def free_slots(self) -> int:
         if self._shutting_down:

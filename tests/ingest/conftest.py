@@ -26,9 +26,19 @@ def private_redis(tmp_path):
     data = tmp_path / "redis"
     data.mkdir()
     cmd = [
-        shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-        "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data),
-        "--bind", "127.0.0.1",
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        str(data),
+        "--bind",
+        "127.0.0.1",
     ]
     procs: list[subprocess.Popen[bytes]] = []
 

@@ -30,6 +30,9 @@ class FakeManager:
     def _running(self) -> int:
         return sum(1 for p in self.predictions.values() if not p.done)
 
+    def capacity(self) -> int:
+        return self.slots
+
     def free_slots(self) -> int:
         return self.slots - self._running()
 

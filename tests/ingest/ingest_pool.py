@@ -152,9 +152,7 @@ async def running_pool(config: PoolConfig) -> AsyncIterator[tuple[PoolManager, C
     manager = PoolManager(config)
     await manager.start()
     capacity = config.runners.count * (config.runners.max_concurrency or 1)
-    await wait_until(
-        lambda: manager.free_slots() >= capacity, timeout_s=30, what="runners ready"
-    )
+    await wait_until(lambda: manager.free_slots() >= capacity, timeout_s=30, what="runners ready")
     consumers = await start_consumers(config, manager)
     # Declared and consuming (a quorum queue refuses publishes while it is being created).
     await wait_until(
@@ -215,9 +213,24 @@ def spawn_pool_process(overrides: dict[str, Any], log_path: str) -> subprocess.P
         env[env_var_name(key)] = str(value)
     log = open(log_path, "wb")  # the child writes it; closed when the test process ends
     return subprocess.Popen(
-        [sys.executable, "-m", "cogpool", "serve", ECHO_MODEL, "--runners", "2",
-         "--port", str(free_port()), "--log-level", "debug"],  # per-prediction lines are DEBUG
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "cogpool",
+            "serve",
+            ECHO_MODEL,
+            "--runners",
+            "2",
+            "--port",
+            str(free_port()),
+            "--log-level",
+            "debug",
+        ],  # per-prediction lines are DEBUG
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 

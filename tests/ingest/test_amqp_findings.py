@@ -182,9 +182,7 @@ async def test_hostile_message_properties_settle_once_each(client, start):
     await send({"id": "count-text", "input": {}}, headers={"x-delivery-count": "7"})
     await send({"id": "count-huge", "input": {}}, headers={"x-delivery-count": 2**62})
     await send({"id": "odd-headers", "input": {}}, headers={"a": {"b": [1, 2.5, None]}})
-    await wait_until(
-        lambda: len(client.results()) + len(client.dead) == 5, what="all five settled"
-    )
+    await wait_until(lambda: len(client.results()) + len(client.dead) == 5, what="all five settled")
     assert all(len(v) == 1 for v in client.results().values())
     assert all(names.safe_id(pid) == pid and "/" not in pid for pid in manager.submitted)
     assert "etc_passwd" in manager.submitted

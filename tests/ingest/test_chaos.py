@@ -144,9 +144,10 @@ async def test_amqp_chaos_kill_9_and_closed_connections_every_id_out(tmp_path):
         await delete_amqp_names(queue, ("", ".dead", ".replies"), (".dlx", ".cancel"))
     assert ids() == {f"c-{n}" for n in range(TOTAL)}
     bodies = [json.loads(m.body) for m in replies]
-    assert all(b["id"] == m.message_id and b["status"] == "succeeded" for b, m in zip(
-        bodies, replies, strict=True
-    ))
+    assert all(
+        b["id"] == m.message_id and b["status"] == "succeeded"
+        for b, m in zip(bodies, replies, strict=True)
+    )
     # Raw duplicates only from the two events: at most the 8 messages a pool holds (2 runners,
     # prefetch 4) at the kill, and again at the connection drop.
     duplicates = len(replies) - TOTAL

@@ -53,8 +53,9 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 # The echo model's inputs: n (int), payload (str); anything else is refused by its schema.
@@ -106,6 +107,7 @@ def pool(tmp_path_factory) -> Iterator[dict[str, str]]:
     proc = spawn_pool_process(overrides, log)
     r = redis.Redis.from_url(REDIS_URL)
     try:
+
         def consuming() -> bool:
             assert proc.poll() is None, open(log).read()[-3000:]
             return bool(r.exists(stream)) and _amqp_declared(queue)

@@ -97,7 +97,7 @@ async def pending(client, config: RedisConfig) -> int:
 async def test_non_utf8_entry_is_dead_lettered_and_intake_goes_on(client, config, running):
     raw = aioredis.from_url(REDIS_URL)  # bytes in, bytes out: the hostile entry as sent
     try:
-        bad_id = (await raw.xadd(config.stream, {b"value": b'{"input": {}, "x": "\xff\xfe"}'}))
+        bad_id = await raw.xadd(config.stream, {b"value": b'{"input": {}, "x": "\xff\xfe"}'})
     finally:
         await raw.aclose()
     for n in range(3):
@@ -131,9 +131,7 @@ async def test_a_consumer_task_that_dies_does_not_leave_health_connected(config,
 
 
 # --- finding 2 --------------------------------------------------------------------------------
-async def test_reply_to_outside_the_allowed_prefix_is_dead_lettered_unrun(
-    client, config, running
-):
+async def test_reply_to_outside_the_allowed_prefix_is_dead_lettered_unrun(client, config, running):
     manager = FakeManager(slots=2)
     await running.start(config, manager)
     victim = f"{config.stream}-victim"
@@ -167,9 +165,7 @@ async def test_reply_to_naming_a_non_stream_key_gives_no_duplicates_and_a_true_r
 
 
 # --- finding 5 --------------------------------------------------------------------------------
-async def test_autoclaim_walks_past_live_entries_to_reach_a_dead_consumers(
-    client, config, running
-):
+async def test_autoclaim_walks_past_live_entries_to_reach_a_dead_consumers(client, config, running):
     config = dataclasses.replace(config, claim_idle_s=0.5)
     await client.xgroup_create(config.stream, config.group, "0", mkstream=True)
     live = [await push(client, config.stream, {"id": f"live-{n}", "input": {}}) for n in range(25)]
@@ -203,6 +199,7 @@ async def test_an_entry_stays_claimed_while_its_submit_waits(client, config, run
     await running.start(config, manager)
     await push(client, config.stream, {"id": "slow-download", "input": {}})
     await asyncio.wait_for(manager.entered.wait(), 20)
+
     # Another pool tries to take the entry over for 4 x claim_idle_s while submit() waits
     # (as for an input download): it must never get it.
     async def never_taken() -> None:
@@ -233,8 +230,11 @@ async def test_results_dead_letters_and_acked_entries_are_trimmed(client, config
     async def all_settled() -> bool:
         completed = await client.xrevrange(config.results_stream, count=1)
         last_dead = await client.xrevrange(dead_stream, count=1)
-        return await pending(client, config) == 0 and bool(completed) and bool(last_dead) and (
-            await client.xlen(config.stream) == 0
+        return (
+            await pending(client, config) == 0
+            and bool(completed)
+            and bool(last_dead)
+            and (await client.xlen(config.stream) == 0)
         )
 
     await wait_until(all_settled, timeout_s=30, what="everything settled")
@@ -298,3 +298,48 @@ async def _has(coro, key: str):
 async def _is(coro, value: object) -> bool:
     return await coro == value
 
+
+# --- reading ahead -----------------------------------------------------------------------------
+async def _lag(client, config: RedisConfig) -> int:
+    groups = await client.xinfo_groups(config.stream)
+    return int(groups[0]["lag"]) if groups else -1
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+async def test_entries_read_ahead_are_bounded_by_read_ahead_per_slot(
+    client, config, running, ahead
+):
+    config = dataclasses.replace(config, read_ahead_per_slot=ahead)
+    manager = FakeManager(slots=2, auto_finish=False)  # both slots stay busy
+    consumer = await running.start(config, manager)
+    for n in range(12):
+        await push(client, config.stream, {"id": f"m{n}", "input": {"n": n}})
+    held = 2 * ahead  # read ahead per slot, over 2 slots
+    await wait_until(lambda: len(manager.submitted) == 2, what="both slots taken")
+    await wait_until(lambda: _is(_lag(client, config), 12 - 2 - held), what="read ahead")
+
+    async def bounded() -> None:
+        assert await _lag(client, config) == 12 - 2 - held
+        assert consumer.health()["held"] == held
+        assert len(manager.submitted) == 2
+
+    await holds_for(bounded, 0.5)  # never more, while the slots stay busy
+    # A slot frees: the oldest entry read ahead takes it, and one more is read.
+    manager.finish("m0")
+    await wait_until(lambda: len(manager.submitted) == 3, what="the next one submitted")
+    assert manager.submitted == ["m0", "m1", "m2"]
+    await wait_until(lambda: _is(_lag(client, config), max(0, 12 - 3 - held)), what="refill")
+
+
+async def test_a_slot_that_frees_goes_to_the_oldest_entry_waiting(client, config, running):
+    config = dataclasses.replace(config, read_ahead_per_slot=4)
+    manager = FakeManager(slots=1, auto_finish=False)
+    await running.start(config, manager)
+    for n in range(5):
+        await push(client, config.stream, {"id": f"o{n}", "input": {"n": n}})
+    await wait_until(lambda: _is(_lag(client, config), 0), what="all five read")
+    for n in range(4):  # each finish frees the one slot: taken in stream order every time
+        await wait_until(lambda n=n: len(manager.submitted) == n + 1, what=f"o{n} submitted")
+        manager.finish(f"o{n}")
+    await wait_until(lambda: len(manager.submitted) == 5, what="all submitted")
+    assert manager.submitted == [f"o{n}" for n in range(5)]

@@ -135,6 +135,7 @@ async def test_running_entries_stay_claimed_and_shutdown_leaves_them_pending(set
     await client.xadd(config.stream, {"value": json.dumps({"id": "long", "input": {}})})
     await consumer.start()
     await wait_until(lambda: "long" in manager.predictions, what="submitted")
+
     # For several claim_idle_s periods another pool tries to take over idle entries: a live
     # consumer keeps its running entry claimed, so the thief never gets it.
     async def never_stolen() -> None:
