@@ -159,6 +159,8 @@ def test_unknown_override_key() -> None:
         ("queues.redis.url", "http://not-redis", "redis://"),
         ("queues.amqp.prefetch", 0, "between 1 and 65535"),
         ("queues.amqp.prefetch_max_per_slot", 1, "between 2 and 64"),
+        ("queues.redis.read_ahead_per_slot", 17, "between 0 and 16"),
+        ("queues.redis.read_ahead_per_slot", -1, "between 0 and 16"),
         ("runners.backoff_max_s", 0.01, ">= runners.backoff_initial_s"),
         ("predictions.recent_max_bytes", -1, ">= 0"),
         ("predictions.logs_max_bytes", 10, ">= 1024"),
