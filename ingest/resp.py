@@ -246,6 +246,13 @@ class _Connection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(exc)
 
+    @property
+    def usable(self) -> bool:
+        """Open and not closing (a closing transport has not called connection_lost yet)."""
+        return (
+            self.closed is None and self.transport is not None and not (self.transport.is_closing())
+        )
+
     def send(
         self, data: bytes, deadline: float, future: asyncio.Future[Any] | None = None
     ) -> asyncio.Future[Any]:
@@ -281,7 +288,7 @@ class LeanRedis:
         limit = self.reply_timeout_s if timeout_s is None else timeout_s
         data, deadline = pack(args), time.monotonic() + limit
         conn = self._conn
-        if conn is not None and conn.closed is None:
+        if conn is not None and conn.usable:
             return await conn.send(data, deadline)
         # Not connected: queue it; the opener sends the queue in order (the replies of
         # concurrent callers keep the order of their calls, across a reconnect too).
