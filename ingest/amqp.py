@@ -33,7 +33,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -46,7 +46,8 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 
-from ingest import names
+from ingest import amqp_wire, names
+from ingest.amqp_wire import AmqpWire
 from ingest.backoff import retry_forever, watch_task
 from ingest.core import (
     BrokerLost,
@@ -94,7 +95,7 @@ class _Incoming:
 
     __slots__ = ("_properties", "body", "delivery_tag", "redelivered")
 
-    def __init__(self, raw: aiormq.abc.DeliveredMessage) -> None:
+    def __init__(self, raw: aiormq.abc.DeliveredMessage | amqp_wire.Delivered) -> None:
         self.body: bytes = raw.body
         self.delivery_tag = int(raw.delivery.delivery_tag or 0)  # type: ignore[union-attr]
         self.redelivered = bool(getattr(raw.delivery, "redelivered", False))
@@ -150,7 +151,11 @@ class AmqpConsumer:
         self.connection_name = f"cog-pool {socket.gethostname()}-{os.getpid()} {config.queue}"
         self._generation = 0
         self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractChannel | None = None  # declarations, the queue-depth monitor
+        # The hot path (consume, publish, ack, nack): a lean connection of its own
+        # (ingest/amqp_wire.py), or this channel's aiormq underlay when the URL needs aiormq.
+        self._hot: Any = None
+        self._wire: AmqpWire | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._results_exchange: AbstractExchange | None = None
@@ -190,19 +195,20 @@ class AmqpConsumer:
         for task in owned:
             task.cancel()
         await asyncio.gather(*owned, return_exceptions=True)
-        if self._connection is not None:
+        if self._wire is not None:
             # Unacked messages of abandoned jobs go back to the queue when the channel closes.
+            await self._wire.close()
+        if self._connection is not None:
             await self._connection.close()
         self.state = "stopped"
         await self.store.close()
         log.info("amqp_consumer_stopped queue=%s abandoned=%d", self.config.queue, abandoned)
 
     async def _cancel_consumer(self) -> None:
-        channel = self._channel
-        if channel is not None and not channel.is_closed and self._consumer_tag is not None:
+        hot = self._hot
+        if hot is not None and not hot.is_closed and self._consumer_tag is not None:
             try:
-                underlay = await channel.get_underlay_channel()
-                await underlay.basic_cancel(self._consumer_tag)
+                await hot.basic_cancel(self._consumer_tag)
             except BROKER_ERRORS as e:
                 log.info("amqp_cancel_consumer_failed error=%r", str(e))
             self._consumer_tag = None
@@ -253,6 +259,7 @@ class AmqpConsumer:
             self._url, timeout=10, client_properties={"connection_name": self.connection_name}
         )
         connection.close_callbacks.add(lambda *_: closed.set())
+        wire: AmqpWire | None = None
         try:
             self._generation += 1
             self._connection = connection
@@ -265,21 +272,29 @@ class AmqpConsumer:
             channel.close_callbacks.add(lambda *_: closed.set())
             if channel.is_closed:
                 closed.set()
-            # Consumed through aiormq directly (see _Incoming); declared through aio-pika.
-            underlay = await channel.get_underlay_channel()
-            consume_ok = await underlay.basic_consume(
-                self._queue.name, self._on_message, no_ack=False
-            )
+            # Declared through aio-pika; consumed, published and acked on the hot path.
+            if amqp_wire.supports(self._url):
+                wire = await AmqpWire.connect(self._url, connection_name=self.connection_name)
+                wire.closed.add_done_callback(lambda _: closed.set())
+                self._wire = self._hot = wire
+            else:
+                self._wire, self._hot = None, await channel.get_underlay_channel()
+            hot = self._hot
+            await hot.basic_qos(prefetch_count=self._prefetch_count)
+            consume_ok = await hot.basic_consume(self._queue.name, self._consumer(), no_ack=False)
             self._consumer_tag = consume_ok.consumer_tag
             self.state = "connected"
             log.info(
-                "amqp_connected queue=%s generation=%d prefetch=%d",
+                "amqp_connected queue=%s generation=%d prefetch=%d hot_path=%s",
                 self.config.queue,
                 self._generation,
                 self._prefetch_count,
+                "lean" if wire is not None else "aiormq",
             )
             await closed.wait()
         finally:
+            if wire is not None:
+                await wire.close()
             if not connection.is_closed:
                 await connection.close()
         if not self.core.stopping:
@@ -327,23 +342,22 @@ class AmqpConsumer:
         """Consume anew with ``prefetch`` (a new basic.qos binds only later consumers), then
         cancel the old consumer. Its unacked messages stay on this channel and settle as
         usual; deliveries sent before its cancel-ok still reach ``_on_message``."""
-        channel, queue, old = self._channel, self._queue, self._consumer_tag
+        hot, queue, old = self._hot, self._queue, self._consumer_tag
         generation = self._generation
-        if channel is None or channel.is_closed or queue is None or self.core.stopping:
+        if hot is None or hot.is_closed or queue is None or self.core.stopping:
             return
         try:
-            underlay = await channel.get_underlay_channel()
-            await underlay.basic_qos(prefetch_count=prefetch)
-            consume_ok = await underlay.basic_consume(queue.name, self._on_message, no_ack=False)
+            await hot.basic_qos(prefetch_count=prefetch)
+            consume_ok = await hot.basic_consume(queue.name, self._consumer(), no_ack=False)
             if generation != self._generation:
                 return  # that channel went with its connection
             if self.core.stopping:  # stop() cancelled the old consumer; this one goes too
-                await underlay.basic_cancel(consume_ok.consumer_tag)
+                await hot.basic_cancel(consume_ok.consumer_tag)
                 return
             self._consumer_tag = consume_ok.consumer_tag
             previous, self._prefetch_count = self._prefetch_count, prefetch
             if old is not None:
-                await underlay.basic_cancel(old)
+                await hot.basic_cancel(old)
         except BROKER_ERRORS as e:
             log.info("amqp_prefetch_change_failed error=%r", str(e))
             return
@@ -426,7 +440,18 @@ class AmqpConsumer:
                 log.info("amqp_monitor_failed error=%r", str(e))
 
     # --- deliveries ----------------------------------------------------------------------------
-    async def _on_message(self, raw: aiormq.abc.DeliveredMessage) -> None:
+    def _consumer(self) -> Any:
+        """The delivery callback for the hot path: the lean connection calls it, aiormq
+        awaits it."""
+        if isinstance(self._hot, AmqpWire):
+            return self._on_message
+
+        async def on_message(raw: aiormq.abc.DeliveredMessage) -> None:
+            self._on_message(raw)
+
+        return on_message
+
+    def _on_message(self, raw: aiormq.abc.DeliveredMessage | amqp_wire.Delivered) -> None:
         message = _Incoming(raw)
         headers = raw.header.properties.headers or {}
         count = headers.get(names.AMQP_DELIVERY_COUNT_HEADER)
@@ -446,8 +471,8 @@ class AmqpConsumer:
     # --- the Driver the core calls -------------------------------------------------------------
     def valid(self, delivery: Delivery) -> bool:
         meta: _Meta = delivery.meta
-        channel = self._channel
-        return meta.generation == self._generation and channel is not None and not channel.is_closed
+        hot = self._hot
+        return meta.generation == self._generation and hot is not None and not hot.is_closed
 
     def _require_valid(self, delivery: Delivery) -> _Incoming:
         if not self.valid(delivery):
@@ -540,11 +565,12 @@ class AmqpConsumer:
             f"{names.REASON_UNROUTABLE}: the broker could not route the result to {where}"
         )
 
-    def _channel_of(self, delivery: Delivery) -> AbstractChannel:
-        channel = self._channel
-        if channel is None or not self.valid(delivery):
+    def _channel_of(self, delivery: Delivery) -> Any:
+        """The hot-path channel the message came on (AmqpWire or aiormq.Channel)."""
+        hot = self._hot
+        if hot is None or not self.valid(delivery):
             raise BrokerLost("the message's channel is gone")
-        return channel
+        return hot
 
     async def _publish(
         self,
@@ -557,13 +583,12 @@ class AmqpConsumer:
         mandatory: bool,
     ) -> Any:
         """Publish on the message's own channel and return the broker's confirm (Basic.Ack),
-        or what aiormq returns for a returned message.
+        or the returned message when the broker could not route a mandatory one.
 
-        Straight to aiormq with ``wait=False``: the channel's lock is then held only while
-        the frames are queued, not until the socket write drained, so results waiting for
-        their confirms do not queue behind one another one loop turn each."""
-        underlay = cast(aiormq.Channel, await self._channel_of(delivery).get_underlay_channel())
-        return await underlay.basic_publish(
+        On the lean connection, or straight to aiormq with ``wait=False`` (its channel lock
+        is then held only while the frames are queued, not until the socket write drained):
+        results waiting for their confirms do not queue behind one another."""
+        return await self._channel_of(delivery).basic_publish(
             body,
             exchange=exchange,
             routing_key=routing_key,
@@ -577,8 +602,7 @@ class AmqpConsumer:
         try:
             # Queued, not waited for: frames of one channel go out in order, so nothing sent
             # on this channel later can overtake it, and a lost connection requeues anyway.
-            underlay = await self._channel_of(delivery).get_underlay_channel()
-            await underlay.basic_ack(message.delivery_tag, wait=False)
+            await self._channel_of(delivery).basic_ack(message.delivery_tag, wait=False)
         except BROKER_ERRORS as e:
             raise BrokerLost(f"ack failed: {e!r}") from e
 
@@ -587,23 +611,27 @@ class AmqpConsumer:
         message = self._require_valid(delivery)
         headers = message.headers
         headers[names.AMQP_DEAD_REASON_HEADER] = reason
-        assert self._dead_exchange is not None
+        properties = aiormq.spec.Basic.Properties(
+            headers=headers,
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+        )
         try:
-            await self._dead_exchange.publish(
-                aio_pika.Message(
-                    body=message.body,
-                    headers=headers,
-                    content_type=message.content_type,
-                    correlation_id=message.correlation_id,
-                    reply_to=message.reply_to,
-                    message_id=message.message_id,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                routing_key=self.config.queue,
+            confirm = await self._publish(
+                delivery,
+                message.body,
+                self.config.dead_letter_exchange,
+                self.config.queue,
+                properties,
                 mandatory=False,
             )
         except BROKER_ERRORS as e:
             raise BrokerLost(f"dead-letter publish failed: {e!r}") from e
+        if not isinstance(confirm, aiormq.spec.Basic.Ack):
+            raise BrokerLost(f"the broker did not confirm the dead letter ({confirm!r})")
         await self._ack(delivery)
 
     async def give_back(self, delivery: Delivery) -> None:
@@ -612,8 +640,7 @@ class AmqpConsumer:
             return
         meta: _Meta = delivery.meta
         try:
-            underlay = await self._channel_of(delivery).get_underlay_channel()
-            await underlay.basic_nack(meta.message.delivery_tag, requeue=True)
+            await self._channel_of(delivery).basic_nack(meta.message.delivery_tag, requeue=True)
             self.stats.requeued += 1
         except NACK_ERRORS as e:
             log.info("amqp_nack_failed error=%r", str(e))

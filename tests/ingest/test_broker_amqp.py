@@ -167,8 +167,9 @@ async def test_connection_loss_reconnects_nothing_lost_or_run_twice(broker, tmp_
             body = {"id": f"c-{n}", "input": {"n": n, "sleep_s": 0.3, "runs_file": runs_file}}
             await broker.publish(body)
         await broker.until_results(2)
-        # Only this pool's connection (by its connection_name): the broker is shared.
-        assert await close_connections_named(broker.queue) == 1
+        # Only this pool's connections (by their connection_name): the broker is shared.
+        # Two: declarations and the cancel broadcast, and the hot path (ingest/amqp_wire).
+        assert await close_connections_named(broker.queue) == 2
         await wait_until(lambda: consumers.health()["amqp"]["reconnects"] == 1, what="loss seen")
         await wait_until(
             lambda: consumers.health()["amqp"]["state"] == "connected", what="reconnected"
