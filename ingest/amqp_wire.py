@@ -33,7 +33,7 @@ import logging
 import struct
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pamqp import commands
 from pamqp.header import ContentHeader
@@ -376,8 +376,9 @@ class AmqpWire(asyncio.Protocol):
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not an isinstance check: uvloop's TCPTransport is no asyncio.Transport
+        # subclass, though it is one in every method used here.
+        self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(AmqpClosed(f"AMQP connection lost: {exc!r}" if exc else "AMQP connection lost"))
