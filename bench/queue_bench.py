@@ -273,12 +273,27 @@ async def _wait_declared(name: str) -> None:
     raise TimeoutError(f"the pool never declared {name}")
 
 
+async def _declare_classic(name: str) -> None:
+    """The request queue made beforehand as a durable classic queue: the pool uses it as it
+    is (deliveries counted in its result store), to show what the quorum queue costs."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(name, durable=True)
+    finally:
+        await connection.close()
+
+
 async def main_async(args: argparse.Namespace) -> list[dict]:
     name = f"bench-queue-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.join(ROOT, "bench", ".work"), exist_ok=True)
     if args.long_cost:
         return await long_cost(name)
     extra = {"COG_POOL_QUEUES_AMQP_PREFETCH": str(args.prefetch)} if args.prefetch else None
+    if args.classic_queue:
+        await _declare_classic(name)
     pools = [
         start_pool(name, os.path.join(ROOT, "bench", ".work", f"queue-bench-pool-{i}.log"),
                    extra=extra)
@@ -408,6 +423,8 @@ def main() -> None:
     p.add_argument("--pools", type=int, default=1, help="pool processes on one stream/queue")
     p.add_argument("--prefetch", type=int, help="queues.amqp.prefetch (default: the pool's)")
     p.add_argument("--long-cost", action="store_true", help="AMQP prefetch cost, long work")
+    p.add_argument("--classic-queue", action="store_true",
+                   help="AMQP: a durable classic request queue instead of the pool's quorum queue")
     print_table(asyncio.run(main_async(p.parse_args())))
 
 

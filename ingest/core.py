@@ -112,6 +112,8 @@ class Job:
     # Set once the message no longer waits to be handed to the manager (submitted, settled
     # or given up): until then it is about to take a slot the manager still shows free.
     admitted: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # While it waits in line: resolved when it may go (or must look at itself again).
+    turn: asyncio.Future[None] | None = None
 
     @property
     def held(self) -> bool:
@@ -213,6 +215,9 @@ class DeliveryCore:
         # Held messages waiting for a slot, in delivery order: a slot that frees goes to the
         # oldest (waiters would otherwise race for it, and a later message could overtake).
         self._waiting: list[Job] = []
+        # One task watches the slots for the whole line and wakes only the jobs that may go
+        # (each waiting job watching for itself cost every job a wake-up per freed slot).
+        self._line_watch: asyncio.Task[None] | None = None
         self._delivered = 0
         self._admitted_changed = asyncio.Event()
         self._store_retry_max_s = store_retry_max_s
@@ -387,7 +392,7 @@ class DeliveryCore:
                 return None
             room = self.manager.free_slots() - self._admitting
             if room <= 0 or self._waiting.index(job) >= room:
-                await self.wait_slot_or_stop()
+                await self._wait_turn(job)
                 continue
             self._waiting.remove(job)
             self._admitting += 1
@@ -406,7 +411,45 @@ class DeliveryCore:
                 self._admitting -= 1
                 self._admitted_changed.set()
             bisect.insort(self._waiting, job, key=_by_seq)  # deferred: in line again
-            await self.wait_slot_or_stop()
+            await self._wait_turn(job)
+
+    async def _wait_turn(self, job: Job) -> None:
+        """Wait in line until the job may take a slot, or must look at itself again (handed
+        back, its connection gone, the consumer stopping or the pool draining)."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        job.turn = turn
+        if self._line_watch is None or self._line_watch.done():
+            self._line_watch = asyncio.create_task(
+                self._watch_line(), name=f"{self.driver.source}-line"
+            )
+        try:
+            await turn
+        finally:
+            job.turn = None
+
+    def _wake_turns(self) -> bool:
+        """Wake the jobs at the head of the line that fit the room, and any that must look
+        at themselves again; True while others still wait."""
+        everyone = self.draining()
+        room = self.manager.free_slots() - self._admitting
+        waiting = False
+        for place, job in enumerate(self._waiting):
+            turn = job.turn
+            if turn is None or turn.done():
+                continue
+            if everyone or place < room or job.returned or not self.driver.valid(job.delivery):
+                turn.set_result(None)
+            else:
+                waiting = True
+        return waiting
+
+    async def _watch_line(self) -> None:
+        while self._wake_turns():
+            self._admitted_changed.clear()
+            waits: list[Awaitable[Any]] = [self._stop_event.wait(), self._admitted_changed.wait()]
+            if self.manager.free_slots() <= 0:
+                waits.append(self.manager.wait_for_free_slot())
+            await wait_first(*waits)
 
     async def _settle(
         self, job: Job, request: PredictionRequest, prediction: PredictionView

@@ -343,3 +343,38 @@ async def test_a_slot_that_frees_goes_to_the_oldest_entry_waiting(client, config
         manager.finish(f"o{n}")
     await wait_until(lambda: len(manager.submitted) == 5, what="all submitted")
     assert manager.submitted == [f"o{n}" for n in range(5)]
+
+
+class CountingManager(FakeManager):
+    """Counts free_slots() calls: every look at the slots a waiting message makes."""
+
+    looks = 0
+
+    def free_slots(self) -> int:
+        self.looks += 1
+        return super().free_slots()
+
+
+async def test_a_freed_slot_wakes_the_head_of_the_line_not_every_held_message(
+    client, config, running
+):
+    held = 24
+    config = dataclasses.replace(config, read_ahead_per_slot=held)
+    manager = CountingManager(slots=1, auto_finish=False)
+    await running.start(config, manager)
+    for n in range(held + 1):
+        await push(client, config.stream, {"id": f"w{n}", "input": {"n": n}})
+    await wait_until(lambda: manager.submitted == ["w0"], what="w0 submitted")
+    await wait_until(lambda: _is(_lag(client, config), 0), what="all read")
+    await wait_until(lambda: len(running.consumers[0].core._waiting) == held, what="all held")
+    for n in range(3):  # each freed slot: a few looks, however many messages wait behind it
+        manager.looks = 0
+        manager.finish(f"w{n}")
+        await wait_until(lambda n=n: len(manager.submitted) == n + 2, what=f"w{n + 1} submitted")
+        await wait_until(
+            lambda n=n: len(running.consumers[0].core._waiting) == held - n - 1, what="in line"
+        )
+        # Measured: ~10 looks (the reader, the line's watcher, the next job), whatever the
+        # line's length; one per waiting message before (~100 here).
+        assert manager.looks < held, f"{manager.looks} looks at the slots for one freed slot"
+    assert manager.submitted == [f"w{n}" for n in range(4)]
