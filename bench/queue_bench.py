@@ -174,30 +174,33 @@ async def bench_redis(name: str, saturation: int, light: int) -> list[dict]:
 
 async def bench_amqp(name: str, saturation: int, light: int) -> list[dict]:
     import aio_pika
-    import aiormq
+    from pamqp import commands
+
+    from ingest.amqp_wire import AmqpWire
 
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=False)
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    # Not exclusive: the results are read on the lean connection below, not this one.
+    replies = await channel.declare_queue(f"{name}.replies", auto_delete=True)
     seen_at: dict[str, float] = {}
     arrived = asyncio.Event()
     # The client shares the machine's cores with the pool and the broker: it publishes and
-    # reads through aiormq directly (no aio-pika message objects) and takes the id from the
-    # result's message_id (the pool sets it to the prediction id), so it costs little CPU.
-    underlay = await channel.get_underlay_channel()
+    # reads through the pool's own lean AMQP connection (ingest/amqp_wire.py) and takes the
+    # id from the result's message_id (the pool sets it to the prediction id).
+    wire = await AmqpWire.connect(AMQP_URL, connection_name=f"queue-bench {name}")
 
-    async def on_reply(message: Any) -> None:
+    def on_reply(message: Any) -> None:
         pid = message.header.properties.message_id
         seen_at.setdefault(pid, time.perf_counter())
         COUNTS[pid] = COUNTS.get(pid, 0) + 1
         arrived.set()
 
-    await underlay.basic_consume(replies.name, on_reply, no_ack=True)
+    await wire.basic_consume(replies.name, on_reply, no_ack=True)
 
     async def push(pid: str) -> None:
         body = json.dumps({"id": pid, "input": {}}).encode()
-        properties = aiormq.spec.Basic.Properties(reply_to=replies.name, message_id=pid)
-        await underlay.basic_publish(body, routing_key=name, properties=properties, wait=False)
+        properties = commands.Basic.Properties(reply_to=replies.name, message_id=pid)
+        await wire.basic_publish(body, routing_key=name, properties=properties)
 
     async def read_until(ids: set[str], seen: dict[str, float]) -> None:
         while not ids <= seen_at.keys():
@@ -206,13 +209,14 @@ async def bench_amqp(name: str, saturation: int, light: int) -> list[dict]:
         seen.update({i: seen_at[i] for i in ids})
 
     async def push_all(ids: list[str]) -> None:
-        # The whole backlog published at once (no confirms): the producer is not the limit.
+        # The whole backlog published at once: the producer is not the limit.
         await asyncio.gather(*(push(pid) for pid in ids))
 
     try:
         return await measure("amqp", push, push_all, read_until, saturation, light)
     finally:
-        for queue in (name, f"{name}.dead"):
+        await wire.close()
+        for queue in (name, f"{name}.dead", replies.name):
             await channel.queue_delete(queue)
         for exchange in (f"{name}.dlx", f"{name}.cancel"):
             await channel.exchange_delete(exchange)

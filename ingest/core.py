@@ -215,9 +215,11 @@ class DeliveryCore:
         # Held messages waiting for a slot, in delivery order: a slot that frees goes to the
         # oldest (waiters would otherwise race for it, and a later message could overtake).
         self._waiting: list[Job] = []
-        # One task watches the slots for the whole line and wakes only the jobs that may go
-        # (each waiting job watching for itself cost every job a wake-up per freed slot).
-        self._line_watch: asyncio.Task[None] | None = None
+        # The manager tells the core (synchronously) when slots may have changed, and the
+        # core wakes only the jobs that may go: each waiting job watching the slots for
+        # itself cost every held job a wake-up per freed slot, and a few loop turns between
+        # a freed slot and the next message taking it.
+        self._listening = False
         self._delivered = 0
         self._admitted_changed = asyncio.Event()
         self._store_retry_max_s = store_retry_max_s
@@ -355,6 +357,7 @@ class DeliveryCore:
                 if job in self._waiting:
                     self._waiting.remove(job)
                     self._admitted_changed.set()  # the next in line may go
+                    self._wake_turns()
             if prediction_or_none is None:
                 return None
             prediction = prediction_or_none
@@ -410,6 +413,7 @@ class DeliveryCore:
             finally:
                 self._admitting -= 1
                 self._admitted_changed.set()
+                self._wake_turns()
             bisect.insort(self._waiting, job, key=_by_seq)  # deferred: in line again
             await self._wait_turn(job)
 
@@ -418,38 +422,29 @@ class DeliveryCore:
         back, its connection gone, the consumer stopping or the pool draining)."""
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         job.turn = turn
-        if self._line_watch is None or self._line_watch.done():
-            self._line_watch = asyncio.create_task(
-                self._watch_line(), name=f"{self.driver.source}-line"
-            )
+        if not self._listening:
+            self.manager.add_slot_listener(self._wake_turns)
+            self._listening = True
+        self._wake_turns()  # the line may have moved since this job last looked
         try:
             await turn
         finally:
             job.turn = None
 
-    def _wake_turns(self) -> bool:
+    def _wake_turns(self) -> None:
         """Wake the jobs at the head of the line that fit the room, and any that must look
-        at themselves again; True while others still wait."""
+        at themselves again (the manager calls this whenever slots may have changed; the
+        core whenever the line or its admissions change)."""
+        if not self._waiting:
+            return
         everyone = self.draining()
         room = self.manager.free_slots() - self._admitting
-        waiting = False
         for place, job in enumerate(self._waiting):
             turn = job.turn
             if turn is None or turn.done():
                 continue
             if everyone or place < room or job.returned or not self.driver.valid(job.delivery):
                 turn.set_result(None)
-            else:
-                waiting = True
-        return waiting
-
-    async def _watch_line(self) -> None:
-        while self._wake_turns():
-            self._admitted_changed.clear()
-            waits: list[Awaitable[Any]] = [self._stop_event.wait(), self._admitted_changed.wait()]
-            if self.manager.free_slots() <= 0:
-                waits.append(self.manager.wait_for_free_slot())
-            await wait_first(*waits)
 
     async def _settle(
         self, job: Job, request: PredictionRequest, prediction: PredictionView
@@ -555,6 +550,7 @@ class DeliveryCore:
         """
         self.stopping = True
         self._stop_event.set()
+        self._wake_turns()  # everyone in line: each hands itself back
         for job in list(self.jobs.values()):
             prediction = job.prediction
             if prediction is None or prediction.started_at is None:
@@ -571,6 +567,9 @@ class DeliveryCore:
         for task in abandoned:
             task.cancel()
         await asyncio.gather(*abandoned, return_exceptions=True)
+        if self._listening:
+            self.manager.remove_slot_listener(self._wake_turns)
+            self._listening = False
         return len(abandoned)
 
     def counts(self) -> dict[str, int]:

@@ -277,6 +277,14 @@ class PoolManager:
             return 0
         return self._router.free_slots()
 
+    def add_slot_listener(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` synchronously whenever slots may have changed (a slot freed, a
+        runner ready, the pool draining)."""
+        self._router.add_listener(listener)
+
+    def remove_slot_listener(self, listener: Callable[[], object]) -> None:
+        self._router.remove_listener(listener)
+
     async def wait_for_free_slot(self) -> None:
         """Return when ``free_slots() > 0``; raises ShuttingDown once the pool drains."""
         while self.free_slots() <= 0:

@@ -15,7 +15,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from coglet import protocol
 from pool.config import HttpConfig, PredictionsConfig
@@ -51,6 +51,7 @@ class Router:
         self.recent_bytes = 0
         self.recent_file_bytes = 0  # output files the kept copies hold on disk
         self._waiters: list[asyncio.Future[None]] = []
+        self._listeners: list[Callable[[], object]] = []  # told synchronously, on notify
 
     # --- views ---------------------------------------------------------------------------------
     @property
@@ -284,11 +285,26 @@ class Router:
 
     # --- waiting for room ----------------------------------------------------------------------
     def notify(self) -> None:
-        """Slots may have changed: let every waiter look again."""
+        """Slots may have changed: let every waiter look again, and tell every listener now."""
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # one broken listener must not stop the others, nor dispatch
+                log.exception("slot_listener_failed listener=%r", listener)
+
+    def add_listener(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` whenever slots may have changed, in the same loop turn (a
+        queue consumer's line of held messages: no task wake-up between a freed slot and
+        the next message taking it)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], object]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     async def wait_for_free_slot(self) -> None:
         """Return when ``free_slots() > 0``."""

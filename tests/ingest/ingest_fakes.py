@@ -26,6 +26,7 @@ class FakeManager:
         self.shutting_down = False
         self.metrics = None
         self._changed = asyncio.Event()
+        self.slot_listeners: list[Any] = []
 
     def _running(self) -> int:
         return sum(1 for p in self.predictions.values() if not p.done)
@@ -35,6 +36,17 @@ class FakeManager:
 
     def free_slots(self) -> int:
         return self.slots - self._running()
+
+    def add_slot_listener(self, listener: Any) -> None:
+        self.slot_listeners.append(listener)
+
+    def remove_slot_listener(self, listener: Any) -> None:
+        self.slot_listeners.remove(listener)
+
+    def _slots_changed(self) -> None:
+        self._changed.set()
+        for listener in list(self.slot_listeners):
+            listener()
 
     async def wait_for_free_slot(self) -> None:
         while self.free_slots() <= 0:
@@ -63,7 +75,7 @@ class FakeManager:
         if error:
             delta["error"] = error
         prediction.apply_delta(delta)
-        self._changed.set()
+        self._slots_changed()
 
     def get(self, prediction_id: str) -> Prediction | None:
         return self.predictions.get(prediction_id)
