@@ -174,3 +174,30 @@ async def test_not_ready_before_setup(tmp_path: Path) -> None:
         ok = await submit(manager, n=1)
         await ok.wait(30)
     assert ok.status == "succeeded"
+
+
+async def test_slot_listeners_are_told_in_the_same_turn_and_one_failing_stops_none(
+    tmp_path: Path,
+) -> None:
+    async with running_pool(make_config(tmp_path)) as manager:
+        seen: list[int] = []
+
+        def broken() -> None:
+            raise RuntimeError("a listener with a bug")
+
+        def listener() -> None:
+            seen.append(manager.free_slots())
+
+        manager.add_slot_listener(broken)
+        manager.add_slot_listener(listener)
+        running = await submit(manager, sleep_s=0.2)
+        assert seen and seen[-1] == 0  # told when the slot was taken, before any await
+        seen.clear()
+        await running.wait(30)
+        await wait_until(lambda: 1 in seen, what="told the slot freed")
+        manager.remove_slot_listener(listener)
+        manager.remove_slot_listener(broken)
+        seen.clear()
+        after = await submit(manager, n=1)
+        await after.wait(30)
+        assert seen == []
