@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 from ingest_helpers import wait_until
 from ingest_pool import (
+    AMQP_URL,
     BIGFILE_MODEL,
     REDIS_URL,
     AmqpClient,
@@ -44,8 +45,17 @@ async def broker():
     await b.cleanup()
 
 
-async def test_200_predictions_two_runners_one_reply_each(broker, tmp_path):
-    config = pool_config(str(tmp_path / "state"), amqp_overrides(broker.queue))
+# The hot path (consume, publish, ack, dead letters) runs on the lean connection for a plain
+# amqp:// URL and on aiormq for any other (amqps://, or options in the query, as here).
+HOT_PATHS = pytest.mark.parametrize(
+    "url", [AMQP_URL, f"{AMQP_URL}?heartbeat=60"], ids=["lean", "aiormq"]
+)
+
+
+@HOT_PATHS
+async def test_200_predictions_two_runners_one_reply_each(broker, tmp_path, url):
+    overrides = amqp_overrides(broker.queue, **{"queues.amqp.url": url})
+    config = pool_config(str(tmp_path / "state"), overrides)
     async with running_pool(config) as (_, consumers):
         for n in range(200):
             await broker.publish({"id": f"p-{n}", "input": {"n": n}}, correlation_id=str(n))
@@ -75,10 +85,15 @@ async def test_a_large_file_output_is_replied_whole(broker, tmp_path):
     assert base64.b64decode(result["output"].partition(",")[2]) == data
 
 
-async def test_poison_and_a_dying_model_are_dead_lettered(broker, tmp_path):
+@HOT_PATHS
+async def test_poison_and_a_dying_model_are_dead_lettered(broker, tmp_path, url):
     overrides = amqp_overrides(
         broker.queue,
-        **{"queues.amqp.max_message_bytes": 10_000, "queues.amqp.max_deliveries": 2},
+        **{
+            "queues.amqp.url": url,
+            "queues.amqp.max_message_bytes": 10_000,
+            "queues.amqp.max_deliveries": 2,
+        },
     )
     config = pool_config(str(tmp_path / "state"), overrides)
     async with running_pool(config):
