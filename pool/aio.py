@@ -44,7 +44,7 @@ def loop_factory(event_loop: str) -> LoopFactory:
     if event_loop not in ("auto", "asyncio", "uvloop"):
         raise ValueError(f"unknown event loop {event_loop!r}")
     if event_loop == "asyncio":
-        return asyncio.new_event_loop
+        return _standard_loop
     try:
         import uvloop
     except ImportError as e:
@@ -54,8 +54,14 @@ def loop_factory(event_loop: str) -> LoopFactory:
                 f"uvloop was asked for but cannot be imported ({e}): install it "
                 "(pip install 'uvloop>=0.19'), or set event_loop to auto or asyncio",
             ) from None
-        return asyncio.new_event_loop
+        return _standard_loop
     return uvloop.new_event_loop
+
+
+def _standard_loop() -> asyncio.AbstractEventLoop:
+    # asyncio's own loop on Unix, not asyncio.new_event_loop(): that one asks the installed
+    # policy, which may be uvloop's (the test suite's COGPOOL_TEST_LOOP installs it).
+    return asyncio.SelectorEventLoop()
 
 
 def loop_name(loop: asyncio.AbstractEventLoop | None = None) -> str:
