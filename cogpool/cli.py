@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pool.aio import wait_first
+from pool.aio import loop_factory, loop_name, wait_first
 from pool.config import PoolConfig, load_config
 from pool.errors import ConfigError
 from pool.manager import PoolManager
@@ -36,7 +36,7 @@ log = logging.getLogger("cogpool.cli")
 EXIT_CONFIG = 2
 EXIT_STATE_DIR_BUSY = 3  # another live pool holds the state dir's lock
 EXIT_SUPERVISOR_FAILED = 4  # the supervisor's pass kept failing: let an orchestrator restart us
-
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 _DELEGATED_COMMANDS = {
@@ -45,6 +45,7 @@ _DELEGATED_COMMANDS = {
     "scale": "add (+1) or drain away (-1) one runner of a running pool",
     "submit": "push one prediction to a Redis stream or AMQP queue and print its result",
 }
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cog-pool", description=__doc__.split("\n")[0])
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amqp-url", help="queues.amqp.url (enables the AMQP consumer)")
         p.add_argument("--state-dir", help="state_dir: runner working directories")
         p.add_argument("--log-level", help="log_level: debug, info, warning, error")
+        p.add_argument("--event-loop", help="event_loop: auto, asyncio, uvloop")
     # Listed for --help; their own parsers (pool/status.py, ingest/submit.py) read the arguments.
     for name, what in _DELEGATED_COMMANDS.items():
         sub.add_parser(name, help=what, add_help=False)
@@ -90,6 +92,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "queues.amqp.url": args.amqp_url,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
+        "event_loop": args.event_loop,
     }
 
 
@@ -111,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = args.config or os.environ.get("COG_POOL_CONFIG") or None
     try:
         config = load_config(config_path, env=os.environ, overrides=_overrides(args))
+        # Resolved now, not when the loop starts: a missing uvloop is a configuration error.
+        new_loop = loop_factory(config.event_loop)
     except ConfigError as e:
         print(f"cog-pool: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -127,12 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A reload reads the configuration again for cog.yaml; GPUs found by `auto` are kept
         # (no nvidia-smi run on the event loop).
         overrides = {**_overrides(args), "runners.gpus": config.runners.gpus or args.gpus}
-        return asyncio.run(
-            serve(
-                config,
-                config_loader=lambda: load_config(config_path, env=os.environ, overrides=overrides),
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            return runner.run(
+                serve(
+                    config,
+                    config_loader=lambda: load_config(
+                        config_path, env=os.environ, overrides=overrides
+                    ),
+                )
             )
-        )
     except StateDirBusy as e:
         print(f"cog-pool: {e}", file=sys.stderr)
         return EXIT_STATE_DIR_BUSY
@@ -142,6 +150,23 @@ async def serve(
     config: PoolConfig, *, config_loader: Callable[[], PoolConfig] | None = None
 ) -> int:
     """Serve until SIGTERM, SIGINT or ``POST /shutdown``; then drain and return 0."""
+    loop = asyncio.get_running_loop()
+    log.info("serve_starting event_loop=%s", loop_name(loop))
+    stop = asyncio.Event()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await _serve(config, stop, config_loader=config_loader)
+    finally:
+        # Removed while the loop runs: uvloop cannot remove a handler once it has stopped
+        # (the closed loop's handler would stay installed and swallow the signal).
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(
+    config: PoolConfig, stop: asyncio.Event, *, config_loader: Callable[[], PoolConfig] | None
+) -> int:
     from aiohttp import log as web_log
     from aiohttp import web
 
@@ -149,10 +174,6 @@ async def serve(
     from pool.metrics import Metrics
     from pool.server import start_http
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
     manager = PoolManager(config, metrics=metrics, config_loader=config_loader)
     app = create_app(config, manager, metrics=metrics)
@@ -190,5 +211,3 @@ async def _start_consumers(config: PoolConfig, manager: PoolManager) -> Any:
     from ingest import start_consumers
 
     return await start_consumers(config, manager)
-
-

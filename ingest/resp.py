@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import hashlib
 import time
+import typing
 import urllib.parse
 from typing import Any
 
@@ -204,8 +205,9 @@ class _Connection(asyncio.Protocol):
         self.closed: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's TCPTransport is no asyncio.Transport
+        # subclass, though it is one in every method used here.
+        self.transport = typing.cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf

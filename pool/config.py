@@ -233,6 +233,8 @@ class PoolConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     state_dir: str | None = None  # None: /dev/shm/cog-pool-<pid> when /dev/shm exists, else tmp
     log_level: str = "info"
+    # auto: uvloop when it imports (less CPU per request on the loop), else asyncio's own loop.
+    event_loop: str = "auto"
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -241,6 +243,7 @@ ENV_PREFIX = "COG_POOL_"
 ENV_NOT_KEYS = frozenset({"COG_POOL_CONFIG"})
 DEFAULT_MODEL_PATH = ModelConfig.path
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -522,6 +525,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("queues.amqp.max_message_bytes", lambda v: v > 0, "> 0"),
     ("shutdown.grace_s", lambda v: v >= 0, ">= 0"),
     ("log_level", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
+    ("event_loop", lambda v: v in EVENT_LOOPS, f"one of {', '.join(EVENT_LOOPS)}"),
     (
         "queues.redis.url",
         lambda v: v.startswith(("redis://", "rediss://", "unix://")),

@@ -30,6 +30,7 @@ import json
 import logging
 import resource
 import time
+import typing
 from typing import Any
 
 from aiohttp import web
@@ -174,9 +175,11 @@ class _Refusal(asyncio.Protocol):
         self.response = response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.response)
-        transport.close()  # flushes the 503 first; the descriptor is freed at once after
+        # A cast, not an isinstance check: uvloop's TCPTransport is no asyncio.Transport
+        # subclass, though it is one in every method used here.
+        stream = typing.cast(asyncio.Transport, transport)
+        stream.write(self.response)
+        stream.close()  # flushes the 503 first; the descriptor is freed at once after
 
 
 class GuardedRequestHandler(RequestHandler):

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from coglet import protocol
+from pool.aio import TIMER_SLACK_S
 from pool.config import PoolConfig
 from pool.prediction import utc_now
 from pool.runner import (
@@ -452,7 +453,9 @@ class Supervisor:
         base = min(rc.backoff_max_s, rc.backoff_initial_s * 2 ** (len(book.deaths) - 1))
         delay = random.uniform(base / 2, base)
         book.due_at = now + delay
-        self._timers.append(asyncio.get_running_loop().call_later(delay, self.wake))
+        # restart_due() compares due_at with time.monotonic(): the timer must not fire before.
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(delay + TIMER_SLACK_S, self.wake))
         log.info("runner_restart_scheduled runner=%d delay_s=%.3f", runner.index, delay)
 
     def recycle(self) -> None:
@@ -786,7 +789,8 @@ class Supervisor:
         if armed is None or armed <= now or next_due < armed:
             self._cancel_wake_at = next_due
             loop = asyncio.get_running_loop()
-            self._timers.append(loop.call_later(next_due - now, self.wake))
+            # Armed past next_due: a wake before it would find no grace over and arm nothing.
+            self._timers.append(loop.call_later(next_due - now + TIMER_SLACK_S, self.wake))
 
     # --- stopping ------------------------------------------------------------------------------
     async def stop(self, stop_grace_s: float | None = None) -> None:

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from pool_helpers import MODELS, PROJECT, pid_alive, wait_until
+from pool_helpers import MODELS, PROJECT, make_config, pid_alive, wait_until
+
+from cogpool import cli
 
 WORKER = str(MODELS / "worker")
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COG_POOL_")}
+    # The suite's event loop switch (tests/conftest.py) reaches the pools; no other key does.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COG_POOL_") or k == "COG_POOL_EVENT_LOOP"
+    }
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(PROJECT) + (os.pathsep + old if old else "")
     return env
@@ -40,13 +49,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 class Served:
     """A ``cog-pool serve`` child process with its stderr in a file."""
 
-    def __init__(self, tmp_path: Path, *args: str, cwd: Path = PROJECT) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: str,
+        cwd: Path = PROJECT,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = tmp_path / "serve.log"
         self.log = open(self.log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cogpool", "serve", *args, "--port", "0"],
             cwd=cwd,
-            env=cli_env(),
+            env={**cli_env(), **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -79,9 +94,13 @@ def served(tmp_path: Path) -> Iterator[list[Served]]:
 
 
 async def start_serving(
-    served: list[Served], tmp_path: Path, *args: str, cwd: Path = PROJECT
+    served: list[Served],
+    tmp_path: Path,
+    *args: str,
+    cwd: Path = PROJECT,
+    env: dict[str, str] | None = None,
 ) -> Served:
-    s = Served(tmp_path, *args, cwd=cwd)
+    s = Served(tmp_path, *args, cwd=cwd, env=env)
     served.append(s)
     await wait_until(lambda: s.find_port() or s.proc.poll() is not None, what="http_listening")
     assert s.proc.poll() is None, s.text()
@@ -163,6 +182,70 @@ async def test_serve_without_model_dir_serves_examples_hello(
     assert await wait_exit(s.proc) == 0, s.text()
 
 
+async def test_serve_on_uvloop_predicts_over_a_real_socket_and_drains_on_sigterm(
+    tmp_path: Path, served: list[Served]
+) -> None:
+    pytest.importorskip("uvloop")
+    # Steps: serve examples/hello with event_loop uvloop (from its environment variable).
+    s = await start_serving(
+        served, tmp_path, str(PROJECT / "examples" / "hello"), env={"COG_POOL_EVENT_LOOP": "uvloop"}
+    )
+    # Result: the pool says which loop it runs on, before it listens.
+    log = s.text()
+    assert "serve_starting event_loop=uvloop" in log
+    assert log.index("serve_starting") < log.index("http_listening")
+    async with aiohttp.ClientSession() as session:
+        health = await health_when_ready(session, s)
+        assert health["status"] == "READY"
+        # Steps: predictions one after another. Result: each succeeds, woken by the runner's
+        # signals: through the 1 s safety rescan alone, 20 would take ~10 s.
+        started = time.monotonic()
+        for i in range(20):
+            body = {"input": {"text": f"uvloop {i}"}}
+            async with session.post(s.url("/predictions"), json=body) as r:
+                assert r.status == 200
+                answer = await r.json()
+            assert answer["status"] == "succeeded" and answer["output"] == f"hello uvloop {i}"
+        assert time.monotonic() - started < 5.0
+    pids = [r["pid"] for r in health["runners"]]
+    # Steps: SIGTERM. Result: a clean drain, exit 0, no runner left.
+    s.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(s.proc) == 0, s.text()
+    await wait_until(lambda: not any(pid_alive(p) for p in pids), what="runners gone")
+    log = s.text()
+    assert "serve_stopping reason=signal" in log and "serve_exit code=0" in log
+
+
+def test_uvloop_asked_for_but_missing_exits_2_before_serving(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert cli.main(["serve", WORKER, "--event-loop", "uvloop"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "cog-pool: configuration error: event_loop: uvloop was asked for" in err
+
+
+async def test_serve_removes_its_signal_handlers_before_it_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    config = make_config(tmp_path, http__port=0)
+    task = asyncio.create_task(cli.serve(config))
+
+    def listening() -> bool:
+        return task.done() or any(r.message.startswith("http_listening") for r in caplog.records)
+
+    await wait_until(listening, timeout_s=60, what="http_listening")
+    assert not task.done(), task.result()  # a SIGTERM with no handler would end the suite
+    # Steps: SIGTERM this process while serve() runs. Result: serve() drains and returns 0...
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(task, 120) == 0
+    # ...and has given SIGTERM and SIGINT back their default handlers (a closed uvloop's
+    # handler left installed would swallow them).
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_config_error_names_the_key_and_exits_2() -> None:
     done = run_cli("serve", WORKER, "--port", "70000")
     assert done.returncode == 2
@@ -217,6 +300,7 @@ async def test_serve_scales_and_reloads_when_asked_by_the_command_line(
         (model / "predict.py").write_text(text)
         done = run_cli("reload", "--pid", pid)
         assert done.returncode == 0, done.stderr
+
         async def reloaded() -> bool:
             return bool((await health())["reload"]["state"] == "succeeded")
 

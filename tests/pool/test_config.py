@@ -156,6 +156,7 @@ def test_unknown_override_key() -> None:
         ("http.queue_limit", -1, ">= 0"),
         ("shutdown.grace_s", -5, ">= 0"),
         ("log_level", "loud", "one of"),
+        ("event_loop", "trio", "one of auto, asyncio, uvloop"),
         ("queues.redis.url", "http://not-redis", "redis://"),
         ("queues.amqp.prefetch", 0, "between 1 and 65535"),
         ("queues.amqp.prefetch_max_per_slot", 1, "between 2 and 64"),
@@ -174,6 +175,29 @@ def test_impossible_values(key: str, value: object, must: str) -> None:
     with pytest.raises(ConfigError) as e:
         load(None, None, **{key.replace(".", "__"): value})
     assert e.value.key == key and must in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["auto", "asyncio", "uvloop"])
+def test_event_loop_from_yaml_environment_and_command_line(tmp_path: Path, value: str) -> None:
+    assert load().event_loop == "auto"
+    assert load(write(tmp_path / "pool.yaml", f"event_loop: {value}\n")).event_loop == value
+    assert env_var_name("event_loop") == "COG_POOL_EVENT_LOOP"
+    assert load(None, {"COG_POOL_EVENT_LOOP": value}).event_loop == value
+    assert load(None, None, event_loop=value).event_loop == value
+
+
+def test_a_bad_event_loop_names_the_key_the_values_and_where_it_came_from(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(None, {"COG_POOL_EVENT_LOOP": "UVLOOP"})
+    assert e.value.key == "event_loop"
+    assert str(e.value) == (
+        "event_loop: must be one of auto, asyncio, uvloop, got 'UVLOOP' "
+        "(from environment variable COG_POOL_EVENT_LOOP)"
+    )
+    with pytest.raises(ConfigError, match=r"^event_loop: must be a string, got 1 \(in "):
+        load(write(tmp_path / "pool.yaml", "event_loop: 1\n"))
 
 
 def test_gpus_from_yaml_and_their_checks(tmp_path: Path) -> None:
