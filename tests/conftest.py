@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 import pytest
+
+# pytest puts this directory (tests/) on sys.path for this file: tests/cog/ would then be
+# found as a namespace package `cog` before the editable install's finder looks for the SDK.
+# The repository root first: the real packages (cog, coglet, pool, ingest) win.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 TEST_LOOP_ENV = "COGPOOL_TEST_LOOP"
 TEST_LOOPS = ("asyncio", "uvloop")
