@@ -159,7 +159,6 @@ class AmqpConsumer:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._results_exchange: AbstractExchange | None = None
-        self._dead_exchange: AbstractExchange | None = None
         self._cancel_exchange: AbstractExchange | None = None
         self._prefetch_count: int | None = None
         self._tuner: PrefetchTuner | None = None  # None: queues.amqp.prefetch is fixed
@@ -378,11 +377,11 @@ class AmqpConsumer:
         cfg = self.config
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self._prefetch())
-        self._dead_exchange = await channel.declare_exchange(
+        dead_exchange = await channel.declare_exchange(
             cfg.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
         dead_queue = await channel.declare_queue(cfg.dead_letter_queue, durable=True)
-        await dead_queue.bind(self._dead_exchange, routing_key=cfg.queue)
+        await dead_queue.bind(dead_exchange, routing_key=cfg.queue)
         self._channel = channel
         self._queue = await self._declare_main_queue(connection)
         if cfg.results_exchange:
@@ -409,7 +408,6 @@ class AmqpConsumer:
             self._count_in_store = True
             self._channel = await connection.channel(publisher_confirms=True)
             await self._channel.set_qos(prefetch_count=self._prefetch())
-            self._dead_exchange = await self._channel.get_exchange(cfg.dead_letter_exchange)
             return await self._channel.declare_queue(cfg.queue, passive=True)
 
     async def _declare_cancels(self, channel: AbstractChannel) -> None:

@@ -96,6 +96,19 @@ class Returned(Delivered):
     __slots__ = ()
 
 
+class _Content:
+    """A message being read: its method, then its header, then body frames until complete."""
+
+    __slots__ = ("chunks", "header", "kind", "method", "remaining")
+
+    def __init__(self, kind: type[Delivered], method: Any) -> None:
+        self.kind = kind
+        self.method = method
+        self.header: ContentHeader | None = None
+        self.chunks: list[bytes] = []
+        self.remaining = 0
+
+
 def _target(url: str) -> tuple[str, int, str, str, str] | None:
     try:
         parts = urllib.parse.urlsplit(url)
@@ -133,12 +146,11 @@ class AmqpWire(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         # Requests waiting for their answers, per channel: the broker answers them in order.
-        self._rpc: dict[int, collections.deque[tuple[tuple[type, ...], asyncio.Future[Any]]]] = {
+        self._rpc: dict[int, collections.deque[tuple[type, asyncio.Future[Any]]]] = {
             0: collections.deque(),
             CHANNEL: collections.deque(),
         }
-        self._content: tuple[type[Delivered], Any, ContentHeader | None, list[bytes], int] | None
-        self._content = None
+        self._content: _Content | None = None
         self._consumers: dict[str, Callable[[Delivered], Any]] = {}
         # Callbacks of Basic.Consume requests in flight: registered as their Consume-Ok is
         # read, since deliveries can follow it in the same read.
@@ -184,13 +196,13 @@ class AmqpWire(asyncio.Protocol):
         return wire
 
     async def _handshake(self, user: str, password: str, vhost: str) -> None:
-        start = self._expect((commands.Connection.Start,), channel=0)
+        start = self._expect(commands.Connection.Start, channel=0)
         self._send(PROTOCOL_HEADER)
         reply = await start
         if b"PLAIN" not in reply.mechanisms.encode().split():
             raise AmqpClosed(f"the broker offers no PLAIN login ({reply.mechanisms})")
         self.server_properties = dict(reply.server_properties or {})
-        tune = self._expect((commands.Connection.Tune,), channel=0)
+        tune = self._expect(commands.Connection.Tune, channel=0)
         self._send(
             _method_frame(
                 0,
@@ -249,7 +261,7 @@ class AmqpWire(asyncio.Protocol):
     ) -> commands.Basic.ConsumeOk:
         """Consume ``queue``; ``consumer_callback`` is called (not awaited) per delivery, in
         order, from the reading side: it must be quick and must not raise."""
-        future = self._expect((commands.Basic.ConsumeOk,), channel=CHANNEL)
+        future = self._expect(commands.Basic.ConsumeOk, channel=CHANNEL)
         self._consuming.append(consumer_callback)
         self._send(_method_frame(CHANNEL, commands.Basic.Consume(queue=queue, no_ack=no_ack)))
         ok: commands.Basic.ConsumeOk = await future
@@ -328,7 +340,7 @@ class AmqpWire(asyncio.Protocol):
         """Close politely (Connection.Close, wait for Close-Ok), then drop the socket."""
         if self.is_closed:
             return
-        closing = self._expect((commands.Connection.CloseOk,), channel=0)
+        closing = self._expect(commands.Connection.CloseOk, channel=0)
         self._send(
             _method_frame(
                 0,
@@ -349,14 +361,14 @@ class AmqpWire(asyncio.Protocol):
         if self.closed.done():
             raise self.closed.result()
 
-    def _expect(self, kinds: tuple[type, ...], *, channel: int) -> asyncio.Future[Any]:
+    def _expect(self, kind: type, *, channel: int) -> asyncio.Future[Any]:
         self._check_open()
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._rpc[channel].append((kinds, future))
+        self._rpc[channel].append((kind, future))
         return future
 
     async def _call(self, channel: int, method: Any, reply: type) -> Any:
-        future = self._expect((reply,), channel=channel)
+        future = self._expect(reply, channel=channel)
         self._send(_method_frame(channel, method))
         return await future
 
@@ -433,11 +445,11 @@ class AmqpWire(asyncio.Protocol):
         if self._content is not None:
             raise AmqpClosed(f"{method.name} inside a message's content")
         if isinstance(method, commands.Basic.Deliver):
-            self._content = (Delivered, method, None, [], 0)
+            self._content = _Content(Delivered, method)
         elif isinstance(method, commands.Basic.Ack | commands.Basic.Nack):
             self._confirmed(method)
         elif isinstance(method, commands.Basic.Return):
-            self._content = (Returned, method, None, [], 0)
+            self._content = _Content(Returned, method)
         elif not isinstance(method, _ASYNC):
             self._answer(channel, method)
         elif isinstance(method, commands.Connection.Close):
@@ -469,9 +481,9 @@ class AmqpWire(asyncio.Protocol):
         waiting = self._rpc.get(channel)
         if not waiting:
             raise AmqpClosed(f"unexpected {method.name} on channel {channel} from the broker")
-        kinds, future = waiting.popleft()
-        if not isinstance(method, kinds):
-            raise AmqpClosed(f"expected {kinds[0].__name__}, the broker sent {method.name}")
+        kind, future = waiting.popleft()
+        if not isinstance(method, kind):
+            raise AmqpClosed(f"expected {kind.__name__}, the broker sent {method.name}")
         if isinstance(method, commands.Basic.ConsumeOk):
             self._consumers[method.consumer_tag or ""] = self._consuming.popleft()
         if not future.done():
@@ -479,31 +491,27 @@ class AmqpWire(asyncio.Protocol):
 
     def _header(self, header: ContentHeader) -> None:
         content = self._content
-        if content is None or content[2] is not None:
+        if content is None or content.header is not None:
             raise AmqpClosed("a content header without its method")
-        kind, method, _, chunks, _ = content
-        if header.body_size == 0:
+        content.header, content.remaining = header, header.body_size
+        if not content.remaining:
             self._content = None
-            self._complete(kind(method, header, b""))
-        else:
-            self._content = (kind, method, header, chunks, header.body_size)
+            self._complete(content.kind(content.method, header, b""))
 
     def _body(self, payload: bytes) -> None:
         content = self._content
-        if content is None or content[2] is None:
+        if content is None or content.header is None:
             raise AmqpClosed("a content body without its header")
-        kind, method, header, chunks, remaining = content
-        remaining -= len(payload)
-        if remaining < 0:
+        content.remaining -= len(payload)
+        if content.remaining < 0:
             raise AmqpClosed("a content body longer than its header said")
-        chunks.append(payload)
-        if remaining:
-            self._content = (kind, method, header, chunks, remaining)
+        content.chunks.append(payload)
+        if content.remaining:
             return
         self._content = None
-        assert header is not None
+        chunks = content.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._complete(kind(method, header, body))
+        self._complete(content.kind(content.method, content.header, body))
 
     def _complete(self, message: Delivered) -> None:
         if isinstance(message, Returned):

@@ -356,8 +356,7 @@ class DeliveryCore:
             finally:
                 if job in self._waiting:
                     self._waiting.remove(job)
-                    self._admitted_changed.set()  # the next in line may go
-                    self._wake_turns()
+                    self._line_moved()  # the next in line may go
             if prediction_or_none is None:
                 return None
             prediction = prediction_or_none
@@ -412,8 +411,7 @@ class DeliveryCore:
                 )
             finally:
                 self._admitting -= 1
-                self._admitted_changed.set()
-                self._wake_turns()
+                self._line_moved()
             bisect.insort(self._waiting, job, key=_by_seq)  # deferred: in line again
             await self._wait_turn(job)
 
@@ -430,6 +428,11 @@ class DeliveryCore:
             await turn
         finally:
             job.turn = None
+
+    def _line_moved(self) -> None:
+        """An admission ended or a job left the line: a reader may read, the next may go."""
+        self._admitted_changed.set()
+        self._wake_turns()
 
     def _wake_turns(self) -> None:
         """Wake the jobs at the head of the line that fit the room, and any that must look
