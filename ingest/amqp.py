@@ -454,6 +454,7 @@ class AmqpConsumer:
         headers = raw.header.properties.headers or {}
         count = headers.get(names.AMQP_DELIVERY_COUNT_HEADER)
         deliveries = int(count) + 1 if isinstance(count, int) else 1
+        problem = getattr(raw, "problem", None)  # lean connection: undecodable properties
         self.core.deliver(
             Delivery(
                 key=f"{self._generation}:{message.delivery_tag}",
@@ -463,6 +464,7 @@ class AmqpConsumer:
                 fallback_id=message.message_id or message.correlation_id or uuid.uuid4().hex,
                 redelivered=bool(message.redelivered) or deliveries > 1,
                 meta=_Meta(message, self._generation),
+                poison=f"{names.REASON_INVALID_PROPERTIES}: {problem}" if problem else None,
             )
         )
 

@@ -53,6 +53,7 @@ CLOSE_TIMEOUT_S = 2.0
 CHANNEL = 1
 _HEAD = struct.Struct(">BHI")
 _METHOD_ID = struct.Struct(">I")
+_HEADER_FIXED = struct.Struct(">HHQ")  # a content header's class id, weight and body size
 _HEARTBEAT_FRAME = bytes([FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END])
 # Methods the broker sends on its own; every other method answers our last request.
 _ASYNC = (
@@ -78,16 +79,25 @@ class AmqpClosed(ConnectionError):
 
 
 class Delivered:
-    """A delivered message, shaped like aiormq's ``DeliveredMessage`` where the driver reads it."""
+    """A delivered message, shaped like aiormq's ``DeliveredMessage`` where the driver reads it.
 
-    __slots__ = ("body", "delivery", "header")
+    ``problem`` says why its properties could not be decoded (a short string that is not
+    UTF-8, say): it arrives with empty properties, for the driver to dead-letter, instead
+    of ending the connection and coming back forever."""
+
+    __slots__ = ("body", "delivery", "header", "problem")
 
     def __init__(
-        self, delivery: commands.Basic.Deliver, header: ContentHeader, body: bytes
+        self,
+        delivery: commands.Basic.Deliver,
+        header: ContentHeader,
+        body: bytes,
+        problem: str | None = None,
     ) -> None:
         self.delivery = delivery
         self.header = header
         self.body = body
+        self.problem = problem
 
 
 class Returned(Delivered):
@@ -99,7 +109,7 @@ class Returned(Delivered):
 class _Content:
     """A message being read: its method, then its header, then body frames until complete."""
 
-    __slots__ = ("chunks", "header", "kind", "method", "remaining")
+    __slots__ = ("chunks", "header", "kind", "method", "problem", "remaining")
 
     def __init__(self, kind: type[Delivered], method: Any) -> None:
         self.kind = kind
@@ -107,6 +117,7 @@ class _Content:
         self.header: ContentHeader | None = None
         self.chunks: list[bytes] = []
         self.remaining = 0
+        self.problem: str | None = None
 
 
 def _target(url: str) -> tuple[str, int, str, str, str] | None:
@@ -436,8 +447,15 @@ class AmqpWire(asyncio.Protocol):
             self._method(channel, method)
         elif kind == FRAME_HEADER:
             header = ContentHeader()
-            header.unmarshal(payload)
-            self._header(header)
+            try:
+                header.unmarshal(payload)
+            except (ValueError, struct.error) as e:  # UnicodeDecodeError is a ValueError
+                if len(payload) < _HEADER_FIXED.size:
+                    raise AmqpClosed(f"a content header of {len(payload)} bytes") from None
+                _, _, size = _HEADER_FIXED.unpack_from(payload)
+                self._header(ContentHeader(0, size, commands.Basic.Properties()), repr(e))
+            else:
+                self._header(header)
         elif kind != FRAME_HEARTBEAT:
             raise AmqpClosed(f"unknown frame type {kind}")
 
@@ -489,14 +507,15 @@ class AmqpWire(asyncio.Protocol):
         if not future.done():
             future.set_result(method)
 
-    def _header(self, header: ContentHeader) -> None:
+    def _header(self, header: ContentHeader, problem: str | None = None) -> None:
         content = self._content
         if content is None or content.header is not None:
             raise AmqpClosed("a content header without its method")
         content.header, content.remaining = header, header.body_size
+        content.problem = problem
         if not content.remaining:
             self._content = None
-            self._complete(content.kind(content.method, header, b""))
+            self._complete(content.kind(content.method, header, b"", problem))
 
     def _body(self, payload: bytes) -> None:
         content = self._content
@@ -511,7 +530,7 @@ class AmqpWire(asyncio.Protocol):
         self._content = None
         chunks = content.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._complete(content.kind(content.method, content.header, body))
+        self._complete(content.kind(content.method, content.header, body, content.problem))
 
     def _complete(self, message: Delivered) -> None:
         if isinstance(message, Returned):
@@ -522,14 +541,20 @@ class AmqpWire(asyncio.Protocol):
             else:
                 self._returned[tag] = message  # its confirm (an ack) follows
             return
+        tag = message.delivery.delivery_tag or 0
         callback = self._consumers.get(message.delivery.consumer_tag or "")
         if callback is None:  # not expected (deliveries precede their consumer's Cancel-Ok)
             log.warning("amqp_delivery_unknown_consumer tag=%r", message.delivery.consumer_tag)
-            tag = message.delivery.delivery_tag
-            nack = commands.Basic.Nack(delivery_tag=tag or 0, requeue=True)
-            self._send(_method_frame(CHANNEL, nack))
+            self._send(_method_frame(CHANNEL, commands.Basic.Nack(delivery_tag=tag, requeue=True)))
             return
-        callback(message)
+        try:
+            callback(message)
+        except Exception:
+            # A bug in the callback must not end the connection: the message would come back
+            # and end the next one too. Rejected, it goes to the queue's dead-letter exchange.
+            log.exception("amqp_delivery_callback_failed delivery_tag=%d", tag)
+            nack = commands.Basic.Nack(delivery_tag=tag, requeue=False)
+            self._send(_method_frame(CHANNEL, nack))
 
     def _confirmed(self, method: commands.Basic.Ack | commands.Basic.Nack) -> None:
         tag = method.delivery_tag

@@ -97,6 +97,7 @@ class Delivery:
     fallback_id: str  # prediction id when the body has none (stable across redeliveries)
     redelivered: bool = False
     meta: Any = None  # the driver's own handle (fields, the aio-pika message, ...)
+    poison: str | None = None  # the driver found it unusable already: dead-letter, why
 
 
 @dataclasses.dataclass
@@ -298,6 +299,8 @@ class DeliveryCore:
 
     async def _handle(self, job: Job) -> None:
         d, driver = job.delivery, self.driver
+        if d.poison is not None:
+            raise Poison(d.poison)
         parse = functools.partial(
             parse_request, d.body, max_bytes=driver.max_message_bytes, fallback_id=d.fallback_id
         )

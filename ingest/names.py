@@ -61,6 +61,7 @@ REASON_MAX_DELIVERIES = "delivered too many times"
 REASON_INVALID_REPLY_TO = "invalid reply_to"
 REASON_UNROUTABLE = "reply not routable"
 REASON_INTERNAL = "internal error"
+REASON_INVALID_PROPERTIES = "invalid message properties"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

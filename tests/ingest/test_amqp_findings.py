@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from ingest_fakes import FakeManager
 from ingest_helpers import redis_up, wait_until
 from ingest_pool import AMQP_URL, AmqpClient, queue_depth, unique
+from pamqp.body import ContentBody
 
 from ingest import amqp as amqp_module
 from ingest import names
@@ -262,3 +263,35 @@ async def test_a_prefetch_setting_is_never_tuned(client, start, quick_tuner):
         assert consumer.health()["prefetch"] == 3
     finally:
         await consumer.stop(grace_s=1)
+
+
+# --- hostile properties (lean hot path) --------------------------------------------------------
+async def test_a_message_whose_properties_are_not_utf8_is_dead_lettered_and_intake_goes_on(
+    client, start
+):
+    from pamqp import commands
+    from pamqp import frame as pframe
+    from pamqp.header import ContentHeader
+
+    from ingest.amqp_wire import AmqpWire
+
+    consumer = await start(client.queue, FakeManager(slots=2))
+    # A producer that writes raw frames: a message_id that is not UTF-8 (aio-pika cannot).
+    body = json.dumps({"id": "bad-props", "input": {}}).encode()
+    properties = commands.Basic.Properties(message_id="PLACEHOLDER")
+    frames = pframe.marshal(commands.Basic.Publish(routing_key=client.queue), 1)
+    frames += pframe.marshal(ContentHeader(0, len(body), properties), 1)
+    frames += pframe.marshal(ContentBody(body), 1)
+    frames = frames.replace(b"\x0bPLACEHOLDER", b"\x0b\xff\xfe" + b"x" * 9)
+    raw = await AmqpWire.connect(AMQP_URL, connection_name=f"{client.queue} raw producer")
+    try:
+        raw._send(frames)
+        await client.publish({"id": "fine", "input": {}})
+        await wait_until(lambda: client.dead and "fine" in client.results(), what="both settled")
+    finally:
+        await raw.close()
+    (reason,) = client.dead_reasons()
+    assert reason.startswith(names.REASON_INVALID_PROPERTIES) and "utf-8" in reason.lower()
+    assert client.dead[0].body == body  # the message itself is kept in the dead letter
+    assert consumer.health()["state"] == "connected" and consumer.health()["reconnects"] == 0
+    assert await queue_depth(client.queue) == 0

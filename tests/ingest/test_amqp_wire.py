@@ -388,3 +388,31 @@ async def test_a_refused_login_is_an_amqp_closed_error():
         await AmqpWire.connect(
             "amqp://guest:wrong-password@127.0.0.1:5672/", connection_name="test", timeout_s=10
         )
+
+
+async def test_properties_that_do_not_decode_make_a_delivery_with_a_problem_not_a_close():
+    wire, _, got = _opened()
+    bad = _message(1, b'{"input": {}}', message_id="PLACEHOLDER")
+    bad = bad.replace(b"\x0bPLACEHOLDER", b"\x0b\xff\xfe" + b"x" * 9)  # not UTF-8, same length
+    wire.data_received(bad + _message(2, b"next", message_id="m2"))
+    assert not wire.is_closed
+    assert [m.body for m in got] == [b'{"input": {}}', b"next"]
+    assert "UnicodeDecodeError" in (got[0].problem or "")
+    assert got[0].header.properties.message_id is None
+    assert got[1].problem is None and got[1].header.properties.message_id == "m2"
+
+
+async def test_a_callback_that_raises_rejects_its_message_and_the_connection_goes_on():
+    wire, transport, got = _opened()
+
+    def broken(message: Delivered) -> None:
+        if message.body == b"boom":
+            raise RuntimeError("a bug in the consumer")
+        got.append(message)
+
+    wire._consumers["ct"] = broken
+    wire.data_received(_message(7, b"boom") + _message(8, b"fine"))
+    await asyncio.sleep(0)  # the flush
+    assert not wire.is_closed and [m.body for m in got] == [b"fine"]
+    nack = _frames(commands.Basic.Nack(delivery_tag=7, requeue=False))
+    assert nack in transport.written
